@@ -1,0 +1,1 @@
+"""Compiled hot path, built from csrc/ (see setup.py)."""

@@ -1,0 +1,56 @@
+"""Build glue: Cython hot path from csrc/ and protobuf modules from protos/.
+
+Every csrc/NAME.pyx becomes the extension module gateway._native.NAME, and
+every protos/NAME.proto becomes gateway/protos/NAME_pb2.py, so adding a file
+is all it takes to add a module.
+"""
+import glob
+import os
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def generate_protos():
+    from grpc_tools import protoc
+
+    out = os.path.join(ROOT, "gateway", "protos")
+    for proto in sorted(glob.glob(os.path.join(ROOT, "protos", "*.proto"))):
+        rc = protoc.main(["grpc_tools.protoc", f"-I{os.path.join(ROOT, 'protos')}",
+                          f"--python_out={out}", proto])
+        if rc != 0:
+            raise RuntimeError(f"protoc failed on {proto}")
+
+
+class BuildPy(build_py):
+    def run(self):
+        generate_protos()
+        super().run()
+
+
+class BuildExt(build_ext):
+    # Editable installs run build_ext but not build_py: generate here too.
+    def run(self):
+        generate_protos()
+        super().run()
+
+
+def extensions():
+    from Cython.Build import cythonize
+    import numpy
+
+    modules = [
+        Extension(f"gateway._native.{os.path.splitext(os.path.basename(pyx))[0]}",
+                  [os.path.relpath(pyx, ROOT)],
+                  include_dirs=[numpy.get_include()],
+                  extra_compile_args=["-O3"])
+        for pyx in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.pyx")))
+    ]
+    return cythonize(modules, language_level=3, include_path=[os.path.join(ROOT, "csrc")],
+                     compiler_directives={"boundscheck": False, "wraparound": False})
+
+
+setup(ext_modules=extensions(), cmdclass={"build_py": BuildPy, "build_ext": BuildExt})
