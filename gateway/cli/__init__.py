@@ -1,0 +1,1 @@
+"""The `infergate` command line (mirrors eascmd)."""

@@ -1,0 +1,49 @@
+"""`infergate gateway`: the data plane, discovery and the admin API."""
+from __future__ import annotations
+
+import os
+
+DEFAULT_STATE_DIR = os.path.join(os.path.expanduser("~"), ".infergate")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("gateway", help="serve the gateway",
+                       description="Serve /api/predict/<service>, endpoint discovery, /metrics "
+                                   "and the admin API.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--state-dir", default=os.environ.get("INFERGATE_STATE_DIR"),
+                       help=f"embedded state store directory (default {DEFAULT_STATE_DIR})")
+    where.add_argument("--registry", default=os.environ.get("INFERGATE_REGISTRY"),
+                       help="share state through Redis: redis://HOST:PORT/DB")
+    p.add_argument("--admin-token", default=os.environ.get("INFERGATE_ADMIN_TOKEN", ""),
+                   help="token the admin API requires (env INFERGATE_ADMIN_TOKEN)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="serve from N processes on one port (SO_REUSEPORT)")
+    p.add_argument("--health-interval", type=float, default=2.0,
+                   help="seconds between active health checks of each instance")
+    p.add_argument("--max-body-mb", type=int, default=64)
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..server.runner import configure_logging, run as run_app
+
+    configure_logging(args.log_level)
+    location = args.registry or args.state_dir or DEFAULT_STATE_DIR
+
+    async def make_app():
+        from ..control import attach_control_plane
+        from ..proxy.app import GatewayApp
+        from ..registry import open_store
+
+        app = GatewayApp(open_store(location), args.admin_token, args.max_body_mb << 20,
+                         args.health_interval)
+        attach_control_plane(app, location, f"http://{args.host}:{args.port}")
+        await app.listen(args.host, args.port, reuse_port=args.processes > 1)
+        return app
+
+    run_app(make_app, args.processes)
+    return 0

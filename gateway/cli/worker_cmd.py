@@ -1,0 +1,73 @@
+"""`infergate worker`: serve one model instance."""
+from __future__ import annotations
+
+import json
+import os
+
+from ..serviceconfig import ConfigError, processor_kind, rpc_settings
+
+
+def register(sub) -> None:
+    p = sub.add_parser("worker", help="serve one model instance",
+                       description="Serve one model instance over HTTP in the EAS protocol.")
+    p.add_argument("--service", required=True, help="service name (the path /api/predict/NAME)")
+    p.add_argument("--model", help="ONNX model file (or the .py entry for --processor python)")
+    p.add_argument("--processor", default="tensorflow",
+                   help="tensorflow | pytorch | caffe | json | python (EAS names such as "
+                        "tensorflow_cpu_1.15 work too)")
+    p.add_argument("--processor-entry", help="python processor: FILE.py[:Class]")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--token", default=os.environ.get("INFERGATE_SERVICE_TOKEN", ""),
+                   help="require this service token (raw or EAS signature)")
+    p.add_argument("--metadata", help="service metadata as JSON (rpc.* keys); flags below win")
+    p.add_argument("--registry", help="register here: redis://HOST:PORT/DB or a gateway URL")
+    p.add_argument("--advertise-host", help="address to register (default: --host)")
+    p.add_argument("--weight", type=int, default=100)
+    p.add_argument("--batching", action="store_true", default=None)
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-batch-timeout-ms", type=int)
+    p.add_argument("--max-queue-size", type=int)
+    p.add_argument("--keepalive-ms", type=int)
+    p.add_argument("--threads", type=int, help="rpc.worker_threads: concurrent inference calls")
+    p.add_argument("--intra-op-threads", type=int, default=1,
+                   help="ONNX Runtime threads inside one call (default 1)")
+    p.add_argument("--max-body-mb", type=int, default=64)
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from .main import CliError
+    from ..server.runner import configure_logging, run as run_app
+
+    try:
+        metadata = json.loads(args.metadata) if args.metadata else {}
+        settings = rpc_settings(metadata, batching=args.batching,
+                                max_batch_size=args.max_batch_size,
+                                max_batch_timeout=args.max_batch_timeout_ms,
+                                max_queue_size=args.max_queue_size, keepalive=args.keepalive_ms,
+                                worker_threads=args.threads)
+        processor = processor_kind(args.processor)
+    except (ConfigError, json.JSONDecodeError) as exc:
+        raise CliError(str(exc)) from None
+    if processor != "python" and not args.model:
+        raise CliError("--model is required")
+    if args.model and not os.path.exists(args.model):
+        raise CliError(f"model file {args.model!r} does not exist")
+    configure_logging(args.log_level)
+
+    async def make_app():
+        from ..worker.app import WorkerApp
+        from ..worker.registration import Registration
+
+        app = WorkerApp(args.service, settings, args.model, processor, args.token,
+                        args.processor_entry, args.max_body_mb << 20, args.intra_op_threads)
+        port = await app.listen(args.host, args.port)
+        if args.registry:
+            return Registration(app, args.registry, args.advertise_host or args.host, port,
+                                args.weight)
+        return app
+
+    run_app(make_app)
+    return 0

@@ -1,0 +1,154 @@
+"""The gateway process: data plane, discovery, health, metrics, admin API mount.
+
+The route table is rebuilt from the store's snapshot whenever the store
+reports a change; requests in flight keep the table they started with.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from prometheus_client import generate_latest
+
+from ..routing.health import HealthChecker
+from ..routing.table import RouteTable
+from ..server import HttpServer, Request, Response, error_response, json_response
+from . import metrics
+from .exchange import Exchange
+from .filters import auth_filter, route_filter, version_filter
+from .forward import forward
+
+log = logging.getLogger("infergate.gateway")
+
+PREDICT = "/api/predict/"
+DISCOVERY = ("/api/v1/servicediscovery/upstreams/",
+             "/exported/apis/eas.alibaba-inc.k8s.io/v1/upstreams/")
+_OK = json_response({"status": "ok"})
+
+
+class GatewayApp:
+    def __init__(self, store, admin_token: str = "", max_body_size: int = 64 << 20,
+                 health_interval: float = 2.0):
+        self.store = store
+        self.admin_token = admin_token
+        self.table = RouteTable({}, {})
+        self.server = HttpServer(self.handle, max_body_size=max_body_size)
+        self.health = HealthChecker(lambda: self.table, self._health_changed, health_interval)
+        # Filters run in order; each may answer early. Others (rate limits) insert themselves.
+        self.filters = [route_filter(lambda: self.table), auth_filter, version_filter]
+        self.admin = None  # the control plane mounts its handler here (/admin/...)
+        self._rebuild_pending = False
+        self.ready = False
+
+    # --- state -------------------------------------------------------------------------
+    async def reload(self) -> None:
+        services, instances = await self.store.snapshot()
+        self.table = RouteTable(services, instances, self.table.pools)
+        for name, backend in self.table.backends.items():
+            for pool in backend.pools:
+                metrics.instance_up(name, f"{pool.ip}:{pool.port}", pool.healthy)
+
+    def _changed(self, kind: str, name: str) -> None:
+        # Coalesce bursts of notifications into one rebuild.
+        if not self._rebuild_pending:
+            self._rebuild_pending = True
+            asyncio.get_running_loop().call_soon(self._spawn_rebuild)
+
+    def _spawn_rebuild(self):
+        async def rebuild():
+            self._rebuild_pending = False
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("route table rebuild failed; keeping the previous table")
+        asyncio.get_running_loop().create_task(rebuild())
+
+    def _health_changed(self, pool) -> None:
+        self.table.mark_health(pool)
+        for name, backend in self.table.backends.items():
+            if pool in backend.pools:
+                metrics.instance_up(name, f"{pool.ip}:{pool.port}", pool.healthy)
+
+    async def listen(self, host: str, port: int, reuse_port: bool = False) -> int:
+        return await self.server.listen(host, port, reuse_port)
+
+    async def start(self) -> None:
+        await self.store.start()
+        self.store.subscribe(self._changed)
+        await self.reload()
+        self.health.start()
+        if self.admin is not None:
+            await self.admin.start()
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.server.drain()
+        self.health.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+        for pool in self.table.pools.values():
+            pool.close()
+        await self.store.close()
+
+    # --- requests ----------------------------------------------------------------------
+    def handle(self, request: Request):
+        path = request.path
+        if path.startswith(PREDICT):
+            return self.predict(request)
+        for prefix in DISCOVERY:
+            if path.startswith(prefix):
+                return self.discovery(path[len(prefix):].split("/")[0])
+        if path == "/health":
+            return _OK
+        if path == "/ready":
+            return _OK if self.ready and not self.server.draining else error_response(503, "not ready")
+        if path == "/metrics":
+            return Response(200, generate_latest(), None, "text/plain; version=0.0.4")
+        if path.startswith("/admin/") and self.admin is not None:
+            return self.admin.handle(request)
+        return error_response(404, f"no route for {path}")
+
+    async def predict(self, request: Request) -> Response:
+        started = time.perf_counter()
+        service, _, subpath = request.path[len(PREDICT):].partition("/")
+        ex = Exchange(request, service, "/" + subpath if subpath else "")
+        response = None
+        for step in self.filters:
+            response = step(ex)
+            if response is not None:
+                if not isinstance(response, Response):
+                    response = await response  # an async filter (global rate limits)
+                    if response is None:
+                        continue
+                break
+        else:
+            response = await forward(ex)
+        response.headers = _with_request_id(response.headers, ex)
+        metrics.observe(service if ex.route is not None else "_unknown",
+                        ex.backend.name if ex.backend is not None else "",
+                        response.status, time.perf_counter() - started, len(request.body),
+                        len(response.body))
+        return response
+
+    def discovery(self, service: str) -> Response:
+        backend = self.table.backends.get(service)
+        if backend is None:
+            return error_response(404, f"unknown service {service!r}")
+        weights = backend.picker.weights()
+        items = [{"app": service, "ip": pool.ip, "port": pool.port, "weight": weight}
+                 for pool, weight in zip(backend.pools, weights) if weight > 0 and pool.healthy]
+        return json_response({"correlative": [service], "endpoints": {"items": items}})
+
+
+def _with_request_id(headers, ex: Exchange):
+    line = f"X-Request-Id: {ex.request_id}\r\n"
+    for name, value in ex.response_headers:
+        line += f"{name}: {value}\r\n"
+    line = line.encode("latin-1")
+    if headers is None:
+        return line
+    if isinstance(headers, bytes):
+        return headers + line
+    return b"".join(f"{n}: {v}\r\n".encode("latin-1") for n, v in headers) + line

@@ -1,0 +1,1 @@
+"""Where a request goes: the route table, instance choice and upstream connections."""

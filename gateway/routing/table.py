@@ -1,0 +1,132 @@
+"""The route table: compiled from the control-plane state whenever it changes.
+
+Everything a request needs is prepared here, once per change: the token, the
+compiled header rules, a smooth WRR picker over versions (traffic shares) and
+one over each version's instances. The request path only looks things up.
+"""
+from __future__ import annotations
+
+import logging
+
+from .._native.picker import SmoothWeightedPicker
+from ..rules import RuleSet
+from ..serviceconfig import rpc_settings
+from .upstream import InstancePool
+
+log = logging.getLogger("infergate.routing")
+
+# Margin over the worker's own rpc.keepalive, so the worker's 408 arrives first.
+DEADLINE_MARGIN = 1.0
+
+
+class Backend:
+    """One version: a service's instances and how to address them."""
+
+    __slots__ = ("name", "prefix", "pools", "picker", "timeout", "auth_header", "status")
+
+    def __init__(self, name, prefix, pools, weights, timeout, token, status):
+        self.name = name
+        self.prefix = prefix
+        self.pools = pools
+        self.picker = SmoothWeightedPicker(pools, weights)
+        for i, pool in enumerate(pools):
+            self.picker.set_down(i, not pool.healthy)
+        self.timeout = timeout
+        # The gateway authenticated the client; the worker gets the raw token of its service.
+        self.auth_header = (b"Authorization", token.encode()) if token else None
+        self.status = status
+
+
+class Route:
+    """An endpoint clients call: /api/predict/<name>."""
+
+    __slots__ = ("name", "token", "ruleset", "rule_choices", "traffic", "traffic_picker",
+                 "rate_limits", "record")
+
+    def __init__(self, record, backends_by_name):
+        self.name = record.name
+        self.record = record
+        self.token = record.token or ""
+        self.rate_limits = record.config.get("metadata", {}).get("rate_limits") or []
+        shares = record.traffic or {record.name: 100}
+        self.traffic = [(backends_by_name[t], int(w)) for t, w in shares.items()
+                        if t in backends_by_name and int(w) > 0]
+        self.traffic_picker = SmoothWeightedPicker([b for b, _ in self.traffic],
+                                                   [w for _, w in self.traffic])
+        self.ruleset = None
+        self.rule_choices = []
+        if record.rules:
+            self.ruleset = RuleSet(record.rules)
+            for rule in self.ruleset.rules:
+                extra = ((rule["header_name"].encode("latin-1"),
+                          rule["header_value"].encode("latin-1"))
+                         if rule.get("header_name") else None)
+                self.rule_choices.append((backends_by_name.get(rule["target"]), extra))
+
+    def choose(self, headers: dict):
+        """(backend, extra header or None): the first matching rule, else the traffic shares."""
+        if self.ruleset is not None:
+            index = self.ruleset.match(headers)
+            if index >= 0:
+                backend, extra = self.rule_choices[index]
+                if backend is not None:
+                    return backend, extra
+        return self.traffic_picker.pick(), None
+
+
+def _endpoint_list(record, instances):
+    endpoints = record.config.get("endpoints")
+    if endpoints:
+        return [(ep["ip"], int(ep["port"]), int(ep.get("weight", 100)), True) for ep in endpoints]
+    return [(i.ip, int(i.port), int(i.weight), bool(i.healthy)) for i in instances]
+
+
+class RouteTable:
+    def __init__(self, services: dict, instances: dict, pools: dict | None = None,
+                 max_connections: int = 256):
+        """services: name -> ServiceRecord; instances: name -> [InstanceRecord].
+
+        `pools` carries the previous table's connection pools so that a config
+        change keeps the open upstream connections.
+        """
+        old_pools = pools or {}
+        self.pools: dict[tuple, InstancePool] = {}
+        backends = {}
+        for name, record in services.items():
+            if record.status == "Stopped":
+                backends[name] = Backend(name, b"", [], [], 1.0, "", "Stopped")
+                continue
+            members = []
+            weights = []
+            for ip, port, weight, healthy in _endpoint_list(record, instances.get(name, [])):
+                key = (ip, port)
+                pool = self.pools.get(key) or old_pools.get(key) or InstancePool(
+                    ip, port, max_connections)
+                pool.registry_healthy = healthy
+                self.pools[key] = pool
+                members.append(pool)
+                weights.append(weight)
+            settings = rpc_settings(record.config.get("metadata"))
+            prefix = record.config.get("upstream_path") or f"/api/predict/{name}"
+            backends[name] = Backend(name, prefix.encode("latin-1"), members, weights,
+                                     settings.keepalive / 1000.0 + DEADLINE_MARGIN, record.token,
+                                     record.status)
+        self.backends = backends
+        self.routes: dict[str, Route] = {}
+        for name, record in services.items():
+            if record.linked_to and record.released:
+                continue  # a released blue-green service is reached through the original only
+            try:
+                self.routes[name] = Route(record, backends)
+            except ValueError as exc:  # rules are validated on save; never take the table down
+                log.error("service %s: %s", name, exc)
+        for key, pool in old_pools.items():
+            if key not in self.pools:
+                pool.close()
+
+    def mark_health(self, pool: InstancePool) -> None:
+        """Apply a pool's health (active checks and registry state) to every picker."""
+        for backend in self.backends.values():
+            for i, member in enumerate(backend.pools):
+                if member is pool:
+                    backend.picker.set_down(i, not pool.healthy)

@@ -1,0 +1,133 @@
+"""The EAS service.json: parsing, defaults and validation of `metadata`.
+
+Keys may be flat (`"rpc.keepalive": 5000`) as in the EAS manual, or nested
+(`"rpc": {"keepalive": 5000}`). Unknown keys are kept as they are; invalid
+values are refused with a message naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+PROCESSORS = ("tensorflow", "pytorch", "caffe", "json", "python")
+
+
+class ConfigError(ValueError):
+    """A service.json field is invalid; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RpcSettings:
+    batching: bool = False
+    max_batch_size: int = 16
+    max_batch_timeout: int = 50  # ms
+    max_queue_size: int = 64
+    keepalive: int = 5000  # ms
+    io_threads: int = 4
+    worker_threads: int = 5
+
+
+# key -> (type, minimum)
+_RPC_KEYS = {
+    "batching": (bool, None),
+    "max_batch_size": (int, 1),
+    "max_batch_timeout": (int, 0),
+    "max_queue_size": (int, 1),
+    "keepalive": (int, 1),
+    "io_threads": (int, 1),
+    "worker_threads": (int, 1),
+}
+
+
+def _flatten(metadata: dict) -> dict:
+    flat = dict(metadata)
+    nested = flat.pop("rpc", None)
+    if isinstance(nested, dict):
+        for key, value in nested.items():
+            flat.setdefault(f"rpc.{key}", value)
+    elif nested is not None:
+        raise ConfigError("metadata.rpc must be an object")
+    return flat
+
+
+def _coerce(key: str, value: Any, kind: type, minimum: int | None):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"metadata.{key} must be true or false, got {value!r}")
+    if isinstance(value, bool):
+        raise ConfigError(f"metadata.{key} must be an integer, got {value!r}")
+    try:
+        number = int(value)
+        if isinstance(value, float) and value != number:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"metadata.{key} must be an integer, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"metadata.{key} must be at least {minimum}, got {number}")
+    return number
+
+
+def rpc_settings(metadata: dict | None, **overrides) -> RpcSettings:
+    """RpcSettings from a service's metadata; `overrides` (command-line flags) win."""
+    flat = _flatten(metadata or {})
+    values = {}
+    for key, (kind, minimum) in _RPC_KEYS.items():
+        if f"rpc.{key}" in flat:
+            values[key] = _coerce(f"rpc.{key}", flat[f"rpc.{key}"], kind, minimum)
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = _coerce(f"rpc.{key}", value, *_RPC_KEYS[key])
+    return RpcSettings(**values)
+
+
+def processor_kind(processor: str) -> str:
+    """Map EAS processor names (`tensorflow_cpu_1.15`, `pytorch_gpu_1.10`) to ours."""
+    name = (processor or "").lower()
+    for kind in PROCESSORS:
+        if name == kind or name.startswith(kind + "_"):
+            return kind
+    if name in ("onnx", "onnxruntime"):
+        return "tensorflow"
+    raise ConfigError(f"processor must be one of {', '.join(PROCESSORS)} "
+                      f"(or an EAS name such as tensorflow_cpu_1.15), got {processor!r}")
+
+
+def validate_service(config: dict) -> dict:
+    """Check a whole service.json; returns it with metadata defaults untouched."""
+    if not isinstance(config, dict):
+        raise ConfigError("service.json must be a JSON object")
+    name = config.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError("name is required and must be a non-empty string")
+    if not all(c.isalnum() or c in "_-" for c in name) or len(name) > 128:
+        raise ConfigError(f"name {name!r} may hold only letters, digits, '_' and '-' "
+                          "(at most 128 characters)")
+    if "generate_token" in config and str(config["generate_token"]).lower() not in ("true", "false"):
+        raise ConfigError(f"generate_token must be \"true\" or \"false\", got {config['generate_token']!r}")
+    if "token" in config and not isinstance(config["token"], str):
+        raise ConfigError("token must be a string")
+    metadata = config.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise ConfigError("metadata must be an object")
+    rpc_settings(metadata)
+    for key in ("instance", "cpu", "gpu", "memory", "workers"):
+        if key in metadata:
+            _coerce(key, metadata[key], int, 0)
+    endpoints = config.get("endpoints")
+    if endpoints is not None:
+        if not isinstance(endpoints, list) or not endpoints:
+            raise ConfigError("endpoints must be a non-empty list of {ip, port, weight}")
+        for i, ep in enumerate(endpoints):
+            if not isinstance(ep, dict) or not isinstance(ep.get("ip"), str):
+                raise ConfigError(f"endpoints[{i}].ip is required and must be a string")
+            _coerce(f"endpoints[{i}].port", ep.get("port"), int, 1)
+            if "weight" in ep:
+                _coerce(f"endpoints[{i}].weight", ep["weight"], int, 0)
+    elif "model_path" in config:
+        if not isinstance(config["model_path"], str) or not config["model_path"]:
+            raise ConfigError("model_path must be a non-empty string")
+        processor_kind(config.get("processor", "tensorflow"))
+    return config

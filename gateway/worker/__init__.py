@@ -1,0 +1,1 @@
+"""Model workers: one model instance served over HTTP in the EAS protocol."""

@@ -1,0 +1,126 @@
+"""An ONNX Runtime session and the signature it declares.
+
+CUDA is preferred when onnxruntime offers it, the CPU otherwise. The model's
+declared inputs and outputs are the signature every request is checked against.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger("infergate.model")
+
+_ORT_TYPES = {
+    "tensor(float)": np.dtype(np.float32), "tensor(double)": np.dtype(np.float64),
+    "tensor(int32)": np.dtype(np.int32), "tensor(int64)": np.dtype(np.int64),
+    "tensor(int16)": np.dtype(np.int16), "tensor(int8)": np.dtype(np.int8),
+    "tensor(uint8)": np.dtype(np.uint8), "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(bool)": np.dtype(np.bool_), "tensor(string)": np.dtype(object),
+    "tensor(float16)": np.dtype(np.float16),
+}
+
+# Names the EAS signature JSON uses for each numpy dtype.
+_DT_NAMES = {
+    np.dtype(np.float32): "DT_FLOAT", np.dtype(np.float64): "DT_DOUBLE",
+    np.dtype(np.int32): "DT_INT32", np.dtype(np.int64): "DT_INT64",
+    np.dtype(np.int16): "DT_INT16", np.dtype(np.int8): "DT_INT8",
+    np.dtype(np.uint8): "DT_UINT8", np.dtype(np.uint16): "DT_UINT16",
+    np.dtype(np.bool_): "DT_BOOL", np.dtype(object): "DT_STRING",
+    np.dtype(np.float16): "DT_HALF",
+}
+
+
+class BadInput(ValueError):
+    """The request does not fit the model: a 400 naming what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple  # ints, -1 for a dynamic dimension
+    dtype: np.dtype
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "type": _DT_NAMES.get(self.dtype, str(self.dtype))}
+
+
+def choose_providers(available: list[str]) -> list[str]:
+    """CUDA first when onnxruntime has it, the CPU always as the fallback."""
+    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + \
+        ["CPUExecutionProvider"]
+
+
+def _spec(arg) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None:
+        raise ValueError(f"model tensor {arg.name!r} has unsupported type {arg.type}")
+    return TensorSpec(arg.name, shape, dtype)
+
+
+class OnnxModel:
+    def __init__(self, path: str, intra_op_threads: int = 1):
+        options = ort.SessionOptions()
+        # Concurrency comes from rpc.worker_threads running sessions side by side;
+        # intra-op threads per call would fight them for the same cores.
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(path, options,
+                                            providers=choose_providers(ort.get_available_providers()))
+        self.provider = self.session.get_providers()[0]
+        log.info("model %s loaded on %s", path, self.provider)
+        self.inputs = [_spec(a) for a in self.session.get_inputs()]
+        self.outputs = [_spec(a) for a in self.session.get_outputs()]
+        self.input_by_name = {s.name: s for s in self.inputs}
+        self.output_names = tuple(s.name for s in self.outputs)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.signature_name = meta.get("signature_name", "serving_default")
+
+    def signature(self) -> dict:
+        return {"signature_name": self.signature_name,
+                "inputs": [s.as_json() for s in self.inputs],
+                "outputs": [s.as_json() for s in self.outputs]}
+
+    def check_feeds(self, feeds: dict) -> dict:
+        """Validate names, dtypes and shapes; cast numeric dtypes the model can take safely."""
+        for name in feeds:
+            if name not in self.input_by_name:
+                raise BadInput(f"unknown input {name!r}; the model takes "
+                               f"{', '.join(repr(s.name) for s in self.inputs)}")
+        checked = {}
+        for spec in self.inputs:
+            array = feeds.get(spec.name)
+            if array is None:
+                raise BadInput(f"missing input {spec.name!r} (shape {list(spec.shape)}, "
+                               f"{_DT_NAMES.get(spec.dtype, spec.dtype)})")
+            if array.dtype != spec.dtype:
+                if (spec.dtype.kind in "fiu" and array.dtype.kind in "fiu"
+                        and np.can_cast(array.dtype, spec.dtype, "same_kind")
+                        and not (spec.dtype.kind in "iu" and array.dtype.kind == "f")):
+                    array = array.astype(spec.dtype)
+                else:
+                    raise BadInput(f"input {spec.name!r} must be {_DT_NAMES.get(spec.dtype, spec.dtype)}, "
+                                   f"got {_DT_NAMES.get(array.dtype, array.dtype)}")
+            shape = array.shape
+            if len(shape) != len(spec.shape) or any(
+                    want >= 0 and got != want for want, got in zip(spec.shape, shape)):
+                raise BadInput(f"input {spec.name!r} expects shape {list(spec.shape)}, "
+                               f"got {list(shape)}")
+            if len(shape) and shape[0] == 0:
+                raise BadInput(f"input {spec.name!r} has an empty batch (shape {list(shape)})")
+            checked[spec.name] = array
+        return checked
+
+    def check_outputs(self, names) -> tuple:
+        for name in names:
+            if name not in self.output_names:
+                raise BadInput(f"unknown output {name!r} in output_filter; the model gives "
+                               f"{', '.join(repr(n) for n in self.output_names)}")
+        return tuple(names) or self.output_names
+
+    def run(self, feeds: dict, output_names: tuple) -> list:
+        return self.session.run(list(output_names), feeds)

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from ..model import BadInput, OnnxModel
+from ...codec.tensors import CodecError
+
+
+class Call:
+    """One decoded request: checked feeds, the outputs to fetch, and what encoding needs."""
+
+    __slots__ = ("feeds", "output_names", "context", "batch_key", "rows")
+
+    def __init__(self, feeds: dict, output_names: tuple, context=None):
+        self.feeds = feeds
+        self.output_names = output_names
+        self.context = context
+        # Requests with equal keys may be concatenated along dimension 0.
+        self.batch_key = (output_names,) + tuple(
+            (name, a.dtype.str, a.shape[1:]) for name, a in feeds.items())
+        first = next(iter(feeds.values()), None)
+        self.rows = first.shape[0] if first is not None and first.ndim else 1
+
+
+class Processor:
+    content_type = "application/octet-stream"
+
+    def __init__(self, model: OnnxModel):
+        self.model = model
+
+    def decode(self, body: bytes) -> Call:
+        raise NotImplementedError
+
+    def encode(self, call: Call, outputs: list) -> bytes:
+        raise NotImplementedError
+
+    def _call(self, feeds: dict, output_names, context=None) -> Call:
+        return Call(self.model.check_feeds(feeds), self.model.check_outputs(output_names), context)
+
+
+def parse_message(message_type, body: bytes, what: str):
+    """Parse protobuf bytes, turning every parse failure into a 400."""
+    if not body:
+        raise BadInput(f"empty request body: expected a serialized {what}")
+    message = message_type()
+    try:
+        message.ParseFromString(body)
+    except Exception as exc:  # protobuf raises DecodeError, sometimes others on odd bytes
+        raise BadInput(f"request body is not a valid {what}: {exc}") from None
+    return message
+
+
+__all__ = ["BadInput", "Call", "CodecError", "Processor", "parse_message"]
