@@ -1,0 +1,1 @@
+"""Conversions between the EAS wire formats (protobuf ArrayProto) and numpy arrays."""
