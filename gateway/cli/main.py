@@ -5,12 +5,10 @@ import argparse
 import importlib
 import sys
 
+from .errors import CliError
+
 # command -> module in gateway.cli that defines `register(subparsers)`.
 _COMMAND_MODULES = ("gateway_cmd", "worker_cmd")
-
-
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ import json
 import os
 
 from ..serviceconfig import ConfigError, processor_kind, rpc_settings
+from .errors import CliError
 
 
 def register(sub) -> None:
@@ -38,7 +39,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .main import CliError
     from ..server.runner import configure_logging, run as run_app
 
     try:

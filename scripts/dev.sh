@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Set up from nothing and run: `scripts/dev.sh demo`, `scripts/dev.sh test`, `scripts/dev.sh bench`.
+#
+# Creates .venv (the project, editable, with test extras) and .venv-eas (the
+# unchanged eas-prediction SDK, which pins an old protobuf, for compatibility
+# tests). System packages (redis-server for the Redis tests; nginx and wrk for
+# the benchmarks) come from apt when missing and we are root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        command -v "${pkg%%:*}" >/dev/null 2>&1 || missing+=("${pkg##*:}")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "please install: ${missing[*]}" >&2
+        return 1
+    fi
+}
+
+setup() {
+    if [ ! -x .venv/bin/python ]; then
+        "$PYTHON" -m venv .venv
+    fi
+    .venv/bin/pip install -q --upgrade pip setuptools wheel
+    # Build requirements first, so the editable build needs no isolated env.
+    .venv/bin/pip install -q "Cython>=3.0" "grpcio-tools>=1.60" "numpy>=1.24"
+    .venv/bin/pip install -q --no-build-isolation -e ".[$1]"
+}
+
+setup_eas() {
+    if [ ! -x .venv-eas/bin/python ]; then
+        "$PYTHON" -m venv .venv-eas
+    fi
+    .venv-eas/bin/pip install -q eas-prediction
+}
+
+case "${1:-}" in
+    demo)
+        setup test
+        shift
+        exec .venv/bin/infergate demo "$@"
+        ;;
+    test)
+        apt_install redis-server:redis-server
+        setup test
+        setup_eas
+        shift
+        exec .venv/bin/python -m pytest -q "$@"
+        ;;
+    bench)
+        apt_install nginx:nginx wrk:wrk
+        setup test,bench
+        shift
+        exec .venv/bin/python -m bench "$@"
+        ;;
+    *)
+        echo "usage: scripts/dev.sh demo|test|bench [args]" >&2
+        exit 2
+        ;;
+esac

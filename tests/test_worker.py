@@ -1,0 +1,289 @@
+"""A worker process serving the bundled model: answers, formats, HTTP behaviour, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import free_port, infergate_cmd
+from gateway_helpers import error_message, post
+
+ECHO = os.path.join(os.path.dirname(__file__), "data", "echo_processor.py")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from gateway.models import load_digits_split
+
+    _, _, x_test, y_test = load_digits_split()
+    return x_test, y_test
+
+
+@pytest.fixture(scope="module")
+def module_worker(request):
+    """One TF worker shared by the tests of this module that only send requests."""
+    from conftest import Proc
+    from gateway.models import DIGITS_MODEL
+
+    port = free_port()
+    proc = Proc(infergate_cmd("worker", "--service", "digits", "--model", str(DIGITS_MODEL),
+                              "--processor", "tensorflow", "--port", str(port)), port)
+    yield proc
+    proc.stop()
+
+
+def tf_body(arrays: dict, signature="predict_images", fetch=()) -> bytes:
+    from gateway.codec.tensors import encode_array
+    from gateway.protos import tf_predict_pb2 as pb
+
+    request = pb.PredictRequest(signature_name=signature)
+    for name, array in arrays.items():
+        encode_array(np.asarray(array), request.inputs[name])
+    request.output_filter.extend(fetch)
+    return request.SerializeToString()
+
+
+def tf_scores(body: bytes) -> np.ndarray:
+    from gateway.codec.tensors import decode_array
+    from gateway.protos import tf_predict_pb2 as pb
+
+    response = pb.PredictResponse()
+    response.ParseFromString(body)
+    return decode_array(response.outputs["scores"], "scores")
+
+
+def test_classifies_held_out_digits(module_worker, digits):
+    x_test, y_test = digits
+    status, body, _ = post(module_worker.url + "/api/predict/digits",
+                           tf_body({"images": x_test.astype(np.float32)}))
+    assert status == 200
+    scores = tf_scores(body)
+    assert scores.shape == (len(x_test), 10)
+    accuracy = float((scores.argmax(1) == y_test).mean())
+    assert accuracy >= 0.90, accuracy
+
+
+def test_signature_json(module_worker):
+    import urllib.request
+
+    with urllib.request.urlopen(module_worker.url + "/api/predict/digits") as resp:
+        signature = json.loads(resp.read())
+    assert signature == {
+        "signature_name": "predict_images",
+        "inputs": [{"name": "images", "shape": [-1, 784], "type": "DT_FLOAT"}],
+        "outputs": [{"name": "scores", "shape": [-1, 10], "type": "DT_FLOAT"}]}
+
+
+def test_output_filter(module_worker):
+    status, body, _ = post(module_worker.url + "/api/predict/digits",
+                           tf_body({"images": np.zeros((1, 784), np.float32)}, fetch=["scores"]))
+    assert status == 200 and tf_scores(body).shape == (1, 10)
+    status, body, _ = post(module_worker.url + "/api/predict/digits",
+                           tf_body({"images": np.zeros((1, 784), np.float32)}, fetch=["nope"]))
+    assert status == 400 and "nope" in error_message(body)
+
+
+def _bad_inputs():
+    from gateway.codec.tensors import encode_array
+    from gateway.protos import tf_predict_pb2 as pb
+
+    ok = np.zeros((1, 784), np.float32)
+    short = pb.PredictRequest()
+    encode_array(ok, short.inputs["images"])
+    short.inputs["images"].float_val.pop()
+    return {
+        "empty body": (b"", "empty"),
+        "malformed protobuf": (b"\xff\xff\xff\xff", "not a valid"),
+        "unknown input": (tf_body({"images": ok, "extra": ok}), "'extra'"),
+        "missing input": (tf_body({}), "missing input 'images'"),
+        "wrong dtype": (tf_body({"images": np.array([[b"x"] * 784], dtype=object)}), "DT_FLOAT"),
+        "wrong value count": (short.SerializeToString(), "needs 784 values, got 783"),
+        "wrong shape": (tf_body({"images": np.zeros((1, 28, 28), np.float32)}), "[-1, 784]"),
+        "wrong width": (tf_body({"images": np.zeros((1, 100), np.float32)}), "got [1, 100]"),
+        "unknown signature": (tf_body({"images": ok}, signature="other"), "signature_name"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_bad_input_is_a_400_naming_the_problem(module_worker, case):
+    body, expected = _bad_inputs()[case]
+    status, answer, _ = post(module_worker.url + "/api/predict/digits", body)
+    assert status == 400, answer
+    assert expected in error_message(answer)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=2048))
+def test_random_bytes_never_crash_the_worker(module_worker, data):
+    status, body, _ = post(module_worker.url + "/api/predict/digits", data)
+    assert status in (200, 400), body
+    if status == 400:
+        assert json.loads(body)["code"] == 400
+
+
+_dtypes = st.sampled_from([np.float32, np.float64, np.int32, np.int64, np.int8, np.uint8,
+                           np.bool_, np.float16])
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(["images", "image", "x"]), dtype=_dtypes,
+       shape=st.lists(st.integers(0, 900), min_size=0, max_size=3))
+def test_well_formed_wrong_messages_get_400(module_worker, name, dtype, shape):
+    if np.prod(shape) > 4000:
+        shape = [1, 3]
+    array = np.zeros(shape, dtype)
+    status, body, _ = post(module_worker.url + "/api/predict/digits", tf_body({name: array}))
+    fits = (name == "images" and len(shape) == 2 and shape[1] == 784 and shape[0] > 0
+            and np.dtype(dtype).kind in "fiu")
+    assert status == (200 if fits else 400), body
+    assert post(module_worker.url + "/health", b"")[0] in (200, 405)
+
+
+def _raw_exchange(port: int, payload: bytes, expect: int) -> list[bytes]:
+    """Send raw bytes, read `expect` responses (Content-Length framed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        buf = b""
+        answers = []
+        while len(answers) < expect:
+            while b"\r\n\r\n" not in buf:
+                buf += s.recv(65536)
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            length = int([line for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")][0].split(b":")[1])
+            while len(buf) < length:
+                buf += s.recv(65536)
+            answers.append(head.split(b"\r\n")[0] + b"|" + buf[:length])
+            buf = buf[length:]
+        return answers
+
+
+def test_pipelined_requests_answered_in_order(procs):
+    port = free_port()
+    procs.start(infergate_cmd("worker", "--service", "echo", "--processor", "python", "--model",
+                              ECHO, "--port", str(port)), port, env={"ECHO_PORT": "w"})
+    reqs = b""
+    # The first one is slow: later ones must still come back after it.
+    for body in (b"sleep:0.3", b"one", b"two", b"three"):
+        reqs += (b"POST /api/predict/echo HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    answers = _raw_exchange(port, reqs, 4)
+    assert [a.split(b"|")[1] for a in answers] == [b"slept w", b"w:one", b"w:two", b"w:three"]
+
+
+def test_chunked_request_body(procs):
+    port = free_port()
+    procs.start(infergate_cmd("worker", "--service", "echo", "--processor", "python", "--model",
+                              ECHO, "--port", str(port)), port, env={"ECHO_PORT": "w"})
+    chunked = (b"POST /api/predict/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    assert _raw_exchange(port, chunked, 1) == [b"HTTP/1.1 200 OK|w:hello world"]
+
+
+def test_body_limit_413(procs):
+    port = free_port()
+    procs.start(infergate_cmd("worker", "--service", "echo", "--processor", "python", "--model",
+                              ECHO, "--port", str(port), "--max-body-mb", "1"), port)
+    status, body, _ = post(f"http://127.0.0.1:{port}/api/predict/echo", b"x" * (1 << 20 + 1))
+    assert status == 413 and "limit" in error_message(body)
+
+
+def test_keepalive_408_and_full_queue_450(procs):
+    port = free_port()
+    procs.start(infergate_cmd("worker", "--service", "echo", "--processor", "python", "--model",
+                              ECHO, "--port", str(port), "--threads", "1", "--max-queue-size", "2",
+                              "--keepalive-ms", "500"), port)
+    url = f"http://127.0.0.1:{port}/api/predict/echo"
+    status, body, _ = post(url, b"sleep:1.5")
+    assert status == 408 and "rpc.keepalive" in error_message(body)
+    results = []
+
+    def send():
+        results.append(post(url, b"sleep:0.3")[0])
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # One runs, two wait, the rest are refused at once; none fail otherwise.
+    assert results.count(450) >= 4
+    assert set(results) <= {200, 408, 450}
+
+
+def test_pytorch_caffe_json_processors(worker_factory, digits):
+    import cramjam
+
+    from gateway.codec.tensors import decode_array, decode_caffe, encode_array, encode_caffe
+    from gateway.protos import caffe_predict_pb2 as caffe_pb
+    from gateway.protos import pytorch_predict_pb2 as torch_pb
+
+    x_test, y_test = digits
+    images = x_test[:50].astype(np.float32)
+    expected = None
+    torch_worker = worker_factory(processor="pytorch")
+    for mode in ("positional", "named", "snappy"):
+        request = torch_pb.PredictRequest()
+        encode_array(images, request.map_inputs["images"] if mode == "named" else request.inputs.add())
+        body = request.SerializeToString()
+        if mode == "snappy":
+            body = bytes(cramjam.snappy.compress_raw(body))
+        status, answer, _ = post(torch_worker.url + "/api/predict/digits", body)
+        assert status == 200, answer
+        response = torch_pb.PredictResponse()
+        response.ParseFromString(answer)
+        proto = response.map_outputs["scores"] if mode == "named" else response.outputs[0]
+        scores = decode_array(proto, "scores")
+        expected = scores if expected is None else expected
+        np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    assert (expected.argmax(1) == y_test[:50]).mean() >= 0.9
+
+    caffe_worker = worker_factory(processor="caffe")
+    request = caffe_pb.PredictRequest(input_name=["images"])
+    encode_caffe(images, request.input_data.add())
+    status, answer, _ = post(caffe_worker.url + "/api/predict/digits", request.SerializeToString())
+    assert status == 200
+    response = caffe_pb.PredictResponse()
+    response.ParseFromString(answer)
+    assert list(response.output_name) == ["scores"]
+    np.testing.assert_allclose(decode_caffe(response.output_data[0], "scores"), expected, rtol=1e-6)
+
+    json_worker = worker_factory(processor="json")
+    status, answer, headers = post(json_worker.url + "/api/predict/digits",
+                                   json.dumps({"inputs": {"images": images.tolist()}}).encode())
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    np.testing.assert_allclose(np.array(json.loads(answer)["outputs"]["scores"]), expected,
+                               rtol=1e-5)
+    status, answer, _ = post(json_worker.url + "/api/predict/digits", b'{"inputs": {"images": [[1, 2], [3]]}}')
+    assert status == 400 and "images" in error_message(answer)
+
+
+def test_python_processor_and_unknown_service(procs):
+    port = free_port()
+    procs.start(infergate_cmd("worker", "--service", "echo", "--processor", "python", "--model",
+                              ECHO, "--port", str(port)), port, env={"ECHO_PORT": "w"})
+    status, body, _ = post(f"http://127.0.0.1:{port}/api/predict/echo", b"abc")
+    assert (status, body) == (200, b"w:abc")
+    status, body, _ = post(f"http://127.0.0.1:{port}/api/predict/echo", b"status:418")
+    assert status == 418
+    status, body, _ = post(f"http://127.0.0.1:{port}/api/predict/other", b"abc")
+    assert status == 404 and "other" in error_message(body)
+
+
+def test_bad_command_line_is_one_clear_line(tmp_path):
+    import subprocess
+
+    result = subprocess.run(infergate_cmd("worker", "--service", "x", "--model",
+                                          str(tmp_path / "missing.onnx")),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+    result = subprocess.run(infergate_cmd("worker", "--service", "x", "--processor", "keras",
+                                          "--model", "m.onnx"),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "processor must be one of" in result.stderr
