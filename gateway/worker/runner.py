@@ -22,6 +22,20 @@ class DeadlineExceeded(Exception):
     pass
 
 
+class _Deadline:
+    """Cancels the awaited result when the deadline passes, and remembers that it did."""
+
+    __slots__ = ("future", "fired")
+
+    def __init__(self, future: asyncio.Future):
+        self.future = future
+        self.fired = False
+
+    def __call__(self) -> None:
+        self.fired = True
+        self.future.cancel()
+
+
 class ThreadedRunner:
     def __init__(self, settings: RpcSettings):
         self.settings = settings
@@ -50,19 +64,26 @@ class ThreadedRunner:
     async def call(self, deadline: float, fn, *args):
         if self.waiting >= self.settings.max_queue_size:
             raise QueueFull()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded()
         self.submitted += 1
         job = self.pool.submit(self._run, fn, args)
-        remaining = deadline - time.monotonic()
+        loop = asyncio.get_running_loop()
+        result = asyncio.wrap_future(job, loop=loop)
+        # One timer instead of asyncio.wait_for: its extra task costs more than the model here.
+        expiry = _Deadline(result)
+        timer = loop.call_later(remaining, expiry)
         try:
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            return await asyncio.wait_for(asyncio.wrap_future(job), remaining)
-        except BaseException as exc:  # timeout, or the client went away (cancelled)
+            return await result
+        except asyncio.CancelledError:  # our deadline, or the client went away
             if job.cancel():  # never started: it leaves the queue now
                 self._take()
-            if isinstance(exc, asyncio.TimeoutError):
+            if expiry.fired:
                 raise DeadlineExceeded() from None
             raise
+        finally:
+            timer.cancel()
 
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=False)
