@@ -1,0 +1,374 @@
+"""Request and response types of the SDK, wire-compatible with ``eas-prediction``.
+
+Each request serializes itself with ``to_string()`` (bytes) and turns the
+server's answer into its response type with ``parse_response(data)``; the
+client only moves bytes. Beyond the reference SDK:
+
+* numpy in: ``TFRequest.add_feed(name, array)`` / ``TorchRequest.add_feed(index,
+  array)`` / ``CaffeRequest.add_feed(name, array)`` take the shape and dtype from
+  the array, and the 4-argument form accepts a numpy array as ``values``;
+* numpy out: ``get_array(name)`` (shaped, of the tensor's dtype) and
+  ``to_numpy()`` (every output);
+* ``get_values`` returns a plain list of the flat values and raises ``KeyError``
+  naming the outputs there are for an output the response does not have.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from ..codec import tensors as _t
+from ..codec.tensors import DTYPE_BY_ENUM, decode_array, decode_caffe, encode_array, encode_caffe
+from ..protos import caffe_predict_pb2 as _caffe_pb
+from ..protos import pytorch_predict_pb2 as _torch_pb
+from ..protos import tf_predict_pb2 as _tf_pb
+
+__all__ = [
+    "Request", "Response", "StringRequest", "StringResponse", "TFRequest", "TFResponse",
+    "TorchRequest", "TorchResponse", "CaffeRequest", "CaffeResponse",
+]
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+class Request:
+    """Base of the request types: ``to_string()`` -> body bytes, ``parse_response(bytes)``."""
+
+    content_type: str | None = None  # None: the client's (application/octet-stream by default)
+
+    def to_string(self) -> bytes:
+        raise NotImplementedError
+
+    def parse_response(self, response_data: bytes):
+        raise NotImplementedError
+
+
+class Response:
+    pass
+
+
+# --- raw bytes / strings ------------------------------------------------------------------
+class StringRequest(Request):
+    """A raw body (str is sent UTF-8 encoded): for JSON and custom processors."""
+
+    def __init__(self, request_data: str | bytes | None = None, content_type: str | None = None):
+        self.request_data = "" if request_data is None else request_data
+        self.content_type = content_type
+
+    def __str__(self) -> str:
+        data = self.request_data
+        return data if isinstance(data, str) else bytes(data).decode("utf-8", "replace")
+
+    def to_string(self) -> bytes:
+        data = self.request_data
+        return data.encode("utf-8") if isinstance(data, str) else bytes(data)
+
+    def parse_response(self, response_data: bytes) -> "StringResponse":
+        return StringResponse(response_data)
+
+
+class StringResponse(Response):
+    """The raw answer: ``response_data`` (bytes), ``to_string()`` (text), ``json()``."""
+
+    def __init__(self, response_data: bytes | None = None):
+        self.response_data = b"" if response_data is None else response_data
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+    def to_string(self) -> str:
+        data = self.response_data
+        return data if isinstance(data, str) else bytes(data).decode("utf-8", "replace")
+
+    def json(self):
+        return json.loads(self.response_data)
+
+
+# --- helpers shared by the tensor requests -------------------------------------------------
+def _fill(proto, name, shape, dtype, values) -> None:
+    """Fill a TF/PyTorch ArrayProto from either an array (shape is the array, dtype and
+    values None) or the reference form (shape, ArrayDataType enum, flat values)."""
+    if dtype is None and values is None:
+        arr = np.asarray(shape)
+        if arr.dtype.kind == "U" or arr.dtype.kind == "S":
+            arr = arr.astype(object)
+        encode_array(arr, proto, name)
+        return
+    if dtype is None or values is None:
+        raise TypeError("add_feed takes (name, array) or (name, shape, dtype, values)")
+    enum = int(dtype)
+    np_dtype = DTYPE_BY_ENUM.get(enum)
+    if np_dtype is None:
+        raise ValueError(f"input {name!r}: dtype {_t.dtype_name(enum)} is not supported")
+    shape = [int(d) for d in shape]
+    if enum == _t.DT_STRING:
+        arr = np.empty(len(values), dtype=object)
+        arr[:] = list(values)
+    else:
+        arr = np.asarray(values, dtype=np_dtype)
+    count = math.prod(shape)
+    if arr.size != count:
+        raise ValueError(f"input {name!r}: shape {shape} needs {count} values, got {arr.size}")
+    encode_array(arr.reshape(shape), proto, name)
+    proto.dtype = enum  # keeps the quantized enums (DT_QINT8 ...) the caller asked for
+
+
+def _flat_list(arr: np.ndarray) -> list:
+    return arr.ravel().tolist()
+
+
+def _missing(kind: str, key, have) -> KeyError:
+    return KeyError(f"the response has no {kind} {key!r}; it has {sorted(have) if have else 'none'}")
+
+
+class _TensorDtypes:
+    DT_FLOAT = _t.DT_FLOAT
+    DT_DOUBLE = _t.DT_DOUBLE
+    DT_INT8 = _t.DT_INT8
+    DT_INT16 = _t.DT_INT16
+    DT_INT32 = _t.DT_INT32
+    DT_INT64 = _t.DT_INT64
+    DT_UINT8 = _t.DT_UINT8
+    DT_UINT16 = _t.DT_UINT16
+    DT_QINT8 = _t.DT_QINT8
+    DT_QUINT8 = _t.DT_QUINT8
+    DT_QINT16 = _t.DT_QINT16
+    DT_QUINT16 = _t.DT_QUINT16
+    DT_QINT32 = _t.DT_QINT32
+    DT_STRING = _t.DT_STRING
+    DT_BOOL = _t.DT_BOOL
+    DT_HALF = _t.DT_HALF
+    DT_COMPLEX64 = _t.DT_COMPLEX64
+    DT_COMPLEX128 = _t.DT_COMPLEX128
+
+
+# --- TensorFlow ---------------------------------------------------------------------------
+class TFRequest(_TensorDtypes, Request):
+    """EAS TensorFlow request: named inputs, optional ``signature_name`` and fetches."""
+
+    def __init__(self, signature_name: str | None = None):
+        self.request_data = _tf_pb.PredictRequest()
+        self.signature_name = signature_name
+
+    def __str__(self) -> str:
+        return str(self.request_data)
+
+    def set_signature_name(self, signature_name: str) -> None:
+        self.signature_name = signature_name
+
+    def add_feed(self, input_name: str, shape, content_type=None, content=None) -> None:
+        """``add_feed(name, [1, 784], TFRequest.DT_FLOAT, flat_values)`` as in eas-prediction
+        (values: a list or a numpy array), or ``add_feed(name, ndarray)``."""
+        _fill(self.request_data.inputs[input_name], input_name, shape, content_type, content)
+
+    def add_fetch(self, output_name: str) -> None:
+        self.request_data.output_filter.append(output_name)
+
+    def to_string(self) -> bytes:
+        if self.signature_name:
+            self.request_data.signature_name = self.signature_name
+        return self.request_data.SerializeToString()
+
+    def parse_response(self, response_data: bytes) -> "TFResponse":
+        return TFResponse(response_data)
+
+
+class TFResponse(Response):
+    def __init__(self, response_data: bytes | None = None):
+        self.response = _tf_pb.PredictResponse()
+        if response_data:
+            self.response.ParseFromString(bytes(response_data))
+
+    def __str__(self) -> str:
+        return str(self.response)
+
+    to_string = __str__
+
+    def _output(self, name: str):
+        outputs = self.response.outputs
+        if name not in outputs:
+            raise _missing("output", name, list(outputs.keys()))
+        return outputs[name]
+
+    def keys(self) -> list[str]:
+        return list(self.response.outputs.keys())
+
+    def get_tensor_shape(self, output_name: str) -> list[int]:
+        return list(self._output(output_name).array_shape.dim)
+
+    def get_values(self, output_name: str) -> list:
+        return _flat_list(self.get_array(output_name))
+
+    def get_array(self, output_name: str) -> np.ndarray:
+        return decode_array(self._output(output_name), output_name)
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        return {name: decode_array(proto, name) for name, proto in self.response.outputs.items()}
+
+
+# --- PyTorch ------------------------------------------------------------------------------
+class TorchRequest(_TensorDtypes, Request):
+    """EAS PyTorch request: positional inputs (``add_feed(index, ...)``) or named ones
+    (``add_feed_map(name, ...)``); ``flag=True`` snappy-compresses the body."""
+
+    def __init__(self, flag: bool = False):
+        self.request_data = _torch_pb.PredictRequest()
+        self.flag = flag
+
+    def __str__(self) -> str:
+        return str(self.request_data)
+
+    def set_debug_level(self, dbg_lvl: int = 0) -> None:
+        self.request_data.debug_level = dbg_lvl
+
+    def add_feed(self, index: int, shape, content_type=None, content=None) -> None:
+        inputs = self.request_data.inputs
+        while len(inputs) < index + 1:
+            inputs.add()
+        _fill(inputs[index], f"#{index}", shape, content_type, content)
+
+    def add_feed_map(self, name: str, shape, content_type=None, content=None) -> None:
+        _fill(self.request_data.map_inputs[name], name, shape, content_type, content)
+
+    def add_fetch(self, output_index: int) -> None:
+        self.request_data.output_filter.append(int(output_index))
+
+    def to_string(self) -> bytes:
+        data = self.request_data.SerializeToString()
+        if self.flag:
+            import cramjam
+            data = bytes(cramjam.snappy.compress_raw(data))
+        return data
+
+    def parse_response(self, response_data: bytes) -> "TorchResponse":
+        return TorchResponse(response_data)
+
+
+class TorchResponse(Response):
+    """Positional outputs (``get_values(0)``) or, for ``add_feed_map`` requests, named ones
+    (``get_values_map(name)``; ``get_array``/``get_values`` accept a name too)."""
+
+    def __init__(self, response_data: bytes | None = None):
+        self.response = _torch_pb.PredictResponse()
+        if response_data:
+            self.response.ParseFromString(bytes(response_data))
+
+    def __str__(self) -> str:
+        return str(self.response)
+
+    to_string = __str__
+
+    def _output(self, key):
+        if isinstance(key, str):
+            outputs = self.response.map_outputs
+            if key not in outputs:
+                raise _missing("named output", key, list(outputs.keys()))
+            return outputs[key]
+        outputs = self.response.outputs
+        if not 0 <= key < len(outputs):
+            raise _missing("output index", key, list(range(len(outputs))))
+        return outputs[key]
+
+    def get_tensor_shape(self, output_index) -> list[int]:
+        return list(self._output(output_index).array_shape.dim)
+
+    def get_values(self, output_index) -> list:
+        return _flat_list(self.get_array(output_index))
+
+    def get_tensor_shape_map(self, output_name: str) -> list[int]:
+        return self.get_tensor_shape(str(output_name))
+
+    def get_values_map(self, output_name: str) -> list:
+        return self.get_values(str(output_name))
+
+    def get_array(self, output) -> np.ndarray:
+        return decode_array(self._output(output), str(output))
+
+    def to_numpy(self):
+        """A list of arrays (positional outputs) or a dict (named outputs)."""
+        if self.response.map_outputs:
+            return {k: decode_array(v, k) for k, v in self.response.map_outputs.items()}
+        return [decode_array(v, str(i)) for i, v in enumerate(self.response.outputs)]
+
+
+# --- Caffe --------------------------------------------------------------------------------
+class CaffeRequest(Request):
+    """EAS Caffe request: named float32 inputs."""
+
+    DT_FLOAT = _t.DT_FLOAT
+
+    def __init__(self):
+        self.request_data = _caffe_pb.PredictRequest()
+
+    def __str__(self) -> str:
+        return str(self.request_data)
+
+    def add_feed(self, input_name: str, shape, *rest) -> None:
+        """``add_feed(name, shape, values)``, ``add_feed(name, shape, DT_FLOAT, values)``
+        or ``add_feed(name, ndarray)``; values are sent as float32."""
+        if not rest:
+            arr = np.asarray(shape, dtype=np.float32)
+        else:
+            if len(rest) == 2:
+                if int(rest[0]) != _t.DT_FLOAT:
+                    raise ValueError(f"input {input_name!r}: the Caffe format carries DT_FLOAT only")
+                values = rest[1]
+            elif len(rest) == 1:
+                values = rest[0]
+            else:
+                raise TypeError("add_feed takes (name, array), (name, shape, values) or "
+                                "(name, shape, dtype, values)")
+            shape = [int(d) for d in shape]
+            arr = np.asarray(values, dtype=np.float32)
+            if arr.size != math.prod(shape):
+                raise ValueError(f"input {input_name!r}: shape {shape} needs "
+                                 f"{math.prod(shape)} values, got {arr.size}")
+            arr = arr.reshape(shape)
+        self.request_data.input_name.append(input_name)
+        encode_caffe(arr, self.request_data.input_data.add(), input_name)
+
+    def add_fetch(self, output_name: str) -> None:
+        self.request_data.output_filter.append(output_name)
+
+    def to_string(self) -> bytes:
+        return self.request_data.SerializeToString()
+
+    def parse_response(self, response_data: bytes) -> "CaffeResponse":
+        return CaffeResponse(response_data)
+
+
+class CaffeResponse(Response):
+    def __init__(self, response_data: bytes | None = None):
+        self.response = _caffe_pb.PredictResponse()
+        if response_data:
+            self.response.ParseFromString(bytes(response_data))
+
+    def __str__(self) -> str:
+        return str(self.response)
+
+    to_string = __str__
+
+    def _output(self, name: str):
+        names = list(self.response.output_name)
+        try:
+            return self.response.output_data[names.index(name)]
+        except (ValueError, IndexError):
+            raise _missing("output", name, names) from None
+
+    def keys(self) -> list[str]:
+        return list(self.response.output_name)
+
+    def get_tensor_shape(self, output_name: str) -> list[int]:
+        return list(self._output(output_name).shape.dim)
+
+    def get_values(self, output_name: str) -> list:
+        return _flat_list(self.get_array(output_name))
+
+    def get_array(self, output_name: str) -> np.ndarray:
+        return decode_caffe(self._output(output_name), output_name)
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        return {name: decode_caffe(data, name)
+                for name, data in zip(self.response.output_name, self.response.output_data)}
