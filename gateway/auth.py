@@ -14,6 +14,20 @@ import hmac
 import time
 
 MAX_CLOCK_SKEW = 15 * 60.0
+# eas-prediction writes its *local* time and labels it GMT. A client whose clock
+# is right but whose zone is not UTC is off by its zone's offset (a multiple of
+# 15 minutes, within 14 hours): accept that, give or take this much drift.
+ZONE_DRIFT = 60.0
+MAX_ZONE_OFFSET = 14 * 3600.0
+
+
+def date_is_fresh(sent: float, now: float) -> bool:
+    skew = sent - now
+    if abs(skew) <= MAX_CLOCK_SKEW:
+        return True
+    if abs(skew) > MAX_ZONE_OFFSET + ZONE_DRIFT:
+        return False
+    return abs(skew - round(skew / 900.0) * 900.0) <= ZONE_DRIFT
 
 
 def verify(headers: dict, method: str, path: str, body: bytes, token: str, service: str,
@@ -36,9 +50,9 @@ def verify(headers: dict, method: str, path: str, body: bytes, token: str, servi
         sent = email.utils.parsedate_to_datetime(date).timestamp()
     except (TypeError, ValueError):
         return "signed requests need a valid Date header"
-    if abs((now if now is not None else time.time()) - sent) > MAX_CLOCK_SKEW:
+    if not date_is_fresh(sent, time.time() if now is None else now):
         return "the request's Date is more than 15 minutes from the server's clock"
-    resource = f"/api/predict/{service}"
+    resource = path  # the SDK signs /api/predict/<service>[/<subpath>] as it calls it
     message = f"{method}\n{content_md5}\n{headers.get('content-type', '')}\n{date}\n{resource}".strip()
     expected = base64.b64encode(hmac.new(token.encode(), message.encode(), hashlib.sha1).digest())
     if not hmac.compare_digest(expected.decode(), auth[4:].strip()):

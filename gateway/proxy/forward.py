@@ -34,7 +34,8 @@ async def forward(ex) -> Response:
     head = request_head(request.method.encode(), target, request.raw_headers, extra)
     deadline = time.monotonic() + backend.timeout
     tried = 0
-    last_failure = None
+    failed_answer = None  # an instance's own 5xx/450: more telling than a connect error
+    failed_transport = None
     for _ in range(min(MAX_TRIES, len(backend.pools))):
         index = picker.pick_index(tried)
         if index < 0:
@@ -51,7 +52,7 @@ async def forward(ex) -> Response:
         except UpstreamError as exc:
             picker.report_failure(index)
             metrics.retried(ex.service, "connect")
-            last_failure = error_response(502, f"upstream {pool.ip}:{pool.port} failed: {exc}")
+            failed_transport = error_response(502, f"upstream {pool.ip}:{pool.port} failed: {exc}")
             continue
         except asyncio.TimeoutError:
             picker.report_failure(index)
@@ -63,10 +64,10 @@ async def forward(ex) -> Response:
         if status >= 500 or status == 450:
             picker.report_failure(index)
             metrics.retried(ex.service, str(status))
-            last_failure = response
+            failed_answer = response
             continue
         picker.report_success(index)
         return response
-    if last_failure is not None:
-        return last_failure
+    if failed_answer is not None or failed_transport is not None:
+        return failed_answer or failed_transport
     return error_response(503, f"service {backend.name!r} has no healthy instance")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from .._native.picker import SmoothWeightedPicker
+from ..registry.records import ServiceRecord
 from ..rules import RuleSet
 from ..serviceconfig import rpc_settings
 from .upstream import InstancePool
@@ -90,6 +91,10 @@ class RouteTable:
         change keeps the open upstream connections.
         """
         old_pools = pools or {}
+        services = dict(services)
+        for name in instances:
+            if name not in services:  # workers that registered without a service record
+                services[name] = ServiceRecord(name=name, config={"name": name}, status="Running")
         self.pools: dict[tuple, InstancePool] = {}
         backends = {}
         for name, record in services.items():

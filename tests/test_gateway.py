@@ -1,0 +1,217 @@
+"""The gateway data plane through real processes: gateway, workers, sockets."""
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import free_port, infergate_cmd
+from gateway_helpers import (endpoints, error_message, post, seed_services, start_gateway,
+                             worker_requests)
+
+ECHO = os.path.join(os.path.dirname(__file__), "data", "echo_processor.py")
+
+
+def start_echo_worker(procs, service="echo", extra=()):
+    port = free_port()
+    return procs.start(infergate_cmd("worker", "--service", service, "--processor", "python",
+                                     "--model", ECHO, "--host", "127.0.0.1", "--port", str(port),
+                                     *extra), port, env={"ECHO_PORT": str(port)})
+
+
+def digits_request(images: np.ndarray) -> bytes:
+    from gateway.codec.tensors import encode_array
+    from gateway.protos import tf_predict_pb2 as pb
+
+    request = pb.PredictRequest(signature_name="predict_images")
+    encode_array(images.astype(np.float32), request.inputs["images"])
+    return request.SerializeToString()
+
+
+def test_weights_3_to_1_and_right_answers(procs, worker_factory, tmp_path):
+    import onnxruntime as ort
+    from gateway.codec.tensors import decode_array
+    from gateway.models import DIGITS_MODEL, load_digits_split
+    from gateway.protos import tf_predict_pb2 as pb
+
+    a, b = worker_factory(), worker_factory()
+    seed_services(str(tmp_path), [{"name": "digits", "config": {
+        "name": "digits", "endpoints": endpoints(a, b, weights=[3, 1])}}])
+    gw = start_gateway(procs, str(tmp_path))
+    _, _, x_test, _ = load_digits_split()
+    session = ort.InferenceSession(str(DIGITS_MODEL))
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    for i in range(400):
+        images = x_test[i % len(x_test)][None, :]
+        conn.request("POST", "/api/predict/digits", body=digits_request(images))
+        resp = conn.getresponse()
+        assert resp.status == 200
+        out = pb.PredictResponse()
+        out.ParseFromString(resp.read())
+        want = session.run(["scores"], {"images": images.astype(np.float32)})[0]
+        np.testing.assert_allclose(decode_array(out.outputs["scores"], "scores"), want, rtol=1e-5)
+    conn.close()
+    # Smooth WRR is exact: 300 and 100.
+    assert (worker_requests(a.url), worker_requests(b.url)) == (300, 100)
+
+
+def test_auth_token_raw_and_signed(procs, tmp_path):
+    from gateway.auth import sign
+
+    w = start_echo_worker(procs)
+    seed_services(str(tmp_path), [{"name": "echo", "token": "s3cret",
+                                   "config": {"name": "echo", "endpoints": endpoints(w)}}])
+    gw = start_gateway(procs, str(tmp_path))
+    url = gw.url + "/api/predict/echo"
+    status, body, _ = post(url, b"hi")
+    assert status == 401 and "token" in error_message(body)
+    assert post(url, b"hi", {"Authorization": "wrong"})[0] == 401
+    assert post(url, b"hi", {"Authorization": "s3cret"})[0] == 200
+    assert post(url, b"hi", sign("s3cret", b"hi", "echo"))[0] == 200
+    assert post(url, b"hi", sign("other", b"hi", "echo"))[0] == 401
+    tampered = sign("s3cret", b"hi", "echo")
+    status, body, _ = post(url, b"HI", tampered)  # body changed after signing
+    assert status == 401 and "MD5" in error_message(body)
+    stale = sign("s3cret", b"hi", "echo", now=time.time() - 4000)
+    status, body, _ = post(url, b"hi", stale)
+    assert status == 401 and "15 minutes" in error_message(body)
+    # eas-prediction labels local time GMT: a client in UTC+8 is exactly 8 hours "ahead".
+    assert post(url, b"hi", sign("s3cret", b"hi", "echo", now=time.time() + 8 * 3600))[0] == 200
+    signed_subpath = sign("s3cret", b"hi", "echo/v2")
+    assert post(url + "/v2", b"hi", signed_subpath)[0] == 200
+
+
+def test_errors_and_request_id(procs, tmp_path):
+    w = start_echo_worker(procs)
+    seed_services(str(tmp_path), [{"name": "echo", "config": {"name": "echo",
+                                                              "endpoints": endpoints(w)}}])
+    gw = start_gateway(procs, str(tmp_path), "--max-body-mb", "1")
+    status, body, _ = post(gw.url + "/api/predict/nope", b"x")
+    assert status == 404 and "nope" in error_message(body)
+    status, body, _ = post(gw.url + "/api/predict/echo", b"x" * (2 << 20))
+    assert status == 413 and "limit" in error_message(body)
+    status, body, headers = post(gw.url + "/api/predict/echo/sub/path?q=1", b"abc",
+                                 {"X-Request-Id": "trace-42"})
+    assert status == 200 and body == f"{w.port}:abc".encode()
+    assert headers["X-Request-Id"] == "trace-42"
+    status, _, headers = post(gw.url + "/api/predict/echo", b"abc")
+    assert status == 200 and len(headers["X-Request-Id"]) == 32
+
+
+def test_retries_on_another_instance(procs, tmp_path):
+    """450 and 5xx are retried elsewhere; the client sees the healthy instance's answer."""
+    bad = start_echo_worker(procs)
+    good = start_echo_worker(procs)
+    seed_services(str(tmp_path), [{"name": "echo", "config": {
+        "name": "echo", "endpoints": endpoints(bad, good)}}])
+    gw = start_gateway(procs, str(tmp_path))
+    # A dead port in front: connect errors are retried too.
+    bad.stop()
+    for _ in range(20):
+        status, body, _ = post(gw.url + "/api/predict/echo", b"x")
+        assert status == 200 and body == f"{good.port}:x".encode()
+    # When every instance answers 503 the client gets that answer, after trying each once.
+    status, body, _ = post(gw.url + "/api/predict/echo", b"status:503")
+    assert status == 503
+    status, body, _ = post(gw.url + "/api/predict/echo", b"status:450")
+    assert status == 450
+
+
+def test_killing_an_instance_under_load_loses_no_request(procs, tmp_path):
+    workers = [start_echo_worker(procs) for _ in range(3)]
+    seed_services(str(tmp_path), [{"name": "echo", "config": {
+        "name": "echo", "endpoints": endpoints(*workers)}}])
+    gw = start_gateway(procs, str(tmp_path))
+    failures = []
+    done = []
+
+    def client(n):
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+        for i in range(n):
+            conn.request("POST", "/api/predict/echo", body=b"ping")
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status != 200:
+                failures.append((resp.status, body))
+            done.append(1)
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(300,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while len(done) < 300:
+        time.sleep(0.01)
+    workers[0].kill(signal.SIGKILL)
+    for t in threads:
+        t.join(60)
+    assert len(done) == 1200
+    assert failures == []
+
+
+def test_health_checks_take_out_and_bring_back(procs, tmp_path):
+    a = start_echo_worker(procs)
+    b_port = free_port()
+    seed_services(str(tmp_path), [{"name": "echo", "config": {
+        "name": "echo", "endpoints": endpoints(a) + [{"ip": "127.0.0.1", "port": b_port,
+                                                       "weight": 100}]}}])
+    gw = start_gateway(procs, str(tmp_path))
+
+    def discovered():
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+        conn.request("GET", "/api/v1/servicediscovery/upstreams/echo")
+        import json
+        items = json.loads(conn.getresponse().read())["endpoints"]["items"]
+        conn.close()
+        return sorted(item["port"] for item in items)
+
+    deadline = time.monotonic() + 10
+    while discovered() != [a.port] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert discovered() == [a.port]  # the dead one was taken out
+    procs.start(infergate_cmd("worker", "--service", "echo", "--processor", "python", "--model",
+                              ECHO, "--host", "127.0.0.1", "--port", str(b_port)), b_port,
+                env={"ECHO_PORT": str(b_port)})
+    deadline = time.monotonic() + 10
+    while discovered() != sorted([a.port, b_port]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert discovered() == sorted([a.port, b_port])
+
+
+def test_sigterm_drains_in_flight_requests(procs, tmp_path):
+    w = start_echo_worker(procs)
+    seed_services(str(tmp_path), [{"name": "echo", "config": {"name": "echo",
+                                                              "endpoints": endpoints(w)}}])
+    gw = start_gateway(procs, str(tmp_path))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        pending = [pool.submit(post, gw.url + "/api/predict/echo", b"sleep:1.0") for _ in range(4)]
+        time.sleep(0.4)
+        gw.kill(signal.SIGTERM)
+        results = [f.result() for f in pending]
+    assert [status for status, _, _ in results] == [200] * 4
+    assert gw.proc.wait(10) == 0
+    with pytest.raises(OSError):
+        post(gw.url + "/api/predict/echo", b"x", timeout=2)
+
+
+def test_metrics_expose_what_eas_shows(procs, tmp_path):
+    w = start_echo_worker(procs)
+    seed_services(str(tmp_path), [{"name": "echo", "config": {"name": "echo",
+                                                              "endpoints": endpoints(w)}}])
+    gw = start_gateway(procs, str(tmp_path))
+    for _ in range(5):
+        post(gw.url + "/api/predict/echo", b"12345")
+    post(gw.url + "/api/predict/echo", b"status:404")
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    assert 'infergate_requests_total{code="2xx",service="echo",version="echo"} 5.0' in text
+    assert 'infergate_requests_total{code="4xx",service="echo",version="echo"} 1.0' in text
+    assert 'infergate_request_bytes_total{service="echo"} 35.0' in text
+    assert "infergate_request_seconds_bucket" in text
+    assert f'infergate_instance_up{{instance="127.0.0.1:{w.port}",service="echo"}} 1.0' in text
