@@ -11,7 +11,10 @@ _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 
 
 def _seconds(text: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if match is None:  # wrk prints e.g. "-nanus" when it recorded no latency
+        return float("nan")
+    number, unit = match.groups()
     return float(number) * _UNITS[unit]
 
 
@@ -36,6 +39,8 @@ def run_wrk(url: str, body: bytes, connections: int = 32, seconds: int = 5, thre
         if cpu is not None:
             cmd = ["taskset", "-c", str(cpu)] + cmd
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
+    if "Requests/sec" not in out:
+        raise RuntimeError(f"wrk printed no result:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = _seconds(re.search(r"50%\s+(\S+)", out).group(1))
     p99 = _seconds(re.search(r"99%\s+(\S+)", out).group(1))

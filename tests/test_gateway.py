@@ -212,6 +212,6 @@ def test_metrics_expose_what_eas_shows(procs, tmp_path):
     text = conn.getresponse().read().decode()
     assert 'infergate_requests_total{code="2xx",service="echo",version="echo"} 5.0' in text
     assert 'infergate_requests_total{code="4xx",service="echo",version="echo"} 1.0' in text
-    assert 'infergate_request_bytes_total{service="echo"} 35.0' in text
+    assert 'infergate_request_bytes_total{service="echo",version="echo"} 35.0' in text
     assert "infergate_request_seconds_bucket" in text
     assert f'infergate_instance_up{{instance="127.0.0.1:{w.port}",service="echo"}} 1.0' in text

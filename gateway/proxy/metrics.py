@@ -1,43 +1,92 @@
-"""Gateway metrics (Prometheus exposition over counters cached per label set).
+"""Gateway metrics: plain counters on the hot path, Prometheus exposition at scrape time.
 
-What EAS shows its users derives from these: QPS = rate(requests_total),
-2xx/4xx/5xx rates by the `code` label, traffic in/out = rate(bytes_*_total).
+prometheus-client's own metric objects take a lock per update; the request
+path instead bumps entries of a per-(service, version) list and a collector
+turns them into metric families when /metrics is read. What EAS shows its
+users derives from these: QPS = rate(infergate_requests_total), 2xx/4xx/5xx
+rates by the `code` label, traffic in/out = rate(infergate_*_bytes_total).
 """
-from prometheus_client import Counter, Gauge, Histogram
+from __future__ import annotations
 
-REQUESTS = Counter("infergate_requests_total", "Requests answered by the gateway",
-                   ["service", "version", "code"])
-LATENCY = Histogram("infergate_request_seconds", "Gateway request latency", ["service"],
-                    buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10))
-BYTES_IN = Counter("infergate_request_bytes_total", "Request body bytes received", ["service"])
-BYTES_OUT = Counter("infergate_response_bytes_total", "Response body bytes sent", ["service"])
-RETRIES = Counter("infergate_retries_total", "Requests retried on another instance",
-                  ["service", "reason"])
-INSTANCE_UP = Gauge("infergate_instance_up", "1 while an instance takes traffic",
-                    ["service", "instance"])
+from bisect import bisect_left
 
-_children: dict = {}
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, \
+    HistogramMetricFamily
+
+BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1.0, 2.0, 5.0, 10.0)
+_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
-def _child(metric, labels):
-    key = (metric, labels)
-    child = _children.get(key)
-    if child is None:
-        child = _children[key] = metric.labels(*labels)
-    return child
+class _Series:
+    """Counters of one (service, version)."""
+
+    __slots__ = ("codes", "buckets", "latency_sum", "bytes_in", "bytes_out")
+
+    def __init__(self):
+        self.codes = [0] * 6  # index status // 100
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
+_series: dict[tuple, _Series] = {}
+_retries: dict[tuple, int] = {}
+_instances: dict[tuple, int] = {}
 
 
 def observe(service: str, version: str, status: int, seconds: float, bytes_in: int,
             bytes_out: int) -> None:
-    _child(REQUESTS, (service, version, f"{status // 100}xx")).inc()
-    _child(LATENCY, (service,)).observe(seconds)
-    _child(BYTES_IN, (service,)).inc(bytes_in)
-    _child(BYTES_OUT, (service,)).inc(bytes_out)
+    key = (service, version)
+    series = _series.get(key)
+    if series is None:
+        series = _series[key] = _Series()
+    series.codes[min(status // 100, 5)] += 1
+    series.buckets[bisect_left(BUCKETS, seconds)] += 1
+    series.latency_sum += seconds
+    series.bytes_in += bytes_in
+    series.bytes_out += bytes_out
 
 
 def retried(service: str, reason: str) -> None:
-    _child(RETRIES, (service, reason)).inc()
+    key = (service, reason)
+    _retries[key] = _retries.get(key, 0) + 1
 
 
 def instance_up(service: str, instance: str, up: bool) -> None:
-    _child(INSTANCE_UP, (service, instance)).set(1 if up else 0)
+    _instances[(service, instance)] = 1 if up else 0
+
+
+class _Collector:
+    def collect(self):
+        requests = CounterMetricFamily("infergate_requests", "Requests answered by the gateway",
+                                       labels=["service", "version", "code"])
+        latency = HistogramMetricFamily("infergate_request_seconds", "Gateway request latency",
+                                        labels=["service", "version"])
+        bytes_in = CounterMetricFamily("infergate_request_bytes", "Request body bytes received",
+                                       labels=["service", "version"])
+        bytes_out = CounterMetricFamily("infergate_response_bytes", "Response body bytes sent",
+                                        labels=["service", "version"])
+        for (service, version), s in list(_series.items()):
+            for index, count in enumerate(s.codes[1:], start=1):
+                if count:
+                    requests.add_metric([service, version, _CLASSES[index - 1]], count)
+            cumulative, buckets = 0, []
+            for bound, count in zip(BUCKETS + (float("inf"),), s.buckets):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            latency.add_metric([service, version], buckets, s.latency_sum)
+            bytes_in.add_metric([service, version], s.bytes_in)
+            bytes_out.add_metric([service, version], s.bytes_out)
+        retries = CounterMetricFamily("infergate_retries", "Requests retried on another instance",
+                                      labels=["service", "reason"])
+        for (service, reason), count in list(_retries.items()):
+            retries.add_metric([service, reason], count)
+        up = GaugeMetricFamily("infergate_instance_up", "1 while an instance takes traffic",
+                               labels=["service", "instance"])
+        for (service, instance), value in list(_instances.items()):
+            up.add_metric([service, instance], value)
+        return [requests, latency, bytes_in, bytes_out, retries, up]
+
+
+REGISTRY.register(_Collector())

@@ -1,7 +1,9 @@
 """Pooled keep-alive HTTP/1.1 connections to one instance.
 
 No connect per request: idle connections are reused, at most `max_connections`
-are open per instance, and callers beyond that wait for one to free up.
+are open per instance, and callers beyond that wait for one to free up. The
+exchange is callback-driven (`send(data, on_done)`): the gateway's forwarder
+is a small state machine, not a coroutine per request.
 """
 from __future__ import annotations
 
@@ -25,13 +27,13 @@ class UpstreamResponse:
         self.keep_alive = keep_alive
 
 
-class _UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("transport", "parser", "waiter", "headers", "body", "closed")
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("transport", "parser", "on_done", "headers", "body", "closed")
 
     def __init__(self):
         self.transport = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future | None = None
+        self.on_done = None  # callback(conn, response, error) of the exchange in flight
         self.closed = False
         self.headers = []
         self.body = []
@@ -41,15 +43,18 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.closed = True
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(UpstreamError(f"connection lost: {exc or 'closed by peer'}"))
+        self._fail(UpstreamError(f"connection lost: {exc or 'closed by peer'}"))
+
+    def _fail(self, error):
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(self, None, error)
 
     def data_received(self, data):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            if self.waiter is not None and not self.waiter.done():
-                self.waiter.set_exception(UpstreamError(f"malformed upstream response: {exc}"))
+            self._fail(UpstreamError(f"malformed upstream response: {exc}"))
             self.transport.close()
 
     def on_message_begin(self):
@@ -63,16 +68,15 @@ class _UpstreamConnection(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self):
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-            waiter.set_result(UpstreamResponse(self.parser.get_status_code(), self.headers, body,
-                                               self.parser.should_keep_alive()))
+            on_done(self, UpstreamResponse(self.parser.get_status_code(), self.headers, body,
+                                           self.parser.should_keep_alive()), None)
 
-    def exchange(self, data: bytes) -> asyncio.Future:
-        self.waiter = asyncio.get_running_loop().create_future()
+    def send(self, data: bytes, on_done) -> None:
+        self.on_done = on_done
         self.transport.write(data)
-        return self.waiter
 
 
 class InstancePool:
@@ -82,10 +86,10 @@ class InstancePool:
                  connect_timeout: float = 2.0):
         self.ip = ip
         self.port = port
-        self.host_header = f"{ip}:{port}".encode()
+        self.host_line = f"Host: {ip}:{port}\r\n".encode()
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
-        self.idle: collections.deque[_UpstreamConnection] = collections.deque()
+        self.idle: collections.deque[UpstreamConnection] = collections.deque()
         self.open = 0
         self.waiters: collections.deque[asyncio.Future] = collections.deque()
         # Down when active health checks fail or the registry says so.
@@ -96,34 +100,51 @@ class InstancePool:
     def healthy(self) -> bool:
         return self.check_healthy and self.registry_healthy
 
-    async def _acquire(self) -> _UpstreamConnection:
-        while self.idle:
-            conn = self.idle.pop()
+    def take_idle(self) -> UpstreamConnection | None:
+        """An idle open connection, or None (then `connect()`)."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
             if not conn.closed:
                 return conn
             self.open -= 1
-        if self.open >= self.max_connections:
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """A fresh connection, or one handed back while we waited at the limit."""
+        while True:
+            conn = self.take_idle()
+            if conn is not None:
+                return conn
+            if self.open < self.max_connections:
+                break
             waiter = asyncio.get_running_loop().create_future()
             self.waiters.append(waiter)
             try:
-                return await waiter
+                conn = await waiter
+            except _SlotFreed:
+                continue
             except asyncio.CancelledError:
                 # Handed a connection just as our caller gave up: give it back.
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    self._release(waiter.result(), True)
+                    self.release(waiter.result(), True)
                 raise
+            return conn
         self.open += 1
         try:
-            loop = asyncio.get_running_loop()
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(_UpstreamConnection, self.ip, self.port),
-                self.connect_timeout)
+            _, conn = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                UpstreamConnection, self.ip, self.port), self.connect_timeout)
             return conn
         except (OSError, asyncio.TimeoutError) as exc:
             self.open -= 1
-            raise UpstreamError(f"cannot connect to {self.ip}:{self.port}: {exc or 'timeout'}") from None
+            raise UpstreamError(f"cannot connect to {self.ip}:{self.port}: "
+                                f"{exc or 'timeout'}") from None
+        except asyncio.CancelledError:
+            self.open -= 1
+            raise
 
-    def _release(self, conn: _UpstreamConnection, reusable: bool):
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        conn.on_done = None
         if reusable and not conn.closed:
             while self.waiters:
                 waiter = self.waiters.popleft()
@@ -134,34 +155,15 @@ class InstancePool:
             return
         self.open -= 1
         if not conn.closed:
+            conn.closed = True
             conn.transport.close()
-        # A slot freed up: let one waiter open a fresh connection.
-        while self.waiters:
+        while self.waiters:  # a slot freed up: one waiter may open a connection
             waiter = self.waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(_Retry())
+                waiter.set_exception(_SlotFreed())
                 return
 
-    async def request(self, data: bytes) -> UpstreamResponse:
-        """Send one serialized request; the answer, or UpstreamError."""
-        while True:
-            try:
-                conn = await self._acquire()
-                break
-            except _Retry:
-                continue
-        try:
-            response = await conn.exchange(data)
-        except BaseException:
-            # Error, timeout or cancellation mid-exchange: the stream is unusable.
-            conn.waiter = None
-            self._release(conn, False)
-            raise
-        conn.waiter = None
-        self._release(conn, response.keep_alive)
-        return response
-
-    def close(self):
+    def close(self) -> None:
         for conn in self.idle:
             conn.transport.close()
         self.idle.clear()
@@ -170,5 +172,5 @@ class InstancePool:
                 waiter.set_exception(UpstreamError("instance removed"))
 
 
-class _Retry(Exception):
-    """Internal: a pool slot freed up; acquire again."""
+class _SlotFreed(Exception):
+    """Internal: a connection slot freed up; try to open one."""

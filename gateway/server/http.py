@@ -184,43 +184,71 @@ class _Connection(asyncio.Protocol):
     def _enqueue(self, request, ready_response, keep_alive):
         self.pending.append((request, ready_response, keep_alive))
         if self.worker is None:
-            self.worker = asyncio.get_running_loop().create_task(self._serve_pending())
+            self._serve_next()
 
-    async def _serve_pending(self):
+    def _serve_next(self):
+        """Answer queued requests in order; park on the first one that is not ready.
+
+        A handler returns a Response (written now), an asyncio Future (written
+        when it resolves: no task per request) or a coroutine (run as a task).
+        """
         server = self.server
-        try:
-            while self.pending and not self.closing:
-                request, response, keep_alive = self.pending.popleft()
-                if response is None:
-                    server.inflight += 1
-                    try:
-                        response = server.handler(request)
-                        if not isinstance(response, Response):
-                            response = await response
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        log.exception("handler failed on %s %s", request.method, request.path)
-                        response = error_response(500, "internal error")
-                    finally:
-                        server.inflight -= 1
-                if self.closing:
+        while self.pending and not self.closing:
+            request, response, keep_alive = self.pending.popleft()
+            if response is None:
+                server.inflight += 1
+                try:
+                    response = server.handler(request)
+                except Exception:
+                    log.exception("handler failed on %s %s", request.method, request.path)
+                    response = error_response(500, "internal error")
+                if not isinstance(response, Response):
+                    if not isinstance(response, asyncio.Future):
+                        response = asyncio.get_running_loop().create_task(response)
+                    self.worker = response
+                    response.add_done_callback(
+                        lambda done, request=request, keep_alive=keep_alive:
+                        self._parked_done(done, request, keep_alive))
                     return
-                head, body = response.head(keep_alive), response.body
-                if len(body) < 65536:  # one write, one syscall
-                    self.transport.write(head + body)
-                else:
-                    self.transport.write(head)
-                    self.transport.write(body)
-                if not keep_alive:
-                    self.closing = True
-                    self.transport.close()
-                    return
-        finally:
-            self.worker = None
-            if server.draining and not self.pending and not self.closing:
-                self.closing = True
-                self.transport.close()
+                server.inflight -= 1
+            if not self._write(response, keep_alive):
+                return
+        self._idle()
+
+    def _parked_done(self, done: asyncio.Future, request, keep_alive):
+        self.worker = None
+        self.server.inflight -= 1
+        if done.cancelled():  # the client went away
+            return
+        exc = done.exception()
+        if exc is not None:
+            log.error("handler failed on %s %s", request.method, request.path, exc_info=exc)
+            response = error_response(500, "internal error")
+        else:
+            response = done.result()
+        if self._write(response, keep_alive):
+            self._serve_next()
+
+    def _write(self, response: Response, keep_alive: bool) -> bool:
+        """Send one response; False when the connection is done with."""
+        if self.closing:
+            return False
+        head, body = response.head(keep_alive), response.body
+        if len(body) < 65536:  # one write, one syscall
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+            self.transport.write(body)
+        if not keep_alive:
+            self.closing = True
+            self.transport.close()
+            return False
+        return True
+
+    def _idle(self):
+        if self.server.draining and not self.pending and not self.closing:
+            self.closing = True
+            self.transport.close()
 
     def close_if_idle(self):
         if self.worker is None and not self.pending and not self.closing:
