@@ -5,6 +5,8 @@ import asyncio
 import logging
 import time
 
+from ..registry import StoreUnavailable
+
 log = logging.getLogger("infergate.worker")
 
 HEARTBEAT_SECONDS = 1.0
@@ -15,7 +17,7 @@ class Registration:
     """Wraps a WorkerApp: same start/stop, plus membership in a registry."""
 
     def __init__(self, app, registry_url: str, host: str, port: int, weight: int):
-        from ..registry import open_registration_client
+        from ..control.registration_client import open_registration_client
 
         self.app = app
         self.client = open_registration_client(registry_url)
@@ -26,7 +28,15 @@ class Registration:
 
     async def start(self) -> None:
         await self.app.start()
-        await self.client.register(self.instance, TTL_SECONDS)
+        for attempt in range(5):
+            try:
+                await self.client.register(self.instance, TTL_SECONDS)
+                break
+            except (OSError, asyncio.TimeoutError, StoreUnavailable) as exc:  # not reachable yet
+                if attempt == 4:
+                    raise
+                log.warning("registration failed (%s); retrying", exc)
+                await asyncio.sleep(0.5 * (attempt + 1))
         self._task = asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def _heartbeat(self) -> None:

@@ -1,0 +1,154 @@
+"""The control-plane commands: help, argument handling, one-line errors, output.
+
+Most run in-process (gateway.cli.main.main); the last ones drive a real gateway
+whose services front static endpoints, so no workers are started.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import free_port, infergate_cmd
+
+from gateway.cli import control_cmds
+from gateway.cli.errors import CliError
+from gateway.cli.main import build_parser, main
+
+COMMANDS = ["create", "release", "modify", "desc", "list", "ls", "stop", "start", "delete",
+            "version", "traffic", "rules", "instances"]
+ADMIN = "cli-secret"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: infergate") and "--gateway" in out and "--admin-token" in out
+
+
+def test_defaults_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("INFERGATE_GATEWAY", "http://gw.example:9000")
+    monkeypatch.setenv("INFERGATE_ADMIN_TOKEN", "t0k")
+    args = build_parser().parse_args(["list"])
+    assert args.gateway == "http://gw.example:9000" and args.admin_token == "t0k"
+    args = build_parser().parse_args(["desc", "svc", "--gateway", "http://other:1"])
+    assert args.gateway == "http://other:1" and args.service == "svc"
+
+
+def test_dash_d_values_are_json_when_they_parse():
+    args = build_parser().parse_args(["modify", "svc", "-Dmetadata.instance=3",
+                                      "-Dmetadata.rpc.batching=true", "-Dmetadata.note=hello world",
+                                      '-Dmetadata.tags={"a": [1, 2]}', "-Dmetadata.expr=a=b"])
+    assert control_cmds.parse_defines(args.define) == {
+        "metadata.instance": 3, "metadata.rpc.batching": True, "metadata.note": "hello world",
+        "metadata.tags": {"a": [1, 2]}, "metadata.expr": "a=b"}
+    with pytest.raises(CliError):
+        control_cmds.parse_defines(["metadata.instance"])
+    with pytest.raises(CliError):
+        control_cmds.parse_defines(["=3"])
+
+
+def one_line_error(capsys, argv) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_unreachable_gateway_is_one_line(capsys):
+    gateway = f"http://127.0.0.1:{free_port()}"
+    line = one_line_error(capsys, ["list", "--gateway", gateway])
+    assert line.startswith("infergate list: cannot reach the gateway at " + gateway)
+
+
+def test_local_input_errors_are_one_line(capsys, tmp_path):
+    gw = ["--gateway", f"http://127.0.0.1:{free_port()}"]
+    assert "cannot read service.json" in one_line_error(
+        capsys, ["create", str(tmp_path / "missing.json"), *gw])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert "not valid JSON" in one_line_error(capsys, ["create", str(bad), *gw])
+    bad.write_text("[1, 2]")
+    assert "JSON object" in one_line_error(capsys, ["create", str(bad), *gw])
+    assert "nothing to modify" in one_line_error(capsys, ["modify", "svc", *gw])
+    assert "SERVICE=SHARE" in one_line_error(capsys, ["traffic", "svc", "a:50", *gw])
+    assert "integer" in one_line_error(capsys, ["traffic", "svc", "a=half", *gw])
+
+
+def test_relative_model_paths_are_relative_to_the_service_json(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.onnx").write_bytes(b"x")
+    spec = tmp_path / "service.json"
+    config = control_cmds._resolve_local_paths(
+        {"name": "s", "model_path": "models/m.onnx", "processor_path": "nope/"}, str(spec))
+    assert config["model_path"] == str(tmp_path / "models" / "m.onnx")
+    assert config["processor_path"] == "nope/"  # left alone: no such file here
+
+
+def test_table_rendering():
+    text = control_cmds._table([["a", 1], ["long name", None]], ["Name", "N"])
+    lines = text.splitlines()
+    assert len({len(line) for line in lines}) == 1
+    assert "| long name | " in text and "| Name      | N |" in text
+
+
+# ----------------------------------------------------------------------------- against a gateway
+@pytest.fixture
+def gateway(procs, tmp_path):
+    port = free_port()
+    return procs.start(infergate_cmd("gateway", "--host", "127.0.0.1", "--port", str(port),
+                                     "--state-dir", str(tmp_path / "state"),
+                                     "--admin-token", ADMIN), port)
+
+
+def run_cli(url, *args, token=ADMIN):
+    env = dict(os.environ, INFERGATE_GATEWAY=url, INFERGATE_ADMIN_TOKEN=token)
+    return subprocess.run(infergate_cmd(*args), capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+def test_commands_against_a_gateway(gateway, tmp_path):
+    spec = tmp_path / "service.json"
+    spec.write_text(json.dumps({"name": "ext", "token": "svc-token", "endpoints": [
+        {"ip": "127.0.0.1", "port": 9, "weight": 100}], "metadata": {"instance": 1}}))
+    res = run_cli(gateway.url, "create", str(spec))
+    assert res.returncode == 0, res.stderr
+    assert "/api/predict/ext" in res.stdout and "svc-token" in res.stdout
+
+    res = run_cli(gateway.url, "create", str(spec), token="wrong")
+    assert res.returncode == 1 and "admin token" in res.stderr and "401" in res.stderr
+
+    listing = run_cli(gateway.url, "list").stdout
+    assert "ext" in listing and "Running" in listing and listing.startswith("+")
+    assert json.loads(run_cli(gateway.url, "ls", "--json").stdout)[0]["name"] == "ext"
+
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"metadata": {"rpc": {"keepalive": 2000}}}))
+    res = run_cli(gateway.url, "modify", "ext", "-s", str(partial), "-Dmetadata.cpu=2")
+    assert res.returncode == 0, res.stderr
+    view = json.loads(run_cli(gateway.url, "desc", "ext", "--json").stdout)
+    assert view["revision"] == 2 and view["config"]["metadata"]["rpc.keepalive"] == 2000
+    assert view["config"]["metadata"]["cpu"] == 2 and view["instances"][0]["port"] == 9
+    text = run_cli(gateway.url, "desc", "ext").stdout
+    assert "LatestVersion" in text and "127.0.0.1:9" in text and "svc-token" in text
+
+    assert "ext" in run_cli(gateway.url, "traffic", "ext").stdout
+    assert "no rules" in run_cli(gateway.url, "rules", "ext").stdout
+    assert "127.0.0.1:9" in run_cli(gateway.url, "instances", "ext").stdout
+
+    assert run_cli(gateway.url, "stop", "ext").returncode == 0
+    assert json.loads(run_cli(gateway.url, "desc", "ext", "--json").stdout)["status"] == "Stopped"
+    assert run_cli(gateway.url, "start", "ext").returncode == 0
+    assert json.loads(run_cli(gateway.url, "desc", "ext", "--json").stdout)["status"] == "Running"
+    assert run_cli(gateway.url, "version", "ext", "1").returncode == 0
+
+    res = run_cli(gateway.url, "desc", "nope")
+    assert res.returncode == 1 and res.stderr.strip() == (
+        "infergate desc: service 'nope' does not exist (HTTP 404)")
+    assert run_cli(gateway.url, "delete", "ext").returncode == 0
+    assert json.loads(run_cli(gateway.url, "list", "--json").stdout) == []
