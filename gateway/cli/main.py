@@ -8,7 +8,7 @@ import sys
 from .errors import CliError
 
 # command -> module in gateway.cli that defines `register(subparsers)`.
-_COMMAND_MODULES = ("gateway_cmd", "worker_cmd", "control_cmds")
+_COMMAND_MODULES = ("demo_cmd", "gateway_cmd", "worker_cmd", "control_cmds")
 
 
 def build_parser() -> argparse.ArgumentParser:
