@@ -255,6 +255,11 @@ def _read_packed(proto, number: int, wire: np.dtype) -> np.ndarray | None:
     offset, length = found
     if length % wire.itemsize or offset + length > end:
         return None
+    if wire.isnative:
+        # Copy through a bytearray, not numpy's astype: numpy's copy loops release
+        # and retake the GIL, which costs tens of microseconds on the event loop
+        # while inference threads want it.
+        return np.frombuffer(bytearray(memoryview(buf)[offset:offset + length]), wire)
     return np.frombuffer(buf, wire, length // wire.itemsize, offset).astype(
         wire.newbyteorder("="))
 
