@@ -11,6 +11,7 @@ import time
 
 from prometheus_client import generate_latest
 
+from ..ratelimit import RateLimitFilter
 from ..routing.health import HealthChecker
 from ..routing.table import RouteTable
 from ..server import HttpServer, Request, Response, error_response, json_response
@@ -35,8 +36,11 @@ class GatewayApp:
         self.table = RouteTable({}, {})
         self.server = HttpServer(self.handle, max_body_size=max_body_size)
         self.health = HealthChecker(lambda: self.table, self._health_changed, health_interval)
-        # Filters run in order; each may answer early. Others (rate limits) insert themselves.
-        self.filters = [route_filter(lambda: self.table), auth_filter, version_filter]
+        # Rate limits (gateway/ratelimit): global ones on the store's Redis when it is one.
+        self.rate_limits = RateLimitFilter.for_store(store)
+        # Filters run in order; each may answer early.
+        self.filters = [route_filter(lambda: self.table), auth_filter, self.rate_limits.check,
+                        version_filter]
         self.admin = None  # the control plane mounts its handler here (/admin/...)
         self._rebuild_pending = False
         self.ready = False
@@ -90,6 +94,7 @@ class GatewayApp:
             await self.admin.stop()
         for pool in self.table.pools.values():
             pool.close()
+        await self.rate_limits.close()
         await self.store.close()
 
     # --- requests ----------------------------------------------------------------------

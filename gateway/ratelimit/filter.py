@@ -1,0 +1,407 @@
+"""Rate limits: the configuration (`metadata.rate_limits`) and the gateway filter.
+
+Configuration, a list in the service's `metadata`::
+
+    "rate_limits": [
+      {"key": "header:X-User", "rate": 100, "burst": 200},
+      {"key": "service", "rate": 1000, "burst": 1000, "scope": "global",
+       "on_redis_error": "closed"}
+    ]
+
+* ``key``: what a bucket is kept for: ``"service"`` (one bucket for the
+  service), ``"ip"`` (the client address of the TCP connection; forwarding
+  headers are not trusted), ``"token"`` (the credential the request
+  authenticated with: the service's token; for a service without a token the
+  raw ``Authorization`` header), ``"header:<Name>"`` (the value of that
+  request header; requests without it share one bucket, so leaving the
+  header out is no way around the limit). At most one entry per key.
+* ``rate``: requests per second (> 0, fractions allowed: 0.5 = one per 2 s).
+* ``burst``: bucket size, the most requests accepted at once (>= 1; default
+  the rate rounded up). Over any window of t seconds at most
+  ``burst + rate * t`` requests of one key pass.
+* ``scope``: ``"local"`` (default; a token bucket in each gateway process, so
+  N processes let N times the rate through) or ``"global"`` (one GCRA state in
+  the Redis of ``--registry``, shared by every gateway on it; with the
+  embedded store a global limit acts as a local one, logged once).
+* ``on_redis_error`` (global only): ``"open"`` (default: while Redis is
+  unreachable each gateway applies the limit with its own local bucket) or
+  ``"closed"`` (answer 503 until Redis is back).
+
+A request passes when every limit of its service lets it; a request refused
+by one limit takes no token from the others (local tokens are given back; the
+Redis script decides all global limits of a request at once). Refused: 429,
+``Retry-After`` (whole seconds, rounded up, at least 1), ``X-RateLimit-Limit``
+(the rate, requests/s) and ``X-RateLimit-Remaining: 0``; passed requests
+carry ``X-RateLimit-Limit`` / ``X-RateLimit-Remaining`` of their tightest
+limit (Remaining: whole requests that could be sent at once right now).
+
+Why 503 and not 429 when Redis is down and a limit fails closed: 429 says
+*the client* went over its quota, which is not known; the gateway cannot
+decide, a server-side fault, and 503 (with ``Retry-After: 1``, the time the
+gateway waits before asking Redis again) is what clients and dashboards
+already treat as "temporarily unavailable, try again".
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+
+from ..server import error_response
+from .local import DEFAULT_MAX_KEYS, TokenBuckets, retry_after
+from .redis_limiter import GlobalLimiter, RedisUnavailable
+
+log = logging.getLogger("infergate.ratelimit")
+
+MAX_RATE = 1e9
+MAX_KEY_CHARS = 64  # longer header values are tracked by their digest
+SCOPES = ("local", "global")
+ON_REDIS_ERROR = ("open", "closed")
+FIELDS = ("key", "rate", "burst", "scope", "on_redis_error")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+
+
+@dataclass(frozen=True)
+class LimitSpec:
+    """One validated entry of metadata.rate_limits."""
+
+    key: str                 # "service" | "ip" | "token" | "header:<Name>" (Name as written)
+    rate: float
+    burst: float
+    scope: str = "local"
+    on_redis_error: str = "open"
+
+    @property
+    def header(self) -> str | None:
+        """The lower-cased header name of a header key, else None."""
+        return self.key[7:].lower() if self.key.startswith("header:") else None
+
+    @property
+    def kind(self) -> str:
+        return "header" if self.key.startswith("header:") else self.key
+
+
+def _number(value, where: str, field: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: field {field!r} must be a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{where}: field {field!r} must be a number, got {value!r}") from None
+    if not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: field {field!r} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: field {field!r} must be finite, got {value!r}")
+    return value
+
+
+def _parse_entry(i: int, entry) -> LimitSpec:
+    where = f"rate_limits[{i}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: must be an object with 'key' and 'rate', got {entry!r}")
+    key = entry.get("key")
+    if isinstance(key, str):
+        where = f"rate_limits[{i}] (key {key!r})"
+    unknown = sorted(set(entry) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(FIELDS)})")
+    if key is None:
+        raise ValueError(f"{where}: field 'key' is required "
+                         "('service', 'ip', 'token' or 'header:<Name>')")
+    if not isinstance(key, str):
+        raise ValueError(f"{where}: field 'key' must be a string, got {key!r}")
+    if key.startswith("header:"):
+        if not _HEADER_NAME.fullmatch(key[7:]):
+            raise ValueError(f"{where}: field 'key' must name a header as 'header:<Name>' "
+                             f"with a valid header name, got {key!r}")
+    elif key not in ("service", "ip", "token"):
+        raise ValueError(f"{where}: field 'key' must be 'service', 'ip', 'token' or "
+                         f"'header:<Name>', got {key!r}")
+    if "rate" not in entry:
+        raise ValueError(f"{where}: field 'rate' is required (requests per second)")
+    rate = _number(entry["rate"], where, "rate")
+    if not 0 < rate <= MAX_RATE:
+        raise ValueError(f"{where}: field 'rate' must be > 0 and <= {MAX_RATE:g} requests/s, "
+                         f"got {entry['rate']!r}")
+    if entry.get("burst") is None:
+        burst = float(max(1, math.ceil(rate)))
+    else:
+        burst = _number(entry["burst"], where, "burst")
+        if not 1 <= burst <= MAX_RATE:
+            raise ValueError(f"{where}: field 'burst' must be >= 1 and <= {MAX_RATE:g}, "
+                             f"got {entry['burst']!r}")
+    scope = entry.get("scope", "local")
+    if scope not in SCOPES:
+        raise ValueError(f"{where}: field 'scope' must be 'local' or 'global', got {scope!r}")
+    on_error = entry.get("on_redis_error", "open")
+    if on_error not in ON_REDIS_ERROR:
+        raise ValueError(f"{where}: field 'on_redis_error' must be 'open' or 'closed', "
+                         f"got {on_error!r}")
+    return LimitSpec(key, rate, burst, scope, on_error)
+
+
+def parse_rate_limits(entries) -> list[LimitSpec]:
+    """Validated specs of a metadata.rate_limits list (None or [] -> [])."""
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise ValueError(f"rate_limits must be a list of limits, got {type(entries).__name__}")
+    specs = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        spec = _parse_entry(i, entry)
+        ident = spec.header or spec.key
+        if ident in seen:
+            raise ValueError(f"rate_limits[{i}] (key {spec.key!r}): field 'key' repeats "
+                             f"rate_limits[{seen[ident]}]; one limit per key")
+        seen[ident] = i
+        specs.append(spec)
+    return specs
+
+
+def validate_rate_limits(entries) -> None:
+    """Raise ValueError naming the entry and field when metadata.rate_limits is invalid."""
+    parse_rate_limits(entries)
+
+
+# --- the filter ---------------------------------------------------------------------------
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=12).hexdigest()
+
+
+class Limit:
+    """One limit of one service, with its bucket state (kept while the spec does not change)."""
+
+    __slots__ = ("service", "spec", "kind", "header", "rate", "buckets", "limit_text",
+                 "redis_base", "redis_args", "what", "_token")
+
+    def __init__(self, service: str, spec: LimitSpec, max_keys: int, redis_prefix: str | None):
+        self.service = service
+        self.spec = spec
+        self.kind = spec.kind
+        self.header = spec.header
+        self.rate = spec.rate
+        # Local scope: the buckets. Global scope: the fallback while Redis is unreachable
+        # (or the limit itself where there is no Redis).
+        self.buckets = TokenBuckets(spec.rate, spec.burst, max_keys)
+        self.limit_text = f"{spec.rate:g}"
+        self.what = f"{spec.rate:g} requests/s"
+        self.redis_base = None
+        self.redis_args = None
+        self._token = (None, "")
+        if redis_prefix is not None:
+            tag = service.replace("{", "_").replace("}", "_")
+            ident = f"header:{self.header}" if self.header else spec.key
+            # One hash tag per service: the keys of one decision share a cluster slot. The
+            # rate and burst are part of the key: a changed limit starts with full buckets,
+            # as local ones do, and the old keys expire by themselves.
+            self.redis_base = f"{redis_prefix}rl:{{{tag}}}:{spec.rate:g}:{spec.burst:g}:{ident}:"
+            self.redis_args = (f"{1e6 / spec.rate:.6f}", f"{spec.burst:.6f}")
+
+    def key_of(self, ex) -> str:
+        kind = self.kind
+        if kind == "service":
+            return ""
+        if kind == "header":
+            value = ex.request.headers.get(self.header, "")
+            # Long values are hashed: 100k tracked keys must not mean 100k * 8 KiB.
+            return value if len(value) <= MAX_KEY_CHARS else "#" + _digest(value)
+        if kind == "ip":
+            peer = ex.request.peer
+            return peer[0] if peer else ""
+        # token: the service's token when it has one (auth passed), else what was sent.
+        # Kept as a digest: no secret in bucket tables, messages or Redis keys.
+        token = ex.route.token
+        if not token:
+            return _digest(ex.request.headers.get("authorization", ""))
+        if self._token[0] != token:
+            self._token = (token, _digest(token))
+        return self._token[1]
+
+    def describe(self, key: str) -> str:
+        kind = self.kind
+        if kind == "service":
+            return f"service {self.service}"
+        if kind == "header":
+            return f"header {self.spec.key[7:]}={key}" if key else \
+                f"requests without header {self.spec.key[7:]}"
+        if kind == "ip":
+            return f"client {key}"
+        return "this token"
+
+    def refuse(self, key: str, wait: float) -> tuple[str, str, str]:
+        """(Retry-After, limit, message) of a refusal after which one waits `wait` seconds."""
+        return (str(retry_after(wait)), self.limit_text,
+                f"rate limit of {self.what} for {self.describe(key)} exceeded")
+
+    def redis_key(self, key: str) -> str:
+        return self.redis_base + key
+
+
+class Compiled:
+    __slots__ = ("route", "local", "remote", "closed")
+
+    def __init__(self, route, local, remote):
+        self.route = route
+        self.local = local        # limits decided in this process
+        self.remote = remote      # global limits decided by the Redis script
+        self.closed = [lim for lim in remote if lim.spec.on_redis_error == "closed"]
+
+
+def _too_many(retry: str, limit: str, message: str, ex):
+    ex.response_headers.append(("Retry-After", retry))
+    ex.response_headers.append(("X-RateLimit-Limit", limit))
+    ex.response_headers.append(("X-RateLimit-Remaining", "0"))
+    return error_response(429, message)
+
+
+class RateLimitFilter:
+    """The gateway's rate-limit filter; `check` goes into GatewayApp.filters after auth.
+
+    Limits are compiled per route object: a config change makes a new route
+    (the table is rebuilt), which is noticed on its next request; bucket state
+    is kept for the limits whose spec did not change.
+    """
+
+    def __init__(self, redis_url: str | None = None, max_keys: int = DEFAULT_MAX_KEYS,
+                 redis=None):
+        self.max_keys = max_keys
+        self.redis = redis
+        if self.redis is None and redis_url:
+            self.redis = GlobalLimiter(redis_url)
+        self._routes: dict[str, Compiled] = {}
+        self._limits: dict[str, dict[LimitSpec, Limit]] = {}
+        self._no_redis_logged = False
+        self._bad_logged: set = set()
+
+    @classmethod
+    def for_store(cls, store, **kwargs) -> "RateLimitFilter":
+        """The filter for a gateway on `store`: global limits use its Redis, if it is one."""
+        from ..registry import is_redis_url
+        url = getattr(store, "url", None)
+        max_keys = int(os.environ.get("INFERGATE_RATELIMIT_MAX_KEYS", DEFAULT_MAX_KEYS))
+        return cls(url if is_redis_url(url) else None, max_keys=max_keys, **kwargs)
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.close()
+
+    # --- compiling ----------------------------------------------------------------------
+    def _compile(self, route) -> Compiled:
+        name = route.name
+        try:
+            specs = parse_rate_limits(route.rate_limits)
+        except ValueError as exc:
+            # Saved configs are validated; a bad one written behind the control plane's back
+            # keeps the entries that are valid rather than dropping every limit.
+            specs = []
+            for i, entry in enumerate(route.rate_limits if isinstance(route.rate_limits, list)
+                                      else []):
+                try:
+                    specs.append(_parse_entry(i, entry))
+                except ValueError:
+                    pass
+            if (name, str(exc)) not in self._bad_logged:
+                self._bad_logged.add((name, str(exc)))
+                log.error("service %s: invalid rate_limits, ignoring the bad entries: %s",
+                          name, exc)
+        old = self._limits.get(name, {})
+        limits: dict[LimitSpec, Limit] = {}
+        local, remote = [], []
+        prefix = self.redis.prefix if self.redis is not None else None
+        for spec in specs:
+            if spec in limits:
+                continue
+            lim = old.get(spec) or Limit(name, spec, self.max_keys, prefix)
+            limits[spec] = lim
+            if spec.scope == "global" and self.redis is not None:
+                remote.append(lim)
+            else:
+                if spec.scope == "global" and not self._no_redis_logged:
+                    self._no_redis_logged = True
+                    log.warning("service %s has a global rate limit but this gateway has no "
+                                "Redis (--registry redis://...): global limits act as local "
+                                "ones, per gateway process", name)
+                local.append(lim)
+        self._limits[name] = limits
+        compiled = Compiled(route, local, remote)
+        self._routes[name] = compiled
+        return compiled
+
+    # --- deciding -----------------------------------------------------------------------
+    def check(self, ex):
+        """None (pass on), a Response (429/503) or an awaitable of either (global limits)."""
+        route = ex.route
+        if not route.rate_limits:
+            return None
+        c = self._routes.get(route.name)
+        if c is None or c.route is not route:
+            c = self._compile(route)
+        best = None          # (remaining, limit) of the tightest limit so far
+        taken = []
+        for lim in c.local:
+            key = lim.key_of(ex)
+            left = lim.buckets.take(key)
+            if left < 0:
+                for other, k in taken:
+                    other.buckets.refund(k)
+                return _too_many(*lim.refuse(key, -left), ex)
+            taken.append((lim, key))
+            if best is None or left < best[0]:
+                best = (left, lim)
+        if c.remote:
+            if self.redis.available():
+                return self._remote(ex, c, taken, best)
+            return self._redis_down(ex, c, taken, best)
+        if best is not None:
+            ex.response_headers.append(("X-RateLimit-Limit", best[1].limit_text))
+            ex.response_headers.append(("X-RateLimit-Remaining", str(int(best[0]))))
+        return None
+
+    async def _remote(self, ex, c: Compiled, taken, best):
+        keys = [lim.key_of(ex) for lim in c.remote]
+        try:
+            reply = await self.redis.decide([lim.redis_key(k) for lim, k in zip(c.remote, keys)],
+                                            [lim.redis_args for lim in c.remote])
+        except RedisUnavailable:
+            return self._redis_down(ex, c, taken, best)
+        if reply[0] != 1:
+            for other, k in taken:
+                other.buckets.refund(k)
+            index = reply[1] - 1
+            return _too_many(*c.remote[index].refuse(keys[index], reply[2] / 1e6), ex)
+        for lim, left in zip(c.remote, reply[1:]):
+            if best is None or left < best[0]:
+                best = (left, lim)
+        ex.response_headers.append(("X-RateLimit-Limit", best[1].limit_text))
+        ex.response_headers.append(("X-RateLimit-Remaining", str(int(best[0]))))
+        return None
+
+    def _redis_down(self, ex, c: Compiled, taken, best):
+        if c.closed:
+            for other, k in taken:
+                other.buckets.refund(k)
+            return error_response(
+                503, f"rate limits of service {ex.service!r} cannot be checked: their Redis "
+                     f"({self.redis.where}) is unreachable and the limit is set to fail closed "
+                     f"(on_redis_error: closed)", [("Retry-After", "1")])
+        # Fail open: each gateway applies the limits with its own buckets until Redis is back.
+        for lim in c.remote:
+            key = lim.key_of(ex)
+            left = lim.buckets.take(key)
+            if left < 0:
+                for other, k in taken:
+                    other.buckets.refund(k)
+                return _too_many(*lim.refuse(key, -left), ex)
+            taken.append((lim, key))
+            if best is None or left < best[0]:
+                best = (left, lim)
+        ex.response_headers.append(("X-RateLimit-Limit", best[1].limit_text))
+        ex.response_headers.append(("X-RateLimit-Remaining", str(int(best[0]))))
+        return None
