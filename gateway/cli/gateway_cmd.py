@@ -42,7 +42,7 @@ def run(args) -> int:
         app = GatewayApp(open_store(location), args.admin_token, args.max_body_mb << 20,
                          args.health_interval)
         attach_control_plane(app, location, f"http://{args.host}:{args.port}")
-        await app.listen(args.host, args.port, reuse_port=args.processes > 1)
+        app.bind(args.host, args.port, reuse_port=args.processes > 1)
         return app
 
     run_app(make_app, args.processes)

@@ -43,6 +43,8 @@ class GatewayApp:
                         version_filter]
         self.admin = None  # the control plane mounts its handler here (/admin/...)
         self._rebuild_pending = False
+        self._address = None
+        self.port = None
         self.ready = False
 
     # --- state -------------------------------------------------------------------------
@@ -54,8 +56,8 @@ class GatewayApp:
                 metrics.instance_up(name, f"{pool.ip}:{pool.port}", pool.healthy)
 
     def _changed(self, kind: str, name: str) -> None:
-        # Coalesce bursts of notifications into one rebuild.
-        if not self._rebuild_pending:
+        # Coalesce bursts of notifications into one rebuild; none once stopping.
+        if not self._rebuild_pending and self.ready:
             self._rebuild_pending = True
             asyncio.get_running_loop().call_soon(self._spawn_rebuild)
 
@@ -74,13 +76,16 @@ class GatewayApp:
             if pool in backend.pools:
                 metrics.instance_up(name, f"{pool.ip}:{pool.port}", pool.healthy)
 
-    async def listen(self, host: str, port: int, reuse_port: bool = False) -> int:
-        return await self.server.listen(host, port, reuse_port)
+    def bind(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Where start() listens: only once the route table is loaded."""
+        self._address = (host, port, reuse_port)
 
     async def start(self) -> None:
         await self.store.start()
         self.store.subscribe(self._changed)
         await self.reload()
+        if self._address is not None:
+            self.port = await self.server.listen(*self._address)
         self.health.start()
         if self.admin is not None:
             await self.admin.start()
@@ -115,27 +120,33 @@ class GatewayApp:
             return self.admin.handle(request)
         return error_response(404, f"no route for {path}")
 
-    async def predict(self, request: Request) -> Response:
+    def predict(self, request: Request):
+        """Run the filter chain; answer now, or hand back the forwarder's Future."""
         started = time.perf_counter()
         service, _, subpath = request.path[len(PREDICT):].partition("/")
-        ex = Exchange(request, service, "/" + subpath if subpath else "")
-        response = None
-        for step in self.filters:
+        ex = Exchange(request, service, "/" + subpath if subpath else "", started)
+        for position, step in enumerate(self.filters):
             response = step(ex)
             if response is not None:
-                if not isinstance(response, Response):
-                    response = await response  # an async filter (global rate limits)
-                    if response is None:
-                        continue
-                break
-        else:
-            response = await forward(ex)
-        response.headers = _with_request_id(response.headers, ex)
-        metrics.observe(service if ex.route is not None else "_unknown",
-                        ex.backend.name if ex.backend is not None else "",
-                        response.status, time.perf_counter() - started, len(request.body),
-                        len(response.body))
-        return response
+                if isinstance(response, Response):
+                    return finish_exchange(ex, response)
+                return self._predict_async(ex, response, position)
+        return forward(ex, finish_exchange)
+
+    async def _predict_async(self, ex: Exchange, pending, position: int):
+        """The rest of the chain after a filter that had to wait (global rate limits)."""
+        response = await pending
+        if response is None:
+            for step in self.filters[position + 1:]:
+                response = step(ex)
+                if response is not None and not isinstance(response, Response):
+                    response = await response
+                if response is not None:
+                    break
+        if response is not None:
+            return finish_exchange(ex, response)
+        result = forward(ex, finish_exchange)
+        return result if isinstance(result, Response) else await result
 
     def discovery(self, service: str) -> Response:
         backend = self.table.backends.get(service)
@@ -147,13 +158,20 @@ class GatewayApp:
         return json_response({"correlative": [service], "endpoints": {"items": items}})
 
 
-def _with_request_id(headers, ex: Exchange):
+def finish_exchange(ex: Exchange, response: Response) -> Response:
+    """Last touch on every answer: the request id (and filters' headers), and metrics."""
     line = f"X-Request-Id: {ex.request_id}\r\n"
     for name, value in ex.response_headers:
         line += f"{name}: {value}\r\n"
     line = line.encode("latin-1")
+    headers = response.headers
     if headers is None:
-        return line
-    if isinstance(headers, bytes):
-        return headers + line
-    return b"".join(f"{n}: {v}\r\n".encode("latin-1") for n, v in headers) + line
+        response.headers = line
+    elif isinstance(headers, bytes):
+        response.headers = headers + line
+    else:
+        response.headers = b"".join(f"{n}: {v}\r\n".encode("latin-1") for n, v in headers) + line
+    metrics.observe(ex.service if ex.route is not None else "_unknown",
+                    ex.backend.name if ex.backend is not None else "", response.status,
+                    time.perf_counter() - ex.started, len(ex.request.body), len(response.body))
+    return response
