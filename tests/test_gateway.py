@@ -215,3 +215,58 @@ def test_metrics_expose_what_eas_shows(procs, tmp_path):
     assert 'infergate_request_bytes_total{service="echo",version="echo"} 35.0' in text
     assert "infergate_request_seconds_bucket" in text
     assert f'infergate_instance_up{{instance="127.0.0.1:{w.port}",service="echo"}} 1.0' in text
+
+
+def test_weight_zero_drains(procs, tmp_path):
+    a, b = start_echo_worker(procs), start_echo_worker(procs)
+    seed_services(str(tmp_path), [{"name": "echo", "config": {
+        "name": "echo", "endpoints": endpoints(a, b, weights=[100, 0])}}])
+    gw = start_gateway(procs, str(tmp_path))
+    bodies = {post(gw.url + "/api/predict/echo", b"x")[1] for _ in range(20)}
+    assert bodies == {f"{a.port}:x".encode()}
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+    conn.request("GET", "/exported/apis/eas.alibaba-inc.k8s.io/v1/upstreams/echo")
+    import json
+    listed = json.loads(conn.getresponse().read())
+    assert listed == {"correlative": ["echo"], "endpoints": {"items": [
+        {"app": "echo", "ip": "127.0.0.1", "port": a.port, "weight": 100}]}}
+
+
+def test_client_disconnect_cancels_the_upstream_request(procs, tmp_path):
+    """The gateway closes its upstream connection when the client goes away mid-request."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    slow_port = listener.getsockname()[1]
+    seed_services(str(tmp_path), [{"name": "slow", "config": {
+        "name": "slow", "endpoints": [{"ip": "127.0.0.1", "port": slow_port}]}}])
+    gw = start_gateway(procs, str(tmp_path), "--health-interval", "60")
+    client = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    client.sendall(b"POST /api/predict/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+    listener.settimeout(5)
+    upstream, _ = listener.accept()
+    upstream.settimeout(5)
+    assert upstream.recv(65536).startswith(b"POST /api/predict/slow HTTP/1.1\r\n")
+    client.close()  # the client gives up before the upstream answers
+    assert upstream.recv(65536) == b""  # EOF: the gateway dropped the upstream request
+    upstream.close()
+    listener.close()
+
+
+def test_several_processes_share_one_port(procs, tmp_path):
+    w = start_echo_worker(procs)
+    seed_services(str(tmp_path), [{"name": "echo", "config": {"name": "echo",
+                                                              "endpoints": endpoints(w)}}])
+    gw = start_gateway(procs, str(tmp_path), "--processes", "2")
+    for _ in range(40):  # fresh connections: the kernel spreads them over both processes
+        assert post(gw.url + "/api/predict/echo", b"x")[0] == 200
+    import os
+    import subprocess
+    children = subprocess.run(["pgrep", "-P", str(gw.proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+    assert len(children) == 2
+    gw.kill(signal.SIGTERM)
+    assert gw.proc.wait(15) == 0
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in children)
