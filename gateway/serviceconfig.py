@@ -113,6 +113,13 @@ def validate_service(config: dict) -> dict:
     if not isinstance(metadata, dict):
         raise ConfigError("metadata must be an object")
     rpc_settings(metadata)
+    if "rate_limits" in metadata:
+        from .ratelimit import validate_rate_limits
+
+        try:
+            validate_rate_limits(metadata["rate_limits"])
+        except ValueError as exc:
+            raise ConfigError(f"metadata.{exc}") from None
     for key in ("instance", "cpu", "gpu", "memory", "workers"):
         if key in metadata:
             _coerce(key, metadata[key], int, 0)

@@ -180,6 +180,8 @@ def test_admin_api_needs_the_admin_token(gw):
     ({"name": "bad", "model_path": str(DIGITS_MODEL), "processor": "tensorflux"}, "processor"),
     ({"name": "bad", "endpoints": [{"ip": "127.0.0.1"}]}, "endpoints[0].port"),
     ({"name": "bad", "generate_token": "maybe"}, "generate_token"),
+    ({"name": "bad", "endpoints": [{"ip": "127.0.0.1", "port": 1}],
+      "metadata": {"rate_limits": [{"key": "ip", "rate": 0}]}}, "metadata.rate_limits[0]"),
 ])
 def test_bad_service_json_is_one_line_and_creates_nothing(gw, tmp_path, config, field):
     res = cli(gw.url, "create", write_json(tmp_path / "service.json", config))

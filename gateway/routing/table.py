@@ -48,7 +48,7 @@ class Route:
         self.name = record.name
         self.record = record
         self.token = record.token or ""
-        self.rate_limits = record.config.get("metadata", {}).get("rate_limits") or []
+        self.rate_limits = (record.config.get("metadata") or {}).get("rate_limits") or []
         shares = record.traffic or {record.name: 100}
         self.traffic = [(backends_by_name[t], int(w)) for t, w in shares.items()
                         if t in backends_by_name and int(w) > 0]
