@@ -1,0 +1,292 @@
+# cython: language_level=3
+"""The per-connection half of the HTTP/1.1 server, compiled.
+
+httptools parses; this class collects each request (url, headers, body),
+queues pipelined requests so they are answered in order, and writes the
+responses. Handlers return a Response, an asyncio Future (written when it
+resolves: no task per request) or a coroutine (run as a task).
+"""
+import asyncio
+import logging
+from http import HTTPStatus
+
+import httptools
+import orjson
+
+cdef object log = logging.getLogger("infergate.http")
+cdef object _Future = asyncio.Future
+cdef object _HttpParserError = httptools.HttpParserError
+cdef object _HttpParserUpgrade = httptools.HttpParserUpgrade
+
+# EAS's 450 is not in http.HTTPStatus.
+cdef dict _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("latin-1")
+                           for s in HTTPStatus}
+_STATUS_LINES[450] = b"HTTP/1.1 450 Queue Full\r\n"
+cdef bytes _CONTENT_TYPE = b"Content-Type: "
+cdef bytes _CONTENT_LENGTH = b"\r\nContent-Length: "
+cdef bytes _CLOSE = b"Connection: close\r\n"
+cdef bytes _CRLF = b"\r\n"
+cdef Py_ssize_t _ONE_WRITE = 65536
+
+
+cpdef bytes status_line(int status):
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        return f"HTTP/1.1 {status} Unknown\r\n".encode("latin-1")
+    return line
+
+
+cdef class Request:
+    """One parsed request. Header names are lower-cased str, values str."""
+
+    cdef public str method, path, query, version
+    cdef public dict headers
+    cdef public list raw_headers  # (bytes name, bytes value) as received
+    cdef public bytes body
+    cdef public object peer
+    cdef public bint keep_alive
+
+    def __init__(self, method, path, query, headers, raw_headers, body, peer, keep_alive,
+                 version):
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.raw_headers = raw_headers
+        self.body = body
+        self.peer = peer
+        self.keep_alive = keep_alive
+        self.version = version
+
+
+cdef class Response:
+    cdef public int status
+    cdef public bytes body
+    cdef public object headers  # [(str, str)], b"Name: value\r\n" lines, or None
+    cdef public str content_type
+
+    def __init__(self, int status=200, bytes body=b"", headers=None,
+                 str content_type="application/octet-stream"):
+        self.status = status
+        self.body = body
+        self.headers = headers
+        self.content_type = content_type
+
+    cpdef bytes head(self, bint keep_alive):
+        cdef list parts = [status_line(self.status), _CONTENT_TYPE,
+                           self.content_type.encode("latin-1"), _CONTENT_LENGTH,
+                           str(len(self.body)).encode(), _CRLF]
+        headers = self.headers
+        if headers:
+            if isinstance(headers, bytes):  # already "Name: value\r\n" lines (proxied)
+                parts.append(headers)
+            else:
+                for name, value in headers:
+                    parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+        if not keep_alive:
+            parts.append(_CLOSE)
+        parts.append(_CRLF)
+        return b"".join(parts)
+
+
+cpdef Response json_response(obj, int status=200, headers=None):
+    return Response(status, orjson.dumps(obj), headers, "application/json")
+
+
+cpdef Response error_response(int status, str message, headers=None):
+    """Every error answers {"code": ..., "message": ...}."""
+    return json_response({"code": status, "message": message}, status, headers)
+
+
+cdef class HttpConnection:
+    """An asyncio protocol for one client connection of an HttpServer."""
+
+    cdef object server, transport, parser, peer, worker, pending
+    cdef bytes url
+    cdef dict headers
+    cdef list raw_headers, body
+    cdef Py_ssize_t body_size, max_body_size
+    cdef bint closing, too_large
+
+    def __init__(self, server):
+        self.server = server
+        self.max_body_size = server.max_body_size
+        self.transport = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending = __import__("collections").deque()
+        self.worker = None
+        self.closing = False
+        self._reset_message()
+
+    cdef void _reset_message(self):
+        self.url = b""
+        self.headers = {}
+        self.raw_headers = []
+        self.body = []
+        self.body_size = 0
+        self.too_large = False
+
+    # asyncio protocol
+    def connection_made(self, transport):
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc):
+        self.closing = True
+        self.server.connections.discard(self)
+        if self.worker is not None and not self.worker.done():
+            # The client went away: cancel its work (the gateway drops the upstream call).
+            self.worker.cancel()
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
+
+    def eof_received(self):
+        return None
+
+    def data_received(self, data):
+        try:
+            self.parser.feed_data(data)
+        except _HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except _HttpParserError as exc:
+            self._fail(400, f"malformed HTTP request: {exc}")
+
+    # httptools callbacks
+    def on_message_begin(self):
+        self._reset_message()
+
+    def on_url(self, bytes url):
+        self.url += url
+
+    def on_header(self, bytes name, bytes value):
+        cdef str key = name.decode("latin-1").lower()
+        cdef str val = value.decode("latin-1")
+        self.raw_headers.append((name, value))
+        if key == "content-length":
+            try:
+                if int(val) > self.max_body_size:
+                    self.too_large = True
+            except ValueError:
+                pass
+        self.headers[key] = val
+
+    def on_body(self, bytes body):
+        if self.too_large:
+            return
+        self.body_size += len(body)
+        if self.body_size > self.max_body_size:
+            self.too_large = True
+            self.body = []
+            return
+        self.body.append(body)
+
+    def on_message_complete(self):
+        parser = self.parser
+        cdef bint keep_alive = parser.should_keep_alive() and not self.server.draining
+        if self.too_large:
+            self._enqueue(None, error_response(
+                413, f"request body is larger than the limit of {self.max_body_size} bytes"),
+                False)
+            return
+        cdef str url = self.url.decode("latin-1")
+        path, _, query = url.partition("?")
+        cdef bytes body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        request = Request(parser.get_method().decode("latin-1"), path, query, self.headers,
+                          self.raw_headers, body, self.peer, keep_alive,
+                          parser.get_http_version())
+        self._enqueue(request, None, keep_alive)
+
+    cdef void _fail(self, int status, str message):
+        # A parse error leaves the stream out of sync: answer and close.
+        self._enqueue(None, error_response(status, message), False)
+        self.parser = httptools.HttpRequestParser(self)
+
+    cdef void _enqueue(self, request, ready_response, bint keep_alive):
+        self.pending.append((request, ready_response, keep_alive))
+        if self.worker is None:
+            self._serve_next()
+
+    cdef void _serve_next(self):
+        """Answer queued requests in order; park on the first one that is not ready."""
+        server = self.server
+        while self.pending and not self.closing:
+            request, response, keep_alive = self.pending.popleft()
+            if response is None:
+                server.inflight += 1
+                try:
+                    response = server.handler(request)
+                except Exception:
+                    log.exception("handler failed on %s %s", request.method, request.path)
+                    response = error_response(500, "internal error")
+                if not isinstance(response, Response):
+                    if not isinstance(response, _Future):
+                        response = asyncio.get_running_loop().create_task(response)
+                    self.worker = response
+                    response.add_done_callback(_Parked(self, request, keep_alive))
+                    return
+                server.inflight -= 1
+            if not self._write(response, keep_alive):
+                return
+        if self.server.draining and not self.pending and not self.closing:
+            self.closing = True
+            self.transport.close()
+
+    cdef void _parked_done(self, done, request, bint keep_alive):
+        self.worker = None
+        self.server.inflight -= 1
+        if done.cancelled():  # the client went away
+            return
+        exc = done.exception()
+        if exc is not None:
+            log.error("handler failed on %s %s", request.method, request.path, exc_info=exc)
+            response = error_response(500, "internal error")
+        else:
+            response = done.result()
+        if self._write(response, keep_alive):
+            self._serve_next()
+
+    cdef bint _write(self, Response response, bint keep_alive):
+        """Send one response; False when the connection is done with."""
+        if self.closing:
+            return False
+        cdef bytes head = response.head(keep_alive)
+        cdef bytes body = response.body
+        if len(body) < _ONE_WRITE:  # one write, one syscall
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+            self.transport.write(body)
+        if not keep_alive:
+            self.closing = True
+            self.transport.close()
+            return False
+        return True
+
+    def close_if_idle(self):
+        if self.worker is None and not self.pending and not self.closing:
+            self.closing = True
+            self.transport.close()
+
+    def abort(self):
+        self.transport.abort()
+
+
+cdef class _Parked:
+    """Done-callback of a parked request: writes its answer, then serves the next."""
+
+    cdef HttpConnection conn
+    cdef object request
+    cdef bint keep_alive
+
+    def __init__(self, HttpConnection conn, request, bint keep_alive):
+        self.conn = conn
+        self.request = request
+        self.keep_alive = keep_alive
+
+    def __call__(self, done):
+        self.conn._parked_done(done, self.request, self.keep_alive)
