@@ -98,7 +98,15 @@ class AdminApi:
 
     # ---- dispatch ---------------------------------------------------------------
     def handle(self, request: Request):
-        return self._handle(request)
+        return self._handle_and_apply(request)
+
+    async def _handle_and_apply(self, request: Request) -> Response:
+        response = await self._handle(request)
+        if request.method != "GET" and response.status < 400:
+            # Acknowledge a change only once this gateway routes by it: the next
+            # request through it sees the new traffic, rules or release.
+            await self.app.reload()
+        return response
 
     async def _handle(self, request: Request) -> Response:
         parts = [unquote(p) for p in request.path[len(PREFIX):].split("/")]

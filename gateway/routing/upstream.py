@@ -10,73 +10,8 @@ from __future__ import annotations
 import asyncio
 import collections
 
-import httptools
-
-
-class UpstreamError(Exception):
-    """Connect failure or a connection lost before a full response: retry elsewhere."""
-
-
-class UpstreamResponse:
-    __slots__ = ("status", "headers", "body", "keep_alive")
-
-    def __init__(self, status, headers, body, keep_alive):
-        self.status = status
-        self.headers = headers  # list of (bytes name, bytes value)
-        self.body = body
-        self.keep_alive = keep_alive
-
-
-class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("transport", "parser", "on_done", "headers", "body", "closed")
-
-    def __init__(self):
-        self.transport = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.on_done = None  # callback(conn, response, error) of the exchange in flight
-        self.closed = False
-        self.headers = []
-        self.body = []
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def connection_lost(self, exc):
-        self.closed = True
-        self._fail(UpstreamError(f"connection lost: {exc or 'closed by peer'}"))
-
-    def _fail(self, error):
-        on_done, self.on_done = self.on_done, None
-        if on_done is not None:
-            on_done(self, None, error)
-
-    def data_received(self, data):
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"malformed upstream response: {exc}"))
-            self.transport.close()
-
-    def on_message_begin(self):
-        self.headers = []
-        self.body = []
-
-    def on_header(self, name, value):
-        self.headers.append((name, value))
-
-    def on_body(self, body):
-        self.body.append(body)
-
-    def on_message_complete(self):
-        on_done, self.on_done = self.on_done, None
-        if on_done is not None:
-            body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-            on_done(self, UpstreamResponse(self.parser.get_status_code(), self.headers, body,
-                                           self.parser.should_keep_alive()), None)
-
-    def send(self, data: bytes, on_done) -> None:
-        self.on_done = on_done
-        self.transport.write(data)
+# The connection itself is compiled (csrc/upstream.pyx).
+from .._native.upstream import UpstreamConnection, UpstreamError, UpstreamResponse
 
 
 class InstancePool:
