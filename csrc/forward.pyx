@@ -18,7 +18,7 @@ cdef int MAX_TRIES = 3
 cdef class Forwarding:
     cdef object ex, backend, picker, head, future, timer, conn, pool, loop, on_finish
     cdef object failed_answer, failed_transport  # an instance's own 5xx beats a connect error
-    cdef unsigned long long tried
+    cdef tuple tried  # indexes already tried: a retry never repeats one
     cdef int tries_left, index
 
     def __init__(self, ex, loop, on_finish):
@@ -29,7 +29,7 @@ cdef class Forwarding:
         self.loop = loop
         self.future = loop.create_future()
         self.future.add_done_callback(self._future_done)
-        self.tried = 0
+        self.tried = ()
         self.tries_left = min(MAX_TRIES, len(backend.pools))
         self.index = -1
         self.conn = None
@@ -59,7 +59,7 @@ cdef class Forwarding:
                 503, f"service {self.backend.name!r} has no healthy instance"))
             return
         self.tries_left -= 1
-        self.tried |= (<unsigned long long>1) << index
+        self.tried += (index,)
         self.index = index
         pool = self.pool = self.backend.pools[index]
         conn = pool.take_idle()
@@ -97,7 +97,8 @@ cdef class Forwarding:
         content_type, passthrough = response_headers(upstream.headers)
         response = Response(status, upstream.body, passthrough, content_type)
         if status >= 500 or status == 450:
-            self.picker.report_failure(self.index)
+            if status != 450:  # a full queue is momentary: retry elsewhere, no penalty
+                self.picker.report_failure(self.index)
             metrics.retried(self.ex.service, str(status))
             self.failed_answer = response
             self._attempt()

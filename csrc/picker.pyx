@@ -3,9 +3,11 @@
 
 Each pick adds every peer's effective weight to its current weight, takes the
 peer with the largest current weight and subtracts the total from it. Peers
-with weight 0 (draining) or marked down are skipped. Failures halve a peer's
-effective weight; successes restore it step by step, so a flaky instance gets
-less traffic without being removed outright.
+with weight 0 (draining) or marked down are skipped. A failure lowers a peer's
+effective weight by a quarter of its weight; every pick gives it 1 back, as
+nginx does, so a flaky instance gets less traffic for a while and always
+comes back (a peer at effective weight 0 could otherwise never be picked to
+prove itself again).
 """
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
@@ -45,46 +47,60 @@ cdef class SmoothWeightedPicker:
     def __dealloc__(self):
         free(self.peers)
 
-    cdef int _pick(self, unsigned long long exclude_mask) noexcept:
-        cdef int i, best = -1
+    cdef int _pick(self, const int* excluded, int n_excluded) noexcept:
+        cdef int i, j, best = -1
         cdef long total = 0
         cdef Peer* p
+        cdef bint skip
         for i in range(self.size):
             p = &self.peers[i]
-            if p.weight == 0 or p.down or (i < 64 and (exclude_mask >> i) & 1):
+            if p.weight == 0 or p.down:
+                continue
+            skip = False
+            for j in range(n_excluded):
+                if excluded[j] == i:
+                    skip = True
+                    break
+            if skip:
                 continue
             p.current += p.effective
             total += p.effective
+            if p.effective < p.weight:
+                p.effective += 1
             if best < 0 or p.current > self.peers[best].current:
                 best = i
         if best >= 0:
             self.peers[best].current -= total
         return best
 
-    cpdef int pick_index(self, unsigned long long exclude_mask=0):
+    cpdef int pick_index(self, tuple tried=()):
         """Index of the next peer, or -1 when none can take traffic.
 
-        exclude_mask has bit i set for peers this request already tried.
+        `tried`: indexes this request already tried (a retry never repeats one).
         """
-        return self._pick(exclude_mask)
+        cdef int excluded[8]
+        cdef int n = 0
+        for index in tried:
+            if n == 8:
+                break
+            excluded[n] = index
+            n += 1
+        return self._pick(excluded, n)
 
-    def pick(self, unsigned long long exclude_mask=0):
-        cdef int i = self._pick(exclude_mask)
+    def pick(self, tuple tried=()):
+        cdef int i = self.pick_index(tried)
         return None if i < 0 else self.items[i]
 
     cpdef void report_failure(self, int index):
-        if 0 <= index < self.size:
-            self.peers[index].effective = self.peers[index].effective // 2
-
-    cpdef void report_success(self, int index):
         cdef Peer* p
         if 0 <= index < self.size:
             p = &self.peers[index]
-            if p.effective < p.weight:
-                # Recover by a tenth of the weight (at least 1) per success.
-                p.effective += max(1, p.weight // 10)
-                if p.effective > p.weight:
-                    p.effective = p.weight
+            p.effective -= max(1, p.weight // 4)
+            if p.effective < 0:
+                p.effective = 0
+
+    cpdef void report_success(self, int index):
+        """Nothing to do: every pick already restores effective weight step by step."""
 
     cpdef void set_down(self, int index, bint down):
         if 0 <= index < self.size:

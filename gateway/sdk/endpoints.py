@@ -429,28 +429,13 @@ class InstanceTable:
             self._restore()
         snap = self.snapshot
         if not tried:
-            i = snap.picker.pick_index(0)
+            i = snap.picker.pick_index()
             if i >= 0:
                 return snap.instances[i]
             return self._fallback(snap, ())
-        mask = 0
-        over = False
         by_key = snap.by_key
-        for key in tried:
-            inst = by_key.get(key)
-            if inst is not None:
-                if inst.index < 64:
-                    mask |= 1 << inst.index
-                else:
-                    over = True
-        i = snap.picker.pick_index(mask)
-        if over:  # more than 64 instances: skip tried ones the mask cannot hold
-            for _ in range(len(snap.instances)):
-                if i < 0 or snap.instances[i].key not in tried:
-                    break
-                i = snap.picker.pick_index(mask)
-            if i >= 0 and snap.instances[i].key in tried:
-                i = -1
+        indexes = tuple(by_key[key].index for key in tried if key in by_key)
+        i = snap.picker.pick_index(indexes)
         if i >= 0:
             return snap.instances[i]
         return self._fallback(snap, tried)
@@ -464,7 +449,7 @@ class InstanceTable:
         untried = [inst for inst in live if inst.key not in tried]
         if untried:
             return min(untried, key=lambda inst: self.down.get(inst.key, 0.0))
-        i = snap.picker.pick_index(0)
+        i = snap.picker.pick_index()
         if i >= 0:
             return snap.instances[i]
         return min(live, key=lambda inst: self.down.get(inst.key, 0.0))
