@@ -98,15 +98,21 @@ cpdef Response error_response(int status, str message, headers=None):
     return json_response({"code": status, "message": message}, status, headers)
 
 
+cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Pipelined requests queued beyond this pause reading until the queue drains.
+cdef Py_ssize_t _MAX_PENDING = 32
+
+
 cdef class HttpConnection:
     """An asyncio protocol for one client connection of an HttpServer."""
 
-    cdef object server, transport, parser, peer, worker, pending
+    cdef object server, transport, parser, peer, worker, pending, loop
     cdef bytes url
     cdef dict headers
     cdef list raw_headers, body
     cdef Py_ssize_t body_size, max_body_size
-    cdef bint closing, too_large
+    cdef bint closing, too_large, in_message, answered, reading_paused, writing_paused
+    cdef public double last_activity
 
     def __init__(self, server):
         self.server = server
@@ -116,6 +122,9 @@ cdef class HttpConnection:
         self.pending = __import__("collections").deque()
         self.worker = None
         self.closing = False
+        self.in_message = False
+        self.reading_paused = False
+        self.writing_paused = False
         self._reset_message()
 
     cdef void _reset_message(self):
@@ -125,10 +134,13 @@ cdef class HttpConnection:
         self.body = []
         self.body_size = 0
         self.too_large = False
+        self.answered = False  # refused before its body arrived (413, upgrade)
 
     # asyncio protocol
     def connection_made(self, transport):
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.last_activity = self.loop.time()
         self.peer = transport.get_extra_info("peername")
         self.server.connections.add(self)
 
@@ -140,25 +152,51 @@ cdef class HttpConnection:
             self.worker.cancel()
 
     def pause_writing(self):
-        pass
+        # The client does not read its answers: stop reading its requests meanwhile.
+        self.writing_paused = True
+        self._pause_reading()
 
     def resume_writing(self):
-        pass
+        self.writing_paused = False
+        self._maybe_resume_reading()
+
+    cdef void _pause_reading(self):
+        if not self.reading_paused and not self.closing:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    cdef void _maybe_resume_reading(self):
+        if (self.reading_paused and not self.writing_paused and not self.closing
+                and len(self.pending) < _MAX_PENDING // 2):
+            self.reading_paused = False
+            self.transport.resume_reading()
 
     def eof_received(self):
         return None
 
     def data_received(self, data):
+        self.last_activity = self.loop.time()
         try:
             self.parser.feed_data(data)
         except _HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
+            if not self.answered:
+                self._fail(400, "protocol upgrades are not supported")
         except _HttpParserError as exc:
             self._fail(400, f"malformed HTTP request: {exc}")
 
     # httptools callbacks
     def on_message_begin(self):
         self._reset_message()
+        self.in_message = True
+
+    def on_headers_complete(self):
+        if self.too_large:
+            # Refuse now, before the body arrives, and close: its bytes are not read.
+            self.answered = True
+            self._enqueue(None, self._too_large(), False)
+        elif self.headers.get("expect", "").lower() == "100-continue" and \
+                self.worker is None and not self.pending and not self.closing:
+            self.transport.write(_CONTINUE)
 
     def on_url(self, bytes url):
         self.url += url
@@ -186,13 +224,20 @@ cdef class HttpConnection:
         self.body.append(body)
 
     def on_message_complete(self):
-        parser = self.parser
-        cdef bint keep_alive = parser.should_keep_alive() and not self.server.draining
-        if self.too_large:
-            self._enqueue(None, error_response(
-                413, f"request body is larger than the limit of {self.max_body_size} bytes"),
-                False)
+        self.in_message = False
+        if self.answered:
             return
+        if self.too_large:  # a chunked body that outgrew the limit
+            self._enqueue(None, self._too_large(), False)
+            return
+        parser = self.parser
+        if parser.should_upgrade():
+            # h2c and websockets are not spoken here; answer once and close.
+            self.answered = True
+            self._enqueue(None, error_response(400, "protocol upgrades are not supported"),
+                          False)
+            return
+        cdef bint keep_alive = parser.should_keep_alive() and not self.server.draining
         cdef str url = self.url.decode("latin-1")
         path, _, query = url.partition("?")
         cdef bytes body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
@@ -200,6 +245,10 @@ cdef class HttpConnection:
                           self.raw_headers, body, self.peer, keep_alive,
                           parser.get_http_version())
         self._enqueue(request, None, keep_alive)
+
+    cdef Response _too_large(self):
+        return error_response(
+            413, f"request body is larger than the limit of {self.max_body_size} bytes")
 
     cdef void _fail(self, int status, str message):
         # A parse error leaves the stream out of sync: answer and close.
@@ -210,6 +259,8 @@ cdef class HttpConnection:
         self.pending.append((request, ready_response, keep_alive))
         if self.worker is None:
             self._serve_next()
+        elif len(self.pending) >= _MAX_PENDING:
+            self._pause_reading()
 
     cdef void _serve_next(self):
         """Answer queued requests in order; park on the first one that is not ready."""
@@ -228,11 +279,14 @@ cdef class HttpConnection:
                         response = asyncio.get_running_loop().create_task(response)
                     self.worker = response
                     response.add_done_callback(_Parked(self, request, keep_alive))
+                    self._maybe_resume_reading()
                     return
                 server.inflight -= 1
             if not self._write(response, keep_alive):
                 return
-        if self.server.draining and not self.pending and not self.closing:
+        self._maybe_resume_reading()
+        if self.server.draining and not self.pending and not self.closing and \
+                not self.in_message:
             self.closing = True
             self.transport.close()
 
@@ -254,6 +308,8 @@ cdef class HttpConnection:
         """Send one response; False when the connection is done with."""
         if self.closing:
             return False
+        if self.server.draining and not self.pending and not self.in_message:
+            keep_alive = False  # say so, rather than closing under a client that reuses it
         cdef bytes head = response.head(keep_alive)
         cdef bytes body = response.body
         if len(body) < _ONE_WRITE:  # one write, one syscall
@@ -268,7 +324,21 @@ cdef class HttpConnection:
         return True
 
     def close_if_idle(self):
-        if self.worker is None and not self.pending and not self.closing:
+        """Close a connection with nothing in flight (not even half a request)."""
+        if self.worker is None and not self.pending and not self.closing and not self.in_message:
+            self.closing = True
+            self.transport.close()
+
+    def expire(self, double now, double idle_timeout, double read_timeout):
+        """Close a connection idle too long, or one stuck mid-request (408)."""
+        if self.closing or self.worker is not None or self.pending:
+            return
+        if self.in_message:
+            if now - self.last_activity > read_timeout:
+                self.answered = True
+                self._enqueue(None, error_response(
+                    408, f"the request was not received within {read_timeout:g}s"), False)
+        elif now - self.last_activity > idle_timeout:
             self.closing = True
             self.transport.close()
 

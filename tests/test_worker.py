@@ -189,8 +189,38 @@ def test_body_limit_413(procs):
     port = free_port()
     procs.start(infergate_cmd("worker", "--service", "echo", "--processor", "python", "--model",
                               ECHO, "--port", str(port), "--max-body-mb", "1"), port)
-    status, body, _ = post(f"http://127.0.0.1:{port}/api/predict/echo", b"x" * (1 << 20 + 1))
-    assert status == 413 and "limit" in error_message(body)
+    # Refused from the headers alone, before the client sends the body.
+    big = b"POST /api/predict/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n"
+    answer = _raw_exchange(port, big, 1)[0]
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"limit" in answer
+    # A chunked body has no length up front: refused once it grows past the limit.
+    chunk = b"x" * 65536
+    chunked = (b"POST /api/predict/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + (b"10000\r\n" + chunk + b"\r\n") * 17 + b"0\r\n\r\n")
+    assert _raw_exchange(port, chunked, 1)[0].startswith(b"HTTP/1.1 413 ")
+
+
+def test_expect_100_continue_and_upgrade(procs):
+    import socket
+
+    port = free_port()
+    procs.start(infergate_cmd("worker", "--service", "echo", "--processor", "python", "--model",
+                              ECHO, "--port", str(port)), port, env={"ECHO_PORT": "w"})
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"POST /api/predict/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                  b"Expect: 100-continue\r\n\r\n")
+        assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(b"hi")
+        assert s.recv(1000).endswith(b"w:hi")
+    upgrade = (b"POST /api/predict/echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+               b"Upgrade: h2c\r\nContent-Length: 2\r\n\r\nhi")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(upgrade)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert data.count(b"HTTP/1.1 ") == 1 and data.startswith(b"HTTP/1.1 400 ")
+    assert b"upgrades are not supported" in data
 
 
 def test_keepalive_408_and_full_queue_450(procs):
@@ -287,3 +317,26 @@ def test_bad_command_line_is_one_clear_line(tmp_path):
                                           "--model", "m.onnx"),
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and "processor must be one of" in result.stderr
+
+
+def test_shutdown_finishes_a_half_received_request(procs):
+    import signal
+    import socket
+    import time
+
+    port = free_port()
+    worker = procs.start(infergate_cmd("worker", "--service", "echo", "--processor", "python",
+                                       "--model", ECHO, "--port", str(port)), port,
+                         env={"ECHO_PORT": "w"})
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /api/predict/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        time.sleep(0.3)
+        worker.kill(signal.SIGTERM)  # accepted bytes are a request we owe an answer
+        time.sleep(0.3)
+        s.sendall(b"world")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"w:helloworld")
+    assert b"Connection: close" in data  # said before the server closes it
+    assert worker.proc.wait(10) == 0

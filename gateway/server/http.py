@@ -18,15 +18,23 @@ Handler = Callable[[Request], Union[Response, Awaitable[Response]]]
 
 
 class HttpServer:
-    """Serves `handler` on host:port; `drain()` stops accepting and waits for in-flight work."""
+    """Serves `handler` on host:port; `drain()` stops accepting and waits for in-flight work.
 
-    def __init__(self, handler: Handler, max_body_size: int = 64 << 20):
+    Connections idle for `idle_timeout` seconds are closed; a request not fully
+    received within `read_timeout` seconds is answered 408 and its connection closed.
+    """
+
+    def __init__(self, handler: Handler, max_body_size: int = 64 << 20,
+                 idle_timeout: float = 75.0, read_timeout: float = 30.0):
         self.handler = handler
         self.max_body_size = max_body_size
+        self.idle_timeout = idle_timeout
+        self.read_timeout = read_timeout
         self.connections: set[HttpConnection] = set()
         self.inflight = 0
         self.draining = False
         self._servers: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.Task | None = None
 
     async def listen(self, host: str, port: int, reuse_port: bool = False,
                      sock: socket.socket | None = None) -> int:
@@ -37,7 +45,19 @@ class HttpServer:
             server = await loop.create_server(lambda: HttpConnection(self), host, port,
                                               reuse_port=reuse_port or None, backlog=1024)
         self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
         return server.sockets[0].getsockname()[1]
+
+    async def _sweep(self) -> None:
+        # One timer for all connections instead of one per connection or request.
+        loop = asyncio.get_running_loop()
+        interval = max(0.05, min(self.idle_timeout, self.read_timeout) / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for conn in list(self.connections):
+                conn.expire(now, self.idle_timeout, self.read_timeout)
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Stop accepting, let every accepted request finish, close idle connections."""
@@ -53,3 +73,5 @@ class HttpServer:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
