@@ -25,10 +25,13 @@ cpdef bytes request_head(bytes method, bytes target, list raw_headers, list extr
     """
     cdef list parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     cdef tuple pair
-    cdef bytes name
+    cdef bytes name, lower
+    # The gateway's own values replace the client's (request id, the rule's header).
+    cdef set replaced = {(<bytes>pair[0]).lower() for pair in extra}
     for pair in raw_headers:
         name = pair[0]
-        if name.lower() in _REQUEST_SKIP:
+        lower = name.lower()
+        if lower in _REQUEST_SKIP or lower in replaced:
             continue
         parts.append(name)
         parts.append(b": ")

@@ -33,6 +33,7 @@ cdef class UpstreamConnection:
     cdef public bint closed
     cdef object parser
     cdef list headers, body
+    cdef bint headers_done, framed  # framed: Content-Length or chunked says where it ends
 
     def __init__(self):
         self.transport = None
@@ -41,12 +42,18 @@ cdef class UpstreamConnection:
         self.closed = False
         self.headers = []
         self.body = []
+        self.headers_done = False
+        self.framed = False
 
     def connection_made(self, transport):
         self.transport = transport
 
     def connection_lost(self, exc):
         self.closed = True
+        if self.on_done is not None and self.headers_done and not self.framed and exc is None:
+            # An HTTP/1.0-style answer without a length ends where the connection does.
+            self._deliver(False)
+            return
         self._fail(UpstreamError(f"connection lost: {exc or 'closed by peer'}"))
 
     def pause_writing(self):
@@ -74,20 +81,31 @@ cdef class UpstreamConnection:
     def on_message_begin(self):
         self.headers = []
         self.body = []
+        self.headers_done = False
+        self.framed = False
 
     def on_header(self, bytes name, bytes value):
         self.headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length" or lower == b"transfer-encoding":
+            self.framed = True
+
+    def on_headers_complete(self):
+        self.headers_done = True
 
     def on_body(self, bytes body):
         self.body.append(body)
 
     def on_message_complete(self):
+        self._deliver(self.parser.should_keep_alive())
+
+    cdef void _deliver(self, bint keep_alive):
         on_done = self.on_done
         self.on_done = None
         if on_done is not None:
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
             on_done(self, UpstreamResponse(self.parser.get_status_code(), self.headers, body,
-                                           self.parser.should_keep_alive()), None)
+                                           keep_alive), None)
 
     cpdef void send(self, bytes data, on_done):
         self.on_done = on_done

@@ -36,7 +36,7 @@ def verify(headers: dict, method: str, path: str, body: bytes, token: str, servi
     auth = headers.get("authorization")
     if not auth:
         return f"service {service!r} needs a token: send it in the Authorization header"
-    if hmac.compare_digest(auth.encode(), token.encode()):
+    if hmac.compare_digest(auth.encode("latin-1"), token.encode()):
         return None
     if not auth.startswith("EAS "):
         return "invalid token"
@@ -55,7 +55,7 @@ def verify(headers: dict, method: str, path: str, body: bytes, token: str, servi
     resource = path  # the SDK signs /api/predict/<service>[/<subpath>] as it calls it
     message = f"{method}\n{content_md5}\n{headers.get('content-type', '')}\n{date}\n{resource}".strip()
     expected = base64.b64encode(hmac.new(token.encode(), message.encode(), hashlib.sha1).digest())
-    if not hmac.compare_digest(expected.decode(), auth[4:].strip()):
+    if not hmac.compare_digest(expected, auth[4:].strip().encode("latin-1")):
         return "invalid signature"
     return None
 

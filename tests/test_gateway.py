@@ -273,3 +273,25 @@ def test_several_processes_share_one_port(procs, tmp_path):
     gw.kill(signal.SIGTERM)
     assert gw.proc.wait(15) == 0
     assert all(not os.path.exists(f"/proc/{pid}") for pid in children)
+
+
+def test_instances_without_a_service_record_are_not_routed(procs, tmp_path):
+    """A deleted service must not come back, tokenless, through a worker still heartbeating."""
+    import asyncio
+
+    from gateway.registry import open_store
+    from gateway.registry.records import InstanceRecord
+
+    w = start_echo_worker(procs, "ghost")
+
+    async def register():
+        store = open_store(str(tmp_path))
+        await store.start()
+        await store.register_instance(InstanceRecord(service="ghost", ip="127.0.0.1",
+                                                     port=w.port), ttl=0)
+        await store.close()
+
+    asyncio.run(register())
+    gw = start_gateway(procs, str(tmp_path))
+    status, body, _ = post(gw.url + "/api/predict/ghost", b"x")
+    assert status == 404 and "ghost" in error_message(body)

@@ -209,3 +209,28 @@ def test_release_0_50_100_under_load_loses_no_request(fleet):
     assert share[0] == 0.0
     assert 0.40 <= share[50] <= 0.60
     assert share[100] == 1.0
+
+
+def test_discovery_lists_every_version_by_its_share(fleet):
+    gw, a, b = fleet
+    admin(gw, "PUT", "/admin/services/shop/traffic", {"shop": 80, "shop_v2": 20})
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+    conn.request("GET", "/api/v1/servicediscovery/upstreams/shop")
+    listed = json.loads(conn.getresponse().read())
+    conn.close()
+    assert listed["correlative"] == ["shop"]
+    assert sorted((i["port"], i["weight"]) for i in listed["endpoints"]["items"]) == sorted(
+        [(a.port, 80), (b.port, 20)])
+
+
+def test_servers_without_a_health_route_stay_in(procs, tmp_path, header_echo_server):
+    """Static endpoints (Triton and friends have no /health) are checked by a TCP connect."""
+    import time
+
+    gw = start_gateway(procs, str(tmp_path / "state"))  # health checks every 0.3 s
+    admin(gw, "POST", "/admin/services", {
+        "name": "ext", "upstream_path": "/infer",
+        "endpoints": [{"ip": "127.0.0.1", "port": header_echo_server}]})
+    time.sleep(1.5)
+    for _ in range(5):
+        assert post(gw.url + "/api/predict/ext", b"x")[0] == 200

@@ -1,7 +1,10 @@
 """`infergate gateway`: the data plane, discovery and the admin API."""
 from __future__ import annotations
 
+import ipaddress
 import os
+
+from .errors import CliError
 
 DEFAULT_STATE_DIR = os.path.join(os.path.expanduser("~"), ".infergate")
 
@@ -28,11 +31,23 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def run(args) -> int:
     from ..server.runner import configure_logging, run as run_app
 
+    if not args.admin_token and not _is_loopback(args.host):
+        # The admin API starts processes and registers instances: never open to a network.
+        raise CliError(f"--admin-token (or INFERGATE_ADMIN_TOKEN) is required when serving on "
+                       f"{args.host}, which is not a loopback address")
     configure_logging(args.log_level)
     location = args.registry or args.state_dir or DEFAULT_STATE_DIR
+    host = f"[{args.host}]" if ":" in args.host else args.host
 
     async def make_app():
         from ..control import attach_control_plane
@@ -41,7 +56,7 @@ def run(args) -> int:
 
         app = GatewayApp(open_store(location), args.admin_token, args.max_body_mb << 20,
                          args.health_interval)
-        attach_control_plane(app, location, f"http://{args.host}:{args.port}")
+        attach_control_plane(app, location, f"http://{host}:{args.port}")
         app.bind(args.host, args.port, reuse_port=args.processes > 1)
         return app
 

@@ -46,6 +46,7 @@ class GatewayApp:
         self._address = None
         self.port = None
         self.ready = False
+        self.stopping = False
 
     # --- state -------------------------------------------------------------------------
     async def reload(self) -> None:
@@ -57,7 +58,7 @@ class GatewayApp:
 
     def _changed(self, kind: str, name: str) -> None:
         # Coalesce bursts of notifications into one rebuild; none once stopping.
-        if not self._rebuild_pending and self.ready:
+        if not self._rebuild_pending and not self.stopping:
             self._rebuild_pending = True
             asyncio.get_running_loop().call_soon(self._spawn_rebuild)
 
@@ -93,6 +94,7 @@ class GatewayApp:
 
     async def stop(self) -> None:
         self.ready = False
+        self.stopping = True
         await self.server.drain()
         self.health.stop()
         if self.admin is not None:
@@ -149,12 +151,9 @@ class GatewayApp:
         return result if isinstance(result, Response) else await result
 
     def discovery(self, service: str) -> Response:
-        backend = self.table.backends.get(service)
-        if backend is None:
+        items = self.table.discovery(service)
+        if items is None:
             return error_response(404, f"unknown service {service!r}")
-        weights = backend.picker.weights()
-        items = [{"app": service, "ip": pool.ip, "port": pool.port, "weight": weight}
-                 for pool, weight in zip(backend.pools, weights) if weight > 0 and pool.healthy]
         return json_response({"correlative": [service], "endpoints": {"items": items}})
 
 

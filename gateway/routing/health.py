@@ -1,8 +1,11 @@
-"""Active health checks: GET <health path> on every instance, every few seconds.
+"""Active health checks on every instance, every few seconds.
 
-An instance is taken out after `fall` failed checks in a row and brought back
-after `rise` good ones. Checks use their own short connections so that a
-hung data-plane connection cannot hide a dead instance.
+`GET <health path>` must answer 200 (infergate workers: /health); where a
+service has no health path (static endpoints by default: Triton and other
+servers have their own), a TCP connect is the check. An instance is taken
+out after `fall` failed checks in a row and brought back after `rise` good
+ones. Checks use their own short connections so that a hung data-plane
+connection cannot hide a dead instance.
 """
 from __future__ import annotations
 
@@ -12,11 +15,14 @@ import logging
 log = logging.getLogger("infergate.health")
 
 
-async def probe(ip: str, port: int, path: str = "/health", timeout: float = 1.0) -> bool:
+async def probe(ip: str, port: int, path: str | None = "/health", timeout: float = 1.0) -> bool:
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout)
     except (OSError, asyncio.TimeoutError):
         return False
+    if path is None:
+        writer.close()
+        return True
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nConnection: close\r\n\r\n".encode())
         line = await asyncio.wait_for(reader.readline(), timeout)
@@ -52,7 +58,10 @@ class HealthChecker:
     async def check_all(self):
         table = self.get_table()
         pools = list(table.pools.items())
-        results = await asyncio.gather(*(probe(p.ip, p.port) for _, p in pools))
+        results = await asyncio.gather(*(probe(p.ip, p.port, p.health_path) for _, p in pools))
+        current = set(table.pools)
+        for key in [k for k in self.streak if k not in current]:
+            del self.streak[key]  # instances that left: a newcomer at that address starts clean
         for (key, pool), ok in zip(pools, results):
             streak = self.streak.get(key, 0)
             streak = max(streak, 0) + 1 if ok else min(streak, 0) - 1

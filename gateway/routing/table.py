@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 from .._native.picker import SmoothWeightedPicker
-from ..registry.records import ServiceRecord
 from ..rules import RuleSet
 from ..serviceconfig import rpc_settings
 from .upstream import InstancePool
@@ -82,52 +81,93 @@ def _endpoint_list(record, instances):
     return [(i.ip, int(i.port), int(i.weight), bool(i.healthy)) for i in instances]
 
 
+def _health_path(config: dict):
+    """GET path of the active check, or None for a TCP connect check.
+
+    infergate workers answer /health; servers fronted by static endpoints
+    (Triton, TF Serving, ...) are checked by a connect unless `health_path` says.
+    """
+    if "health_path" in config:
+        return config["health_path"] or None
+    return None if config.get("endpoints") else "/health"
+
+
 class RouteTable:
     def __init__(self, services: dict, instances: dict, pools: dict | None = None,
                  max_connections: int = 256):
         """services: name -> ServiceRecord; instances: name -> [InstanceRecord].
 
-        `pools` carries the previous table's connection pools so that a config
-        change keeps the open upstream connections.
+        Instances of a name without a service record are not routed: a deleted
+        service must not come back, without its token, through a worker that
+        still heartbeats. `pools` carries the previous table's connection pools
+        so that a config change keeps the open upstream connections.
         """
         old_pools = pools or {}
-        services = dict(services)
-        for name in instances:
-            if name not in services:  # workers that registered without a service record
-                services[name] = ServiceRecord(name=name, config={"name": name}, status="Running")
         self.pools: dict[tuple, InstancePool] = {}
         backends = {}
         for name, record in services.items():
-            if record.status == "Stopped":
-                backends[name] = Backend(name, b"", [], [], 1.0, "", "Stopped")
-                continue
-            members = []
-            weights = []
-            for ip, port, weight, healthy in _endpoint_list(record, instances.get(name, [])):
-                key = (ip, port)
-                pool = self.pools.get(key) or old_pools.get(key) or InstancePool(
-                    ip, port, max_connections)
-                pool.registry_healthy = healthy
-                self.pools[key] = pool
-                members.append(pool)
-                weights.append(weight)
-            settings = rpc_settings(record.config.get("metadata"))
-            prefix = record.config.get("upstream_path") or f"/api/predict/{name}"
-            backends[name] = Backend(name, prefix.encode("latin-1"), members, weights,
-                                     settings.keepalive / 1000.0 + DEADLINE_MARGIN, record.token,
-                                     record.status)
+            try:
+                backends[name] = self._backend(record, instances.get(name, []), old_pools,
+                                               max_connections)
+            except (ValueError, TypeError, AttributeError) as exc:
+                # Config is validated on save; a bad record still never takes others down.
+                log.error("service %s is not routed: %s", name, exc)
         self.backends = backends
         self.routes: dict[str, Route] = {}
         for name, record in services.items():
-            if record.linked_to and record.released:
+            if name not in backends or (record.linked_to and record.released):
                 continue  # a released blue-green service is reached through the original only
             try:
                 self.routes[name] = Route(record, backends)
-            except ValueError as exc:  # rules are validated on save; never take the table down
-                log.error("service %s: %s", name, exc)
+            except ValueError as exc:
+                log.error("service %s is not routed: %s", name, exc)
         for key, pool in old_pools.items():
             if key not in self.pools:
                 pool.close()
+
+    def _backend(self, record, instances, old_pools, max_connections) -> Backend:
+        name = record.name
+        if record.status == "Stopped":
+            return Backend(name, b"", [], [], 1.0, "", "Stopped")
+        config = record.config
+        members = []
+        weights = []
+        health_path = _health_path(config)
+        for ip, port, weight, healthy in _endpoint_list(record, instances):
+            key = (ip, port)
+            pool = self.pools.get(key) or old_pools.get(key) or InstancePool(
+                ip, port, max_connections)
+            pool.registry_healthy = healthy
+            pool.health_path = health_path
+            self.pools[key] = pool
+            members.append(pool)
+            weights.append(weight)
+        settings = rpc_settings(config.get("metadata"))
+        prefix = config.get("upstream_path") or f"/api/predict/{name}"
+        return Backend(name, prefix.encode("latin-1"), members, weights,
+                       settings.keepalive / 1000.0 + DEADLINE_MARGIN, record.token, record.status)
+
+    def discovery(self, service: str) -> list[dict] | None:
+        """The instances a direct-connect client of `service` may call, or None if unknown.
+
+        Every version that takes a share of the endpoint's traffic is listed,
+        each instance weighted by its version's share, so direct clients split
+        traffic as the gateway does. Only healthy, non-draining instances.
+        """
+        route = self.routes.get(service)
+        if route is not None:
+            members = [(backend, share) for backend, share in route.traffic]
+        elif service in self.backends:  # a released linked service: its own instances
+            members = [(self.backends[service], 100)]
+        else:
+            return None
+        items = []
+        for backend, share in members:
+            for pool, weight in zip(backend.pools, backend.picker.weights()):
+                if weight > 0 and pool.healthy:
+                    items.append({"app": service, "ip": pool.ip, "port": pool.port,
+                                  "weight": weight * share // 100 or 1})
+        return items
 
     def mark_health(self, pool: InstancePool) -> None:
         """Apply a pool's health (active checks and registry state) to every picker."""

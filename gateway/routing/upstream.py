@@ -30,6 +30,8 @@ class InstancePool:
         # Down when active health checks fail or the registry says so.
         self.check_healthy = True
         self.registry_healthy = True
+        self.health_path = "/health"  # None: a TCP connect is the health check
+        self.closed = False  # the instance left the route table
 
     @property
     def healthy(self) -> bool:
@@ -47,6 +49,8 @@ class InstancePool:
 
     async def connect(self) -> UpstreamConnection:
         """A fresh connection, or one handed back while we waited at the limit."""
+        if self.closed:
+            raise UpstreamError(f"instance {self.ip}:{self.port} was removed")
         while True:
             conn = self.take_idle()
             if conn is not None:
@@ -80,7 +84,7 @@ class InstancePool:
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         conn.on_done = None
-        if reusable and not conn.closed:
+        if reusable and not conn.closed and not self.closed:
             while self.waiters:
                 waiter = self.waiters.popleft()
                 if not waiter.done():
@@ -99,12 +103,15 @@ class InstancePool:
                 return
 
     def close(self) -> None:
+        """The instance left the table: close idle connections now, busy ones when done."""
+        self.closed = True
         for conn in self.idle:
             conn.transport.close()
         self.idle.clear()
         for waiter in self.waiters:
             if not waiter.done():
                 waiter.set_exception(UpstreamError("instance removed"))
+        self.waiters.clear()
 
 
 class _SlotFreed(Exception):

@@ -123,4 +123,9 @@ def _normalize(i: int, rule) -> dict:
             value = ""
         if _BAD_VALUE.search(value):
             raise ValueError(f"rule {i}: header_value must not contain CR, LF or NUL")
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"rule {i}: header_value must be ISO-8859-1 text (HTTP header "
+                             f"values cannot carry {value!r} as it is)") from None
     return {"condition": cond, "target": target, "header_name": name, "header_value": value}

@@ -42,6 +42,7 @@ class WorkerApp:
         else:
             self.model = OnnxModel(model_path, intra_op_threads)
             self.processor = make_processor(processor, self.model)
+            self.signature = json_response(self.model.signature())
         if settings.batching and self.model is not None:
             from ..batching import BatchingRunner
             self.infer = BatchingRunner(self.model, settings, self.runner).infer
@@ -66,7 +67,7 @@ class WorkerApp:
             if request.method == "GET":
                 if self.model is None:
                     return error_response(404, "a python processor has no model signature")
-                return json_response(self.model.signature())
+                return self.signature
             return error_response(405, f"{request.method} is not allowed on {path}")
         if path == "/health":
             return _HEALTH

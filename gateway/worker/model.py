@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 log = logging.getLogger("infergate.model")
 
@@ -123,4 +124,7 @@ class OnnxModel:
         return tuple(names) or self.output_names
 
     def run(self, feeds: dict, output_names: tuple) -> list:
-        return self.session.run(list(output_names), feeds)
+        try:
+            return self.session.run(list(output_names), feeds)
+        except InvalidArgument as exc:  # shapes the declared signature let through
+            raise BadInput(f"the model refused the input: {exc}") from None

@@ -38,7 +38,7 @@ class JsonProcessor(Processor):
                                f"{', '.join(repr(s.name) for s in self.model.inputs)}")
             try:
                 feeds[name] = np.asarray(values, dtype=spec.dtype)
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, OverflowError) as exc:
                 raise BadInput(f"input {name!r} is not a rectangular array of numbers: {exc}") from None
         return self._call(feeds, tuple(wanted))
 
