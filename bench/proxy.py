@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import tempfile
 
-from bench.procs import free_port, start, stop
+from bench.procs import free_port, start, stop, wait_port
 from bench.worker import tf_body
 from bench.wrk import run_wrk, table
 
@@ -50,16 +50,8 @@ def nginx_conf(path: str, listen: list[tuple[int, str]], upstreams: list[tuple[i
 def start_nginx(conf: str, port: int, cpu: int) -> subprocess.Popen:
     proc = subprocess.Popen(["taskset", "-c", str(cpu), shutil.which("nginx"), "-c", conf],
                             stderr=subprocess.DEVNULL)
-    import socket
-    import time
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("nginx did not start")
+    wait_port(port, "nginx")
+    return proc
 
 
 def seed(state_dir: str, upstreams: list[tuple[int, int]]) -> None:

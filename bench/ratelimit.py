@@ -37,7 +37,7 @@ import subprocess
 import tempfile
 import time
 
-from bench.procs import free_port, start, stop
+from bench.procs import free_port, start, stop, wait_port
 from bench.proxy import nginx_conf, start_nginx
 from bench.worker import tf_body
 from bench.wrk import run_wrk, table
@@ -59,18 +59,11 @@ def nanmedian(values) -> float:
 
 
 def start_redis(port: int, cpu: int, tmp: str) -> subprocess.Popen:
-    import socket
     proc = subprocess.Popen(["taskset", "-c", str(cpu), shutil.which("redis-server"), "--port",
                              str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
+    wait_port(port, "redis-server")
+    return proc
 
 
 def seed(url: str, upstream: int) -> None:
