@@ -35,7 +35,6 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 
 from bench.procs import free_port, start, stop, wait_port
 from bench.proxy import nginx_conf, start_nginx

@@ -8,7 +8,6 @@ and prints accuracy, latency percentiles and the traffic split observed.
 """
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import socket

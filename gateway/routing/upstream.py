@@ -11,7 +11,7 @@ import asyncio
 import collections
 
 # The connection itself is compiled (csrc/upstream.pyx).
-from .._native.upstream import UpstreamConnection, UpstreamError, UpstreamResponse
+from .._native.upstream import UpstreamConnection, UpstreamError
 
 
 class InstancePool:

@@ -14,6 +14,8 @@ from typing import Awaitable, Callable, Union
 # The per-connection work is compiled (csrc/httpcore.pyx); this module wires it up.
 from .._native.httpcore import HttpConnection, Request, Response, error_response, json_response
 
+__all__ = ["HttpServer", "Request", "Response", "error_response", "json_response"]
+
 Handler = Callable[[Request], Union[Response, Awaitable[Response]]]
 
 
