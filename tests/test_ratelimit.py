@@ -530,3 +530,52 @@ def test_global_limit_without_redis_acts_local_and_says_so(procs, tmp_path):
     assert [post(url, b"x")[0] for _ in range(3)] == [200, 200, 429]
     assert post(url, b"x")[0] == 429
     assert gw.output().count("global limits act as local ones") == 1
+
+
+# --- shutdown ------------------------------------------------------------------------------
+
+def test_limiter_close_is_safe_unused_twice_and_with_redis_down(redis_server):
+    """close() on a limiter that never connected, twice, after Redis went away, and
+    decisions after close() fail as 'unavailable' instead of reconnecting."""
+    from gateway.ratelimit.redis_limiter import GlobalLimiter, RedisUnavailable
+
+    args = [("1000.000000", "10.000000")]
+
+    async def scenario():
+        unused = GlobalLimiter(redis_server.url)
+        await unused.close()
+        await unused.close()
+        used = GlobalLimiter(redis_server.url)
+        assert (await used.decide(["c:a"], args))[0] == 1
+        redis_server.stop()
+        with pytest.raises(RedisUnavailable):  # the connection is gone: dropped, then refused
+            for _ in range(3):
+                await used.decide(["c:a"], args)
+        await used.close()
+        await used.close()
+        with pytest.raises(RedisUnavailable, match="closed"):
+            await used.decide(["c:a"], args)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("redis_state", ["up", "stopped"])
+def test_gateway_on_redis_exits_cleanly_on_sigterm(procs, redis_server, redis_state):
+    """SIGTERM ends a gateway on --registry redis:// with exit code 0, whether its rate
+    limiter never talked to Redis (no global limits) or did, and whether Redis is still
+    up or was stopped before the shutdown."""
+    w = start_echo_worker(procs)
+    seed_redis(redis_server.url, [service("glob", w, [{"key": "service", "rate": 1000,
+                                                       "burst": 1000, "scope": "global"}])])
+    unused = start_redis_gateway(procs, redis_server.url)  # no request: limiter never used
+    used = start_redis_gateway(procs, redis_server.url)
+    wait_for_route(used, "/api/predict/glob")
+    assert post(used.url + "/api/predict/glob", b"x")[0] == 200  # decided on Redis
+    if redis_state == "stopped":
+        redis_server.stop()
+        time.sleep(0.3)  # the gateways see the connections close
+    for gw in (unused, used):
+        code = gw.stop(timeout=20)
+        log = gw.output()
+        assert code == 0, log
+        assert "Traceback" not in log, log

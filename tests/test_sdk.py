@@ -432,6 +432,9 @@ def test_direct_mode_picks_up_a_new_instance(procs, digits, tmp_path):
     from gateway.models import DIGITS_MODEL
 
     x, _, _ = digits
+    # Registered instances are routed (and announced) only under a service record.
+    seed_services(str(tmp_path), [{"name": SERVICE, "config": {"name": SERVICE,
+                                                               "processor": "tensorflow"}}])
     gw = start_gateway(procs, str(tmp_path))
 
     def joining_worker():
@@ -547,3 +550,242 @@ def test_stale_keepalive_connection_is_replaced(procs):
         assert client.predict(StringRequest("two")).to_string() == f"{w2.port}:two"
     finally:
         client.destroy()
+
+
+# --- answers cut off: raw socket servers --------------------------------------------------------
+class RawServer:
+    """A loopback HTTP server on raw sockets that answers each request with the bytes
+    ``answer(path)`` returns and then closes the connection (or keeps it, for None)."""
+
+    def __init__(self, answer):
+        import socket
+
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.paths: list[str] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn):
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            length = 0
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            while len(rest) < length:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                rest += chunk
+            path = lines[0].split(" ")[1]
+            self.paths.append(path)
+            conn.sendall(self.answer(path))
+
+    def close(self):
+        self.sock.close()
+
+
+CUT_LENGTH = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\npartial"
+CUT_CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"7\r\npartial\r\n")
+CLOSE_DELIMITED = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nthe whole answer"
+
+
+def raw_predict(url, kind=ENDPOINT_TYPE_GATEWAY, retries=2, use_async=False):
+    """The body of one StringRequest through the sync or the asyncio client, or the
+    PredictException it raised."""
+    async def run_async():
+        from gateway.sdk import AsyncPredictClient
+
+        client = AsyncPredictClient(url, "raw")
+        client.set_endpoint_type(kind)
+        client.set_retry_count(retries)
+        client.set_timeout(5000)
+        async with client:
+            try:
+                return (await client.predict(StringRequest("hi"))).to_string()
+            except PredictException as exc:
+                return exc
+
+    if use_async:
+        return asyncio.run(run_async())
+    client = PredictClient(url, "raw")
+    client.set_endpoint_type(kind)
+    client.set_retry_count(retries)
+    client.set_timeout(5000)
+    client.init()
+    try:
+        return client.predict(StringRequest("hi")).to_string()
+    except PredictException as exc:
+        return exc
+    finally:
+        client.destroy()
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("cut", [CUT_LENGTH, CUT_CHUNKED], ids=["content-length", "chunked"])
+def test_cut_off_answer_is_a_transport_error_not_a_success(cut, use_async):
+    """Content-Length: 100, then 7 bytes and the end of the connection (or a chunked body
+    without its last chunk): a 502 PredictException after every attempt, never a 200."""
+    server = RawServer(lambda path: cut)
+    try:
+        outcome = raw_predict(server.url, retries=2, use_async=use_async)
+        assert isinstance(outcome, PredictException), outcome
+        assert outcome.code == 502
+        assert "connection closed" in outcome.message
+        if cut is CUT_LENGTH:
+            assert "7 of 100 body bytes" in outcome.message
+        assert len(server.paths) == 2  # a transport error: the attempt was retried
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_answer_delimited_by_the_end_of_the_connection_is_complete(use_async):
+    """Neither Content-Length nor chunked: the end of the connection ends the body."""
+    server = RawServer(lambda path: CLOSE_DELIMITED)
+    try:
+        assert raw_predict(server.url, retries=1, use_async=use_async) == "the whole answer"
+        assert len(server.paths) == 1
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_cut_off_answer_is_retried_on_another_instance(use_async):
+    """Direct mode: the instance that cut its answer off is tried first (weight 100 against
+    1); the request succeeds on the other one."""
+    good = RawServer(lambda path: b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+    bad = RawServer(lambda path: CUT_LENGTH)
+    items = [{"app": "raw", "ip": "127.0.0.1", "port": bad.port, "weight": 100},
+             {"app": "raw", "ip": "127.0.0.1", "port": good.port, "weight": 1}]
+    doc = json.dumps({"correlative": ["raw"], "endpoints": {"items": items}}).encode()
+    discovery_server = RawServer(lambda path: b"HTTP/1.1 200 OK\r\nContent-Type: "
+                                 b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(doc), doc))
+    try:
+        outcome = raw_predict(discovery_server.url, ENDPOINT_TYPE_DIRECT, retries=2,
+                              use_async=use_async)
+        assert outcome == "good"
+        assert discovery_server.paths == ["/api/v1/servicediscovery/upstreams/raw"]
+        assert bad.paths == ["/api/predict/raw"] and good.paths == ["/api/predict/raw"]
+    finally:
+        for server in (good, bad, discovery_server):
+            server.close()
+
+
+def test_response_framing_rules():
+    """The shared reader (both clients use it) on answers fed piece by piece."""
+    from gateway.sdk.core import ResponseReader, TransportError
+
+    def read(*pieces):
+        reader = ResponseReader("test:1")
+        for piece in pieces:
+            reader.feed(piece)
+            if reader.done:
+                return reader.result()
+        return reader.eof()
+
+    assert read(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe", b"llo") == (200, b"hello",
+                                                                                True)
+    assert read(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                b"0\r\n\r\n") == (200, b"hello", True)
+    assert read(b"HTTP/1.0 200 OK\r\n\r\nto the end") == (200, b"to the end", False)
+    assert read(b"HTTP/1.1 204 No Content\r\n\r\n")[:2] == (204, b"")
+    for pieces, what in (
+            ((b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",), "7 of 100"),
+            ((b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",), "0 of 3"),
+            ((b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",), "chunked"),
+            ((b"HTTP/1.1 200 OK\r\nContent-Le",), "before a complete answer"),
+            ((b"HTTP/1.1 500 Oops\r\nContent-Length: 9\r\n\r\nabc",), "3 of 9")):
+        with pytest.raises(TransportError, match=what) as info:
+            read(*pieces)
+        assert info.value.code == 502 and not info.value.before_response
+    with pytest.raises(TransportError) as info:
+        read()
+    assert info.value.before_response  # nothing came: maybe a stale keep-alive connection
+    with pytest.raises(TransportError, match="invalid HTTP answer"):
+        read(b"NOT HTTP\r\n\r\n")
+
+
+def test_retry_rules_shared_by_both_clients():
+    """Attempts: never the same instance twice while others remain, transport errors and
+    5xx/450 retried, other answers raised at once, the last error raised at the end."""
+    from gateway.sdk.core import Attempts, TransportError, retryable
+
+    assert [s for s in (200, 400, 401, 404, 408, 429, 450, 500, 502, 503, 504)
+            if retryable(s)] == [450, 500, 502, 503, 504]
+    table = InstanceTable(lambda ip, port: _Pool())
+    table.update([("10.0.0.1", 1, 1), ("10.0.0.2", 2, 1), ("10.0.0.3", 3, 1)])
+    attempts = Attempts(table, 5, lambda: "none")
+    seen = []
+    outcomes = [TransportError(502, "reset"), (450, b'{"code": 450, "message": "full"}'),
+                (503, b"down")]
+    while (inst := attempts.next()) is not None:
+        seen.append(inst.key)
+        outcome = outcomes[len(seen) - 1] if len(seen) <= 3 else (503, b"again")
+        if isinstance(outcome, TransportError):
+            attempts.transport_failed(inst, outcome)
+        else:
+            assert attempts.answered(inst, *outcome) is False
+    assert len(seen) == 5 and len(set(seen[:3])) == 3   # all three before any repeat
+    assert (attempts.error.code, attempts.error.message) == (503, "again")
+    attempts = Attempts(table, 5, lambda: "none")
+    inst = attempts.next()
+    with pytest.raises(PredictException) as info:
+        attempts.answered(inst, 404, b'{"code": 404, "message": "no such service"}')
+    assert (info.value.code, info.value.message) == (404, "no such service")
+    counted = []
+    attempts = Attempts(table, 5, lambda: "none", on_success=counted.append)
+    inst = attempts.next()
+    assert attempts.answered(inst, 200, b"ok") is True and counted == [inst]
+    empty = InstanceTable(lambda ip, port: _Pool())
+    attempts = Attempts(empty, 5, lambda: "no instance of 'x'")
+    assert attempts.next() is None
+    assert (attempts.error.code, attempts.error.message) == (503, "no instance of 'x'")
+
+
+def test_instance_table_never_repeats_past_the_pickers_exclusion_limit():
+    """Twelve instances, ten tried: the next pick is always one of the two untried ones
+    (the compiled picker excludes at most 8 tried indexes by itself)."""
+    table = InstanceTable(lambda ip, port: _Pool())
+    table.update([(f"10.0.1.{i}", 80, 1) for i in range(12)])
+    keys = [inst.key for inst in table.instances]
+    tried = keys[:10]
+    assert {table.pick(tried).key for _ in range(40)} <= set(keys[10:])
+    assert table.pick(keys) is not None  # all tried: start over
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_unexpected_upgrade_is_a_transport_error(use_async):
+    """Both clients read answers with the same rules: a protocol switch is a 502 at once
+    (not an exception escaping the asyncio protocol, then a timeout)."""
+    server = RawServer(lambda path: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                    b"Connection: Upgrade\r\n\r\n")
+    try:
+        outcome = raw_predict(server.url, retries=1, use_async=use_async)
+        assert isinstance(outcome, PredictException), outcome
+        assert outcome.code == 502 and "upgrade" in outcome.message
+    finally:
+        server.close()

@@ -289,8 +289,13 @@ class RateLimitFilter:
         return cls(url if is_redis_url(url) else None, max_keys=max_keys, **kwargs)
 
     async def close(self) -> None:
+        """Close the Redis connection, if any. Never raises: the gateway's shutdown closes
+        the store after this, and a limiter that cannot close cleanly must not stop it."""
         if self.redis is not None:
-            await self.redis.close()
+            try:
+                await self.redis.close()
+            except Exception:
+                log.exception("closing the rate limiter's redis connection failed")
 
     # --- compiling ----------------------------------------------------------------------
     def _compile(self, route) -> Compiled:

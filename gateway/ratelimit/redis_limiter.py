@@ -208,6 +208,7 @@ class PipelinedRedis:
         self._timer = None
         self._suspect = None
         self._loop = None
+        self._closed = False
 
     # --- requests -----------------------------------------------------------------------
     def _encode(self, keys, args) -> bytes:
@@ -229,6 +230,8 @@ class PipelinedRedis:
 
     async def evalsha(self, keys, args):
         if self._proto is None:
+            if self._closed:
+                raise RedisUnavailable("the limiter is closed")
             await self._open()
             if self._proto is None:
                 raise RedisUnavailable("connection setup failed")
@@ -266,6 +269,9 @@ class PipelinedRedis:
             raise RedisUnavailable(f"cannot connect: {exc or type(exc).__name__}") from None
         finally:
             self._opening = None
+        if self._closed:
+            proto.transport.abort()
+            raise RedisUnavailable("the limiter is closed")
         self._proto = proto
         for cmd in self._handshake:
             self._send(cmd).add_done_callback(self._handshake_done)
@@ -327,22 +333,39 @@ class PipelinedRedis:
 
     def _drop(self, proto, why: str) -> None:
         """Close the connection and fail what is in flight on it."""
-        if proto is not self._proto:
-            return  # an older connection's late news
+        if proto is None or proto is not self._proto:
+            return  # no connection (never opened, or already dropped), or an older one's news
         self._proto = None
-        pending, self._pending = self._pending, collections.deque()
-        self._out.clear()
+        self._fail_pending(why)
         if proto.transport is not None:
             proto.transport.abort()
+
+    def _fail_pending(self, why: str) -> None:
+        pending, self._pending = self._pending, collections.deque()
+        self._out.clear()
         for fut, _ in pending:
             if not fut.done():
                 fut.set_exception(RedisUnavailable(why))
 
     async def close(self) -> None:
-        self._drop(self._proto, "closing")
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Close the connection, if any; safe when none was ever opened, when Redis is
+        down or a connect is under way, and when called twice."""
+        self._closed = True
+        opening = self._opening
+        if opening is not None:
+            # A connect under way ends within connect_timeout; let it, then drop what it made.
+            await asyncio.wait((opening,))
+            if not opening.cancelled():
+                opening.exception()  # retrieved: a failed connect is no news at shutdown
+        proto = self._proto
+        if proto is not None:
+            self._drop(proto, "closing")
+        self._fail_pending("closing")
+        for name in ("_timer", "_flush_handle"):
+            handle = getattr(self, name)
+            if handle is not None:
+                handle.cancel()
+                setattr(self, name, None)
 
 
 # --- redis.asyncio (Redis Cluster, or on request) --------------------------------------------

@@ -13,7 +13,7 @@
 ``AsyncPredictClient`` (``gateway.sdk.aio``) offers the same with ``await``.
 """
 from .client import PredictClient
-from .endpoints import ENDPOINT_TYPE_DEFAULT, ENDPOINT_TYPE_DIRECT, ENDPOINT_TYPE_GATEWAY
+from .core import ENDPOINT_TYPE_DEFAULT, ENDPOINT_TYPE_DIRECT, ENDPOINT_TYPE_GATEWAY
 from .errors import PredictException
 from .requests import (CaffeRequest, CaffeResponse, Request, Response, StringRequest,
                        StringResponse, TFRequest, TFResponse, TorchRequest, TorchResponse)

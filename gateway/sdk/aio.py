@@ -8,8 +8,9 @@
 
 Connections are asyncio protocols parsing answers with httptools, kept alive in
 a pool per host; in direct mode a task refreshes the instance list every
-``discovery_interval`` seconds. Picking, retries and errors are those of the
-sync client (``gateway.sdk.client``). Use one client per event loop.
+``discovery_interval`` seconds. Picking, retries, answer framing, discovery and
+errors are those of the sync client: both run the rules of ``core.py``; this
+module only does the asyncio I/O. Use one client per event loop.
 """
 from __future__ import annotations
 
@@ -18,12 +19,11 @@ import collections
 import logging
 import time
 
-import httptools
-
-from .client import ClientSettings, retryable
-from .endpoints import (DISCOVERY_PATH, ENDPOINT_TYPE_DIRECT, InstanceTable, Target, TransportError,
-                        _Answer, connect_error, parse_discovery, tls_context)
-from .errors import PredictException, from_response
+from .core import (ENDPOINT_TYPE_DIRECT, ClientSettings, InstanceTable, ResponseReader, Target,
+                   TransportError, connect_error, discovery_answer, discovery_failed,
+                   discovery_head, host_line, install, refresh_failed, stale_connection,
+                   tls_context)
+from .errors import PredictException
 
 log = logging.getLogger("infergate.sdk")
 
@@ -39,9 +39,7 @@ class _Connection(asyncio.Protocol):
         self.transport = None
         self.closed = False
         self.waiter: asyncio.Future | None = None
-        self.answer: _Answer | None = None
-        self.parser = None
-        self.got = False
+        self.answer: ResponseReader | None = None  # the answer being read, if any
         self.timer = None
 
     # protocol callbacks
@@ -49,35 +47,35 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        if self.parser is None:  # nothing asked: the connection is not reusable
-            self.close()
-            return
-        self.got = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(TransportError(502, f"{self.where}: invalid HTTP answer: {exc}",
-                                      before_response=False))
-            self.close()
-            return
         answer = self.answer
+        if answer is None:  # nothing asked: the connection is not reusable
+            self.close()
+            return
+        try:
+            answer.feed(data)
+        except TransportError as exc:
+            self._fail(exc)
+            self.close()
+            return
         if answer.done:
-            self.parser = None
-            body = answer.body
-            self._finish((answer.status, body[0] if len(body) == 1 else b"".join(body),
-                          answer.keep_alive))
+            self.answer = None
+            self._finish(answer.result())
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        if self.waiter is not None and not self.waiter.done():
-            answer = self.answer
-            if answer is not None and answer.headers_done and self.parser is not None:
-                self._finish((answer.status, b"".join(answer.body), False))
-            else:
-                reason = f": {exc}" if exc else ""
-                self._fail(TransportError(502, f"{self.where}: connection closed before a "
-                                               f"complete answer{reason}",
-                                          before_response=not self.got))
+        answer, self.answer = self.answer, None
+        if self.waiter is None or self.waiter.done():
+            return
+        reason = f": {exc}" if exc else ""
+        if answer is None:
+            self._fail(TransportError(502, f"{self.where}: connection closed{reason}"))
+            return
+        try:
+            result = answer.eof(reason)  # the answer, if the end of the connection ends it
+        except TransportError as error:
+            self._fail(error)
+        else:
+            self._finish(result)
 
     # helpers
     def _finish(self, result) -> None:
@@ -98,8 +96,9 @@ class _Connection(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         self.timer = None
+        got = self.answer is not None and self.answer.got
         self._fail(TransportError(504, f"{self.where}: timed out waiting for the answer",
-                                  before_response=not self.got))
+                                  before_response=not got))
         self.close()
 
     def close(self) -> None:
@@ -111,9 +110,7 @@ class _Connection(asyncio.Protocol):
         """``(status, body, keep_alive)`` of one request."""
         if self.closed:
             raise TransportError(502, f"{self.where}: connection closed")
-        self.answer = _Answer()
-        self.parser = self.answer.parser
-        self.got = False
+        self.answer = ResponseReader(self.where)
         self.waiter = waiter = self.loop.create_future()
         self.timer = self.loop.call_later(max(timeout, 0.0), self._timed_out)
         if not body:
@@ -129,6 +126,7 @@ class _Connection(asyncio.Protocol):
             raise
         finally:
             self.waiter = None
+            self.answer = None
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
@@ -155,8 +153,7 @@ class AsyncHostPool:
         self.port = port
         self.tls = tls
         self.max_size = max(1, int(max_size))
-        self.host_line = (f"Host: {host}:{port}\r\n" if ":" not in host
-                          else f"Host: [{host}]:{port}\r\n").encode("latin-1")
+        self.host_line = host_line(host, port)
         self.idle: collections.deque[_Connection] = collections.deque()
         self.closed = False
 
@@ -173,7 +170,7 @@ class AsyncHostPool:
                 status, data, keep = await conn.request(head, body, timeout)
             except TransportError as exc:
                 conn.close()
-                if not exc.before_response or exc.code == 504:
+                if not stale_connection(exc):
                     raise
                 break  # a stale keep-alive connection: once more on a fresh one
             self._release(conn, keep)
@@ -202,12 +199,10 @@ class AsyncHostPool:
             self.idle.pop().close()
 
 
-async def fetch_instances_async(target: Target, service: str,
-                                timeout: float = 5.0) -> list[tuple[str, int, int]]:
+async def fetch_instances_async(target: Target, service: str, timeout: float = 5.0,
+                                headers: dict | None = None) -> list[tuple[str, int, int]]:
     """One discovery request (asyncio): the instances ``target`` announces for ``service``."""
-    path = f"{target.prefix}{DISCOVERY_PATH}{service.split('/')[0]}"
-    head = (f"GET {path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
-            f"Accept: application/json\r\n\r\n").encode("latin-1")
+    head = discovery_head(target, service, headers)
     try:
         conn = await _connect(target.host, target.port, timeout, target.tls)
         try:
@@ -215,15 +210,8 @@ async def fetch_instances_async(target: Target, service: str,
         finally:
             conn.close()
     except TransportError as exc:
-        raise PredictException(exc.code, f"service discovery at {target!r}: {exc.message}") from None
-    if status != 200:
-        raise PredictException(status, f"service discovery for {service!r} at {target!r}: "
-                                       f"{from_response(status, body).message}")
-    try:
-        return parse_discovery(body)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PredictException(502, f"service discovery for {service!r} at {target!r}: "
-                                    f"unexpected answer ({exc!r})") from None
+        raise discovery_failed(target, exc) from None
+    return discovery_answer(target, service, status, body)
 
 
 class AsyncPredictClient(ClientSettings):
@@ -254,7 +242,7 @@ class AsyncPredictClient(ClientSettings):
             return False
         items = await fetch_instances_async(self.target, self.service_name,
                                             max(self.timeout / 1000.0, 1.0))
-        return self.table.update(items)
+        return install(self.table, self.service_name, items)
 
     async def _refresher(self) -> None:
         while True:
@@ -262,11 +250,10 @@ class AsyncPredictClient(ClientSettings):
             try:
                 await self.refresh()
                 self.last_discovery_error = None
-            except PredictException as exc:
-                self.last_discovery_error = exc
-                log.warning("%s (keeping the previous instance list)", exc.message)
             except Exception as exc:  # never let the refresher die
-                log.exception("service discovery failed: %r", exc)
+                if isinstance(exc, PredictException):
+                    self.last_discovery_error = exc
+                refresh_failed(exc)
 
     async def predict(self, req):
         table = self.table
@@ -275,34 +262,19 @@ class AsyncPredictClient(ClientSettings):
         body, headers = self._encode(req)
         start = self.start_line
         timeout = self.timeout / 1000.0
-        tried: list[str] = []
-        error = None
-        for _ in range(self.retry_count):
-            inst = table.pick(tried)
-            if inst is None:
-                if error is None:
-                    message = f"no instance of service {self.service_name!r} is available"
-                    if self.last_discovery_error is not None:
-                        message += f" (last discovery error: {self.last_discovery_error.message})"
-                    error = PredictException(503, message)
-                break
-            tried.append(inst.key)
+        attempts = self._attempts(table)
+        while (inst := attempts.next()) is not None:
             try:
                 status, data = await inst.pool.request(start, headers, body, timeout)
             except TransportError as exc:
-                table.failed(inst, down=exc.connect)
-                error = PredictException(exc.code, exc.message)
+                attempts.transport_failed(inst, exc)
                 continue
-            if status == 200:
-                table.succeeded(inst)
-                if self.count_by_instance:
-                    self._count(inst.key)
+            if attempts.answered(inst, status, data):
                 return req.parse_response(data)
-            error = from_response(status, data)
-            if not retryable(status):
-                raise error
-            table.failed(inst)
-        raise error
+        raise attempts.error
+
+    def _last_discovery_error(self) -> PredictException | None:
+        return self.last_discovery_error
 
     def instances(self) -> list[tuple[str, int, int]]:
         return [(i.ip, i.port, i.weight) for i in self.table.instances] if self.table else []
