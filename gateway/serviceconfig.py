@@ -1,5 +1,10 @@
 """The EAS service.json: parsing, defaults and validation of `metadata`.
 
+Beyond EAS's keys: `endpoints` (servers that run elsewhere: [{ip, port 1-65535,
+weight >= 0}]), `upstream_path` (the path requests are forwarded to, starting
+with "/"), `health_path` (what the gateway's health checker requests on each
+instance, starting with "/"; "" means a TCP connect check only).
+
 Keys may be flat (`"rpc.keepalive": 5000`) as in the EAS manual, or nested
 (`"rpc": {"keepalive": 5000}`). Unknown keys are kept as they are; invalid
 values are refused with a message naming the key.
@@ -50,23 +55,23 @@ def _flatten(metadata: dict) -> dict:
     return flat
 
 
-def _coerce(key: str, value: Any, kind: type, minimum: int | None):
+def _coerce(key: str, value: Any, kind: type, minimum: int | None, prefix: str = "metadata."):
     if kind is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ConfigError(f"metadata.{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{prefix}{key} must be true or false, got {value!r}")
     if isinstance(value, bool):
-        raise ConfigError(f"metadata.{key} must be an integer, got {value!r}")
+        raise ConfigError(f"{prefix}{key} must be an integer, got {value!r}")
     try:
         number = int(value)
         if isinstance(value, float) and value != number:
             raise ValueError
     except (TypeError, ValueError):
-        raise ConfigError(f"metadata.{key} must be an integer, got {value!r}") from None
+        raise ConfigError(f"{prefix}{key} must be an integer, got {value!r}") from None
     if minimum is not None and number < minimum:
-        raise ConfigError(f"metadata.{key} must be at least {minimum}, got {number}")
+        raise ConfigError(f"{prefix}{key} must be at least {minimum}, got {number}")
     return number
 
 
@@ -93,6 +98,24 @@ def processor_kind(processor: str) -> str:
         return "tensorflow"
     raise ConfigError(f"processor must be one of {', '.join(PROCESSORS)} "
                       f"(or an EAS name such as tensorflow_cpu_1.15), got {processor!r}")
+
+
+def _check_path(key: str, value: Any, allow_empty: bool) -> None:
+    """A path that goes into a request line as it is: a string starting with "/",
+    latin-1, no spaces or control characters (they would split the request)."""
+    if allow_empty and value == "":
+        return
+    what = ('a path starting with "/" (or "" for a TCP connect check only)' if allow_empty
+            else 'a path starting with "/"')
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{key} must be latin-1 text (percent-encode other characters), "
+                          f"got {value!r}") from None
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in value):
+        raise ConfigError(f"{key} must not contain spaces or control characters, got {value!r}")
 
 
 def validate_service(config: dict) -> dict:
@@ -128,12 +151,25 @@ def validate_service(config: dict) -> dict:
         if not isinstance(endpoints, list) or not endpoints:
             raise ConfigError("endpoints must be a non-empty list of {ip, port, weight}")
         for i, ep in enumerate(endpoints):
-            if not isinstance(ep, dict) or not isinstance(ep.get("ip"), str):
-                raise ConfigError(f"endpoints[{i}].ip is required and must be a string")
-            _coerce(f"endpoints[{i}].port", ep.get("port"), int, 1)
+            if not isinstance(ep, dict):
+                raise ConfigError(f"endpoints[{i}] must be an object {{ip, port, weight}}")
+            ip = ep.get("ip")
+            if not isinstance(ip, str) or not ip.strip():
+                raise ConfigError(f"endpoints[{i}].ip is required and must be a non-empty string")
+            if any(c.isspace() or c in "/?#@" for c in ip):
+                raise ConfigError(f"endpoints[{i}].ip must be an address or host name, "
+                                  f"got {ip!r}")
+            port = _coerce(f"endpoints[{i}].port", ep.get("port"), int, None, prefix="")
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"endpoints[{i}].port must be from 1 to 65535, got {port}")
             if "weight" in ep:
-                _coerce(f"endpoints[{i}].weight", ep["weight"], int, 0)
-    elif "model_path" in config:
+                _coerce(f"endpoints[{i}].weight", ep["weight"], int, 0, prefix="")
+    # null means "not set" (how modify -s unsets a key)
+    if config.get("upstream_path") is not None:
+        _check_path("upstream_path", config["upstream_path"], allow_empty=False)
+    if config.get("health_path") is not None:
+        _check_path("health_path", config["health_path"], allow_empty=True)
+    if endpoints is None and "model_path" in config:
         if not isinstance(config["model_path"], str) or not config["model_path"]:
             raise ConfigError("model_path must be a non-empty string")
         processor_kind(config.get("processor", "tensorflow"))

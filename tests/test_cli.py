@@ -152,3 +152,56 @@ def test_commands_against_a_gateway(gateway, tmp_path):
         "infergate desc: service 'nope' does not exist (HTTP 404)")
     assert run_cli(gateway.url, "delete", "ext").returncode == 0
     assert json.loads(run_cli(gateway.url, "list", "--json").stdout) == []
+
+
+def test_admin_client_never_uses_a_proxy(gateway, monkeypatch):
+    """With http_proxy set, the admin token must not go to the proxy: urllib would
+    send every admin call (token included) there, even for a gateway on 127.0.0.1."""
+    import socket
+    import threading
+
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(8)
+    proxy.settimeout(0.2)
+    seen = []
+    done = threading.Event()
+
+    def serve():
+        while not done.is_set():
+            try:
+                conn, _ = proxy.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(1)
+                try:
+                    seen.append(conn.recv(4096))
+                    conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    proxy_url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(var, proxy_url)
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        client = control_cmds.AdminClient(gateway.url, ADMIN)
+        assert client.call("GET", "/admin/services") == []
+        # A gateway given by name goes direct as well.
+        client = control_cmds.AdminClient(gateway.url.replace("127.0.0.1", "localhost"), ADMIN)
+        assert client.call("GET", "/admin/services") == []
+    finally:
+        done.set()
+        thread.join(2)
+        proxy.close()
+    assert seen == []
+
+
+def test_gateway_url_with_ipv6_host():
+    assert control_cmds.AdminClient("http://[::1]:8080").base == "http://[::1]:8080"
+    assert control_cmds.AdminClient("::1:8080").base == "http://[::1]:8080"
+    assert control_cmds.AdminClient("127.0.0.1:9").base == "http://127.0.0.1:9"

@@ -423,6 +423,81 @@ def test_worker_joins_embedded_gateway_over_http_and_leaves_on_lapse(gw, procs):
     cli_ok(gw.url, "delete", "bare")
 
 
+CRASHY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "crashy_processor.py")
+
+
+def test_worker_that_crashes_soon_after_start_ends_failed(gw):
+    """A worker that passes /health and dies 1.5 s later: restarted with growing backoff,
+    shown as Restarting, and Failed after MAX_FAILURES (3) such crashes -- not restarted
+    forever while the service says Running."""
+    from gateway.control.launcher import MAX_CRASH_LOGS, MAX_FAILURES
+
+    spec = write_json(gw.files / "crashy.json", {
+        "name": "crashy", "processor": "python", "processor_entry": CRASHY,
+        "metadata": {"instance": 1}})
+    cli_ok(gw.url, "create", spec, "--no-wait")
+    seen = []
+
+    def failed():
+        v = desc(gw.url, "crashy")
+        if not seen or seen[-1] != v["status"]:
+            seen.append(v["status"])
+        return v["status"] == "Failed" and v
+    view = wait_for(failed, 60, interval=0.1, what="the crash-looping service to fail")
+    assert "Running" in seen and "Restarting" in seen, seen
+    assert view["restarts"] == MAX_FAILURES
+    assert "exited with code 3" in view["message"] and "giving up now" in view["message"]
+    logs = view["crash_logs"]
+    assert 1 <= len(logs) <= MAX_CRASH_LOGS and all(os.path.exists(p) for p in logs)
+    assert "giving up now" in open(logs[-1]).read()
+    # It stays Failed: no more workers are started.
+    time.sleep(2)
+    view = desc(gw.url, "crashy")
+    assert view["status"] == "Failed" and view["restarts"] == MAX_FAILURES
+    assert not view.get("workers")
+    cli_ok(gw.url, "delete", "crashy")
+    wait_for(lambda: not any(os.path.exists(p) for p in logs), 10,
+             what="the crash logs of the deleted service to go")
+
+
+def test_workers_of_a_deleted_service_do_not_bring_it_back(gw, procs):
+    from gateway.control.registration_client import ServiceGone, open_registration_client
+
+    # Registering for a service that does not exist: 404 with a clear message.
+    status, body = admin(gw.url, "POST", "/admin/instances/nosuch",
+                         {"instance": {"ip": "127.0.0.1", "port": 9}, "ttl": 3})
+    assert status == 404 and "'nosuch' does not exist" in body["message"]
+    with pytest.raises(ServiceGone):
+        asyncio.run(open_registration_client(gw.url, token=ADMIN).register(
+            {"service": "nosuch", "ip": "127.0.0.1", "port": 9}, 3))
+    cli_ok(gw.url, "create", write_json(gw.files / "ephemeral.json", {"name": "ephemeral"}))
+    # "healthy" must be a JSON boolean, not a string that bool() would call true.
+    status, body = admin(gw.url, "POST", "/admin/instances/ephemeral",
+                         {"instance": {"ip": "127.0.0.1", "port": 9, "healthy": "no"}, "ttl": 3})
+    assert status == 400 and "instance.healthy" in body["message"]
+    assert admin(gw.url, "GET", "/admin/instances/ephemeral")[1] == []
+
+    port = free_port()
+    worker = procs.start(infergate_cmd(
+        "worker", "--service", "ephemeral", "--model", str(DIGITS_MODEL), "--host", "127.0.0.1",
+        "--port", str(port)), port,
+        env={"INFERGATE_REGISTRY": f"http://127.0.0.1:{gw.port}", "INFERGATE_ADMIN_TOKEN": ADMIN})
+    wait_for(lambda: [i["port"] for i in admin(gw.url, "GET",
+                                                "/admin/instances/ephemeral")[1]] == [port],
+             10, what="the worker to register (registry from INFERGATE_REGISTRY)")
+    cli_ok(gw.url, "delete", "ephemeral")
+    # Its heartbeat now fails; re-registering is refused, and it stops trying.
+    wait_for(lambda: "not registering" in worker.output(), 15,
+             what="the worker to notice its service is gone")
+    time.sleep(2.5)   # > 2 heartbeats: nothing comes back
+    status, _ = admin(gw.url, "GET", "/admin/services/ephemeral")
+    assert status == 404
+    assert admin(gw.url, "GET", "/admin/instances/ephemeral")[1] == []
+    assert worker.output().count("not registering") == 1
+    # It still serves clients that reach it directly.
+    assert http(worker.url, "GET", "/health")[0] == 200
+
+
 def test_stop_and_start(gw, digits):
     x, _ = digits
     token = gw.shared["token"]
@@ -634,3 +709,347 @@ def test_ops_modify_versions_and_validation(tmp_path):
         assert (await ops.set_traffic("s", {"s": 100})).traffic == {}
 
     with_ops(tmp_path, body)
+
+
+# ----------------------------------------------------------------------------- two writers, one store
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_backend(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "shared-state")
+    return request.getfixturevalue("redis_server").url
+
+
+def with_two_ops(backend, body):
+    """Two ServiceOps on two store objects sharing one backend: two gateways, or two
+    processes of one (--processes), as far as the store can tell."""
+    from gateway.control.services import ServiceOps
+    from gateway.registry import open_store
+
+    async def go():
+        a, b = open_store(backend), open_store(backend)
+        await a.start()
+        await b.start()
+        try:
+            return await body(ServiceOps(a, "gw-a:1"), ServiceOps(b, "gw-b:1"), a, b)
+        finally:
+            await a.close()
+            await b.close()
+    return run(go())
+
+
+def interleave(store, before_write):
+    """Make the next put/delete of ``store`` first run ``before_write()`` to the end:
+    another writer gets in between this one's read and its write."""
+    armed = {"put_service": True, "delete_service": True}
+
+    def wrap(method):
+        original = getattr(store, method)
+
+        async def wrapped(*args, **kwargs):
+            if armed["put_service"] and armed["delete_service"]:
+                armed[method] = False
+                await before_write()
+            return await original(*args, **kwargs)
+        setattr(store, method, wrapped)
+
+    wrap("put_service")
+    wrap("delete_service")
+
+
+def test_concurrent_admin_change_and_status_update_both_stick(shared_backend):
+    async def body(ops_a, ops_b, a, b):
+        await ops_a.create({"name": "s", **STATIC})
+        # The launcher (a) reads, the user's modify through the other gateway (b)
+        # lands, then the launcher writes its status: the modify must survive.
+        interleave(a, lambda: ops_b.modify("s", sets={"metadata.cpu": 4, "token": "t2"}))
+        await ops_a.set_status("s", "Running", "all good")
+        rec = await b.get_service("s")
+        assert rec.config["metadata"]["cpu"] == 4 and rec.token == "t2" and rec.revision == 2
+        assert rec.message == "all good"          # the status write only touched status
+        # The other way round: a user's change computed from a stale read retries.
+        interleave(a, lambda: ops_b.set_rules("s", [{"condition": "#HEADER_a == 'x'",
+                                                     "target": "s"}]))
+        rec = await ops_a.modify("s", sets={"metadata.memory": 1000})
+        assert rec.rules and rec.config["metadata"]["cpu"] == 4
+        rec = await b.get_service("s")
+        assert rec.config["metadata"]["memory"] == 1000 and len(rec.rules) == 1
+        assert rec.token == "t2" and rec.revision == 3
+
+    with_two_ops(shared_backend, body)
+
+
+def test_status_update_does_not_bring_a_deleted_service_back(shared_backend):
+    async def body(ops_a, ops_b, a, b):
+        await ops_a.create({"name": "gone", "token": "secret", **STATIC})
+        interleave(a, lambda: ops_b.delete("gone"))
+        assert await ops_a.set_status("gone", "Running", "started") is None
+        assert await a.get_service("gone") is None and await b.get_service("gone") is None
+        # Nor does a claim, nor a create racing a create (one wins, the other is 409).
+        from gateway.control.services import ServiceError
+        assert await ops_a.claim("gone") is None
+        await ops_a.create({"name": "twice", **STATIC})
+        with pytest.raises(ServiceError) as err:
+            await ops_b.create({"name": "twice", **STATIC})
+        assert err.value.status == 409
+
+    with_two_ops(shared_backend, body)
+
+
+def test_deleting_a_blue_green_original_leaves_no_share_or_rule_on_it(tmp_path):
+    from gateway.control.services import ServiceError
+
+    async def body(ops, store):
+        await ops.create({"name": "m", **STATIC})
+        new = await ops.create({"name": "m", **STATIC}, linked=True)
+        await ops.release(new.name, 30)
+        await ops.create({"name": "x", **STATIC})
+        await ops.set_traffic("x", {"x": 50, "m": 50})
+        await ops.set_rules("x", [{"condition": "#HEADER_v == 'm'", "target": "m"},
+                                  {"condition": "#HEADER_v == 'x'", "target": "x"}])
+        await ops.set_rules("m", [{"condition": "#HEADER_v == 'self'", "target": "m"},
+                                  {"condition": "#HEADER_v == 'new'", "target": new.name}])
+        result = await ops.delete("m")
+        assert result["kept_entry"] and result["traffic_to"] == [new.name]
+        entry = await ops.get("m")
+        assert entry.traffic == {new.name: 100}
+        assert [r["target"] for r in entry.rules] == [new.name]
+        x = await ops.get("x")
+        assert x.traffic == {} and [r["target"] for r in x.rules] == ["x"]
+        # Every share and rule target left has instances of its own (not an entry).
+        for rec in await ops.list():
+            for target in list(rec.traffic) + [r["target"] for r in rec.rules]:
+                assert not (await ops.get(target)).config.get("entry_only"), (rec.name, target)
+        # ... and none can be pointed at the entry again.
+        with pytest.raises(ServiceError, match="was deleted"):
+            await ops.set_traffic("x", {"x": 50, "m": 50})
+        with pytest.raises(ServiceError, match="was deleted"):
+            await ops.set_rules("x", [{"condition": "#HEADER_v == 'm'", "target": "m"}])
+
+    with_ops(tmp_path, body)
+
+
+def test_model_spec_is_computed_once_per_record_version(tmp_path, monkeypatch):
+    from gateway.control import services
+
+    calls = []
+    real = services.model_spec
+    monkeypatch.setattr(services, "model_spec", lambda config: calls.append(1) or real(config))
+
+    async def body(ops, store):
+        await ops.create({"name": "m", "model_path": str(DIGITS_MODEL)})
+        assert len(calls) == 1                      # check_config at create
+        rec = await store.get_service("m")
+        for _ in range(5):
+            assert services.cached_model_spec(rec).model == str(DIGITS_MODEL)
+        assert len(calls) == 2
+        rec = await ops.modify("m", sets={"metadata.cpu": 2})
+        calls.clear()
+        services.cached_model_spec(await store.get_service("m"))
+        services.cached_model_spec(await store.get_service("m"))
+        assert len(calls) == 1                      # a new version: computed again, once
+
+    with_ops(tmp_path, body)
+
+
+# ----------------------------------------------------------------------------- secrets, files, IPv6
+@pytest.fixture
+def redis_with_password(tmp_path):
+    import shutil
+    import socket
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    password = "s3cret-pw-" + os.urandom(4).hex()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path),
+                             "--requirepass", password],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+                reply = b""
+                while b"PONG" not in reply and len(reply) < 256:
+                    chunk = s.recv(64)
+                    if not chunk:
+                        break
+                    reply += chunk
+                if b"+PONG" in reply:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("redis-server did not start")
+        time.sleep(0.05)
+    yield f"redis://:{password}@127.0.0.1:{port}/0", password
+    proc.terminate()
+    proc.wait(5)
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
+
+
+def _environ(pid: int) -> dict:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(item.decode().partition("=")[::2] for item in f.read().split(b"\0") if item)
+
+
+def test_redis_password_stays_off_command_lines(redis_with_password, tmp_path, procs):
+    url, password = redis_with_password
+    port = free_port()
+    # The gateway takes the URL from INFERGATE_REGISTRY too, so it is on no command line.
+    g = procs.start(infergate_cmd("gateway", "--host", "127.0.0.1", "--port", str(port),
+                                  "--admin-token", ADMIN), port,
+                    env={"INFERGATE_REGISTRY": url, "INFERGATE_LOG_DIR": str(tmp_path / "logs")})
+    gw_url = f"http://127.0.0.1:{port}"
+    cli_ok(gw_url, "create", write_json(tmp_path / "s.json", {
+        "name": "pw", "model_path": str(DIGITS_MODEL), "metadata": {"instance": 1}}))
+    view = desc(gw_url, "pw")
+    assert view["status"] == "Running" and len(view["instances"]) == 1
+    pid = view["workers"][0]["pid"]
+    assert password not in _cmdline(pid) and "--registry" not in _cmdline(pid)
+    assert _environ(pid)["INFERGATE_REGISTRY"] == url
+    assert password not in _cmdline(g.proc.pid)
+
+    # A worker started by hand for a service that does not exist registers nothing.
+    wport = free_port()
+    ghost = procs.start(infergate_cmd("worker", "--service", "ghost", "--model",
+                                      str(DIGITS_MODEL), "--host", "127.0.0.1",
+                                      "--port", str(wport)), wport,
+                        env={"INFERGATE_REGISTRY": url})
+    wait_for(lambda: "not registering" in ghost.output(), 10, what="the ghost worker to give up")
+    assert admin(gw_url, "GET", "/admin/instances/ghost")[1] == []
+    status, _ = admin(gw_url, "GET", "/admin/services/ghost")
+    assert status == 404
+
+
+def test_launcher_files_are_private_and_not_followed(tmp_path, monkeypatch):
+    import stat as stat_
+
+    from gateway.control.launcher import (Launcher, default_lock_path, ensure_private_dir,
+                                          private_dir)
+
+    # Embedded store: the lock lives in the state directory, not in /tmp.
+    state = tmp_path / "state"
+    lock = default_lock_path("host:8080", str(state))
+    assert os.path.dirname(lock) == str(state)
+    # Redis: a per-user 0700 directory; a symlink planted at its place is refused.
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, runtime / "infergate")
+    with pytest.raises(OSError, match="symlink"):
+        ensure_private_dir(str(runtime / "infergate"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "statehome"))
+    chosen = private_dir("runtime")
+    assert chosen == str(tmp_path / "statehome" / "infergate")    # skipped the symlink
+    assert stat_.S_IMODE(os.stat(chosen).st_mode) == 0o700
+    lock = default_lock_path("host:8080", "redis://127.0.0.1:6379/0")
+    assert os.path.dirname(lock) == chosen
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    ensure_private_dir(str(loose))
+    assert stat_.S_IMODE(os.stat(loose).st_mode) == 0o700
+    # A lock file that is a symlink is not followed (nor truncated): no leadership.
+    target = tmp_path / "victim"
+    target.write_text("precious")
+    os.symlink(target, tmp_path / "evil.lock")
+    launcher = Launcher(None, None, "me", "http://127.0.0.1:1", "127.0.0.1",
+                        str(tmp_path / "logs"), lock_path=str(tmp_path / "evil.lock"))
+    assert launcher._try_lock() is False
+    assert target.read_text() == "precious"
+    # Crash logs: only the newest MAX_CRASH_LOGS of a service are kept.
+    from gateway.control.launcher import MAX_CRASH_LOGS
+    paths = []
+    for i in range(MAX_CRASH_LOGS + 3):
+        p = tmp_path / f"svc-{1000 + i}.log"
+        p.write_text("crash")
+        paths.append(str(p))
+        launcher._keep_crash_log("svc", str(p))
+    assert [os.path.exists(p) for p in paths] == [False] * 3 + [True] * MAX_CRASH_LOGS
+
+
+def test_ipv6_urls_and_gateway_id():
+    from gateway.control import gateway_id, http_url, normalize_url, split_url
+
+    assert split_url("http://:::8080") == ("http", "::", 8080, "")
+    assert split_url("http://[::]:8080") == ("http", "::", 8080, "")
+    assert split_url("http://::1:9000/x") == ("http", "::1", 9000, "/x")
+    assert split_url("http://fe80::1") == ("http", "fe80::1", 80, "")
+    assert split_url("http://tok@127.0.0.1:5") == ("http", "127.0.0.1", 5, "")
+    assert split_url("gw.example") == ("http", "gw.example", 80, "")
+    assert normalize_url("http://:::8080") == "http://[::]:8080"
+    assert normalize_url("http://127.0.0.1:8080") == "http://127.0.0.1:8080"
+    assert http_url("::1", 8080) == "http://[::1]:8080"
+    assert http_url("[::1]", 8080) == "http://[::1]:8080"
+    assert gateway_id("http://:::8080").endswith(":8080")
+    assert gateway_id("http://[::]:8080") == gateway_id("http://0.0.0.0:8080")
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+def test_gateway_on_ipv6_wildcard_runs_workers(tmp_path, digits):
+    """--host :: (the gateway listens on IPv6 only): it starts, and its launched
+    workers register through http://[::1]:PORT."""
+    from conftest import wait_http_ok
+
+    x, expected = digits
+    port = free_port()
+    log = open(tmp_path / "gw.log", "wb")
+    proc = subprocess.Popen(infergate_cmd("gateway", "--host", "::", "--port", str(port),
+                                          "--state-dir", str(tmp_path / "state"),
+                                          "--admin-token", ADMIN),
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://[::1]:{port}"
+    try:
+        wait_http_ok(url + "/health", proc=proc)
+        env = dict(os.environ, INFERGATE_ADMIN_TOKEN=ADMIN)
+        res = subprocess.run(infergate_cmd("create", write_json(tmp_path / "s.json", {
+            "name": "six", "model_path": str(DIGITS_MODEL), "metadata": {"instance": 1}}),
+            "--gateway", url, "--json"), capture_output=True, text=True, env=env, timeout=90)
+        assert res.returncode == 0, res.stderr + (tmp_path / "gw.log").read_text()
+        view = json.loads(res.stdout)
+        assert view["status"] == "Running" and len(view["instances"]) == 1
+        res = subprocess.run(infergate_cmd("list", "--gateway", url, "--json"),
+                             capture_output=True, text=True, env=env, timeout=30)
+        assert res.returncode == 0 and json.loads(res.stdout)[0]["name"] == "six"
+        import urllib.request
+        req = urllib.request.Request(url + "/admin/info",
+                                     headers={"Authorization": f"Bearer {ADMIN}"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(req, timeout=5) as resp:
+            info = json.loads(resp.read())
+        assert info["public_url"] == f"http://[::]:{port}" and info["gateway"].endswith(
+            f":{port}")
+        conn = httpclient.HTTPConnection("::1", port, timeout=10)
+        conn.request("POST", "/api/predict/six", body=tf_body(x[:4]))
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        assert resp.status == 200, body
+        scores = decode_array(tf_predict_pb2.PredictResponse.FromString(body).outputs["scores"])
+        assert (scores.argmax(1) == expected[:4]).all()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -442,3 +442,145 @@ async def test_redis_cluster(redis_cluster):
     finally:
         await a.close()
         await b.close()
+
+
+# ---- versions: compare-and-set ---------------------------------------------
+
+async def test_service_versions_compare_and_set(stores):
+    from gateway.registry import VersionConflict
+
+    a, b = await stores(), await stores()       # two gateways on one backend
+    rec = svc()
+    await a.put_service(rec, expect_version=0)   # create only if absent
+    assert rec.version == 1
+    with pytest.raises(VersionConflict) as err:
+        await b.put_service(svc(), expect_version=0)
+    assert err.value.current == 1
+    # Both read version 1; a writes first; b's write from the stale copy is refused.
+    ra, rb = await a.get_service("digits"), await b.get_service("digits")
+    assert ra.version == rb.version == 1
+    ra.token = "from-a"
+    await a.put_service(ra, expect_version=ra.version)
+    assert ra.version == 2
+    rb.status = "Running"
+    with pytest.raises(VersionConflict) as err:
+        await b.put_service(rb, expect_version=rb.version)
+    assert (err.value.expected, err.value.current) == (1, 2)
+    got = await b.get_service("digits")
+    assert got.token == "from-a" and got.status != "Running" and got.version == 2
+    # An unconditional put (seeding tools) still works and bumps the version.
+    await b.put_service(svc(token="seeded"))
+    assert (await a.get_service("digits")).version == 3
+    # Conditional delete: refused on a stale version, done on the current one.
+    with pytest.raises(VersionConflict):
+        await a.delete_service("digits", expect_version=2)
+    assert await a.get_service("digits") is not None
+    assert await a.delete_service("digits", expect_version=3) is True
+    # A write from a copy read before the delete cannot bring the record back.
+    got.status = "Running"
+    with pytest.raises(VersionConflict) as err:
+        await b.put_service(got, expect_version=got.version)
+    assert err.value.current == 0
+    assert await a.get_service("digits") is None and await b.list_services() == []
+
+
+async def test_interleaved_read_modify_write_loses_nothing(stores):
+    """Two writers, each reading then writing back a changed copy, interleaved:
+    the slower one must fail and retry, never overwrite the other's change."""
+    from gateway.registry import VersionConflict
+
+    a, b = await stores(), await stores()
+    await a.put_service(svc(), expect_version=0)
+
+    async def rmw(store, change, pause=None):
+        for _ in range(10):
+            rec = await store.get_service("digits")
+            change(rec)
+            if pause is not None:
+                await pause()
+                pause = None
+            try:
+                await store.put_service(rec, expect_version=rec.version)
+                return
+            except VersionConflict:
+                continue
+        raise AssertionError("no progress")
+
+    async def other_writer():   # runs between a's read and a's write
+        await rmw(b, lambda r: r.config["metadata"].__setitem__("instance", 3))
+
+    await rmw(a, lambda r: setattr(r, "status", "Running"), pause=other_writer)
+    got = await a.get_service("digits")
+    assert got.status == "Running" and got.config["metadata"]["instance"] == 3
+    assert got.version == 3
+
+
+async def test_register_instance_can_require_the_service(stores):
+    from gateway.registry import ServiceNotFound
+
+    s = await stores()
+    with pytest.raises(ServiceNotFound):
+        await s.register_instance(inst("ghost"), ttl=30, require_service=True)
+    assert await s.list_instances("ghost") == []
+    assert "ghost" not in (await s.snapshot())[1]
+    await s.put_service(svc("ghost"))
+    await s.register_instance(inst("ghost"), ttl=30, require_service=True)
+    assert [i.port for i in await s.list_instances("ghost")] == [9001]
+    # Without the flag bare registrations still work (tests, static seeding).
+    await s.register_instance(inst("bare"), ttl=30)
+    assert len(await s.list_instances("bare")) == 1
+
+
+def test_instance_healthy_is_parsed_strictly():
+    assert InstanceRecord.from_dict({"service": "s", "healthy": "false"}).healthy is False
+    assert InstanceRecord.from_dict({"service": "s", "healthy": True}).healthy is True
+    for bad in ("no", "yes", 2, None):
+        with pytest.raises(ValueError, match="healthy"):
+            InstanceRecord.from_dict({"service": "s", "healthy": bad})
+
+
+async def test_sqlite_state_from_before_versions_is_migrated(tmp_path):
+    import sqlite3
+
+    d = tmp_path / "old"
+    d.mkdir()
+    conn = sqlite3.connect(str(d / "state.db"))
+    conn.execute("CREATE TABLE services (name TEXT PRIMARY KEY, data TEXT NOT NULL)")
+    old = svc(token="old").to_dict()
+    del old["version"]
+    conn.execute("INSERT INTO services VALUES (?, ?)", ("digits", json.dumps(old)))
+    conn.commit()
+    conn.close()
+    s = SqliteStore(str(d))
+    await s.start()
+    try:
+        rec = await s.get_service("digits")
+        assert rec.token == "old" and rec.version == 1
+        rec.status = "Running"
+        await s.put_service(rec, expect_version=1)
+        assert (await s.get_service("digits")).version == 2
+    finally:
+        await s.close()
+
+
+async def test_redis_record_from_before_versions(redis_server):
+    import redis.asyncio as aredis
+
+    from gateway.registry import VersionConflict
+
+    old = svc(token="old").to_dict()
+    del old["version"]
+    r = aredis.Redis.from_url(redis_server.url)
+    await r.hset("infergate:{state}:services", "digits", json.dumps(old))
+    await r.aclose()
+    s = open_store(redis_server.url)
+    await s.start()
+    try:
+        rec = await s.get_service("digits")
+        assert rec.token == "old" and rec.version == 1
+        with pytest.raises(VersionConflict):
+            await s.put_service(rec, expect_version=0)
+        await s.put_service(rec, expect_version=1)
+        assert (await s.get_service("digits")).version == 2
+    finally:
+        await s.close()

@@ -23,18 +23,30 @@ from urllib.parse import quote
 from .errors import CliError
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
-WAIT_STATES = ("Creating", "Updating")
+WAIT_STATES = ("Creating", "Updating", "Restarting")
 
 
 # ------------------------------------------------------------------------- HTTP
 class AdminClient:
+    """The admin API over urllib -- never through a proxy: ``http_proxy`` and
+    friends are ignored, so the admin token goes to the gateway and nowhere else
+    (a proxy would see it, and a gateway on 127.0.0.1 is not reachable through
+    one anyway)."""
+
     def __init__(self, gateway: str, token: str = "", timeout: float = 30.0):
-        gateway = (gateway or DEFAULT_GATEWAY).rstrip("/")
+        from ..control import normalize_url
+
+        gateway = (gateway or DEFAULT_GATEWAY).strip().rstrip("/")
         if "://" not in gateway:
             gateway = "http://" + gateway
+        try:
+            gateway = normalize_url(gateway).rstrip("/")   # brackets an IPv6 host
+        except ValueError as exc:
+            raise CliError(f"--gateway {gateway!r}: {exc}") from None
         self.base = gateway
         self.token = token or ""
         self.timeout = timeout
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def call(self, method: str, path: str, body=None):
         data = None
@@ -46,7 +58,7 @@ class AdminClient:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(self.base + path, data=data, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with self.opener.open(req, timeout=self.timeout) as resp:
                 payload = resp.read()
         except urllib.error.HTTPError as exc:
             payload = exc.read()
@@ -202,6 +214,8 @@ def describe(view: dict) -> str:
         rows.append(["LinkedServices", ", ".join(view["linked_services"])])
     if view.get("restarts"):
         rows.append(["Restarts", view["restarts"]])
+    if view.get("crash_logs"):
+        rows.append(["LastCrashLog", view["crash_logs"][-1]])
     out = [_table(rows)]
     instances = view.get("instances") or []
     if instances:

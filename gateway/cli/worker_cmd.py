@@ -22,7 +22,9 @@ def register(sub) -> None:
     p.add_argument("--token", default=os.environ.get("INFERGATE_SERVICE_TOKEN", ""),
                    help="require this service token (raw or EAS signature)")
     p.add_argument("--metadata", help="service metadata as JSON (rpc.* keys); flags below win")
-    p.add_argument("--registry", help="register here: redis://HOST:PORT/DB or a gateway URL")
+    p.add_argument("--registry", default=os.environ.get("INFERGATE_REGISTRY") or None,
+                   help="register here: redis://HOST:PORT/DB or a gateway URL (env "
+                        "INFERGATE_REGISTRY: keeps a Redis password off the command line)")
     p.add_argument("--advertise-host", help="address to register (default: --host)")
     p.add_argument("--weight", type=int, default=100)
     p.add_argument("--batching", action="store_true", default=None)

@@ -23,6 +23,8 @@ Services
 Instances (workers joining through the gateway)
   GET    /admin/instances/<service>
   POST   /admin/instances/<service>              {"instance": {ip, port, ...}, "ttl": s}
+                                                 (404 with "reason": "service_not_found"
+                                                 when the service has no record)
   POST   /admin/instances/<service>/<id>/heartbeat  {"ttl": s} -> {"ok": bool}
   PATCH  /admin/instances/<service>/<id>         {"weight": N, "healthy": bool}
   DELETE /admin/instances/<service>/<id>
@@ -38,15 +40,16 @@ from urllib.parse import parse_qs, unquote
 
 import orjson
 
-from ..registry import InstanceRecord, StoreError, StoreUnavailable
+from ..registry import InstanceRecord, ServiceNotFound, StoreError, StoreUnavailable
 from ..server import Request, Response, error_response, json_response
-from .services import (ServiceError, ServiceOps, desired_instances, effective_traffic,
-                       is_entry_only, model_spec, owner_of)
+from .services import (ServiceError, ServiceOps, cached_model_spec, desired_instances,
+                       effective_traffic, is_entry_only, owner_of)
 
 log = logging.getLogger("infergate.admin")
 
 PREFIX = "/admin/"
 MAX_TTL = 3600.0
+SERVICE_NOT_FOUND = "service_not_found"   # the "reason" of a refused instance registration
 
 
 def _json(request: Request):
@@ -58,13 +61,14 @@ def _json(request: Request):
         raise ServiceError(400, f"request body is not valid JSON: {exc}") from None
 
 
-def _kind(config: dict) -> str:
+def _kind(rec) -> str:
+    config = rec.config
     if is_entry_only(config):
         return "entry"
     if config.get("endpoints"):
         return "endpoints"
     try:
-        return "local" if model_spec(config) is not None else "registered"
+        return "local" if cached_model_spec(rec) is not None else "registered"
     except Exception:
         return "local"
 
@@ -227,7 +231,16 @@ class AdminApi:
                 if not isinstance(body, dict) or not isinstance(body.get("instance"), dict):
                     raise ServiceError(400, "register takes {\"instance\": {...}, \"ttl\": s}")
                 inst = self._instance(service, body["instance"])
-                await self.store.register_instance(inst, self._ttl(body))
+                try:
+                    # Only for a service that exists, checked in the store's own
+                    # transaction: a worker of a deleted service cannot bring it back.
+                    await self.store.register_instance(inst, self._ttl(body),
+                                                       require_service=True)
+                except ServiceNotFound:
+                    return json_response({
+                        "code": 404, "reason": SERVICE_NOT_FOUND,
+                        "message": f"service {service!r} does not exist (deleted, or never "
+                                   "created): create it before its instances register"}, 404)
                 return json_response(inst.to_dict(), 201)
             return self._not_allowed(method, request.path)
         instance_id = parts[1]
@@ -278,6 +291,11 @@ class AdminApi:
         weight = data.get("weight", 100)
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
             raise ServiceError(400, "instance.weight must be an integer >= 0")
+        if "healthy" in data and not isinstance(data["healthy"], bool):
+            raise ServiceError(400, f"instance.healthy must be true or false, got "
+                                    f"{data['healthy']!r}")
+        if "meta" in data and not isinstance(data["meta"], dict):
+            raise ServiceError(400, "instance.meta must be an object")
         try:
             return InstanceRecord.from_dict({**data, "service": service,
                                              "heartbeat_at": time.time()})
@@ -313,7 +331,7 @@ class AdminApi:
         base = self._base_url(request)
         entry = rec.linked_to if (rec.linked_to and rec.released) else rec.name
         insts = await self._instance_views(rec, instances)
-        kind = _kind(rec.config)
+        kind = _kind(rec)
         total = (desired_instances(rec.config) if kind == "local"
                  else 0 if kind == "entry" else len(insts))
         latest = max([h.get("revision", 0) for h in rec.history] + [rec.revision])
@@ -352,6 +370,9 @@ class AdminApi:
             if workers is not None:
                 view["workers"] = workers
                 view["restarts"] = self.launcher.restarts(rec.name)
+            crash_logs = self.launcher.crash_log_paths(rec.name)
+            if crash_logs:
+                view["crash_logs"] = crash_logs
         return view
 
     async def _list(self, request: Request) -> list[dict]:
@@ -365,34 +386,40 @@ class ControlPlane:
 
     def __init__(self, app, location: str, public_url: str, owner: str, launcher_enabled=True):
         import os
-        import socket
-        import tempfile
-        from urllib.parse import urlsplit
 
         from ..registry import is_redis_url
-        from .launcher import Launcher, default_lock_path
+        from . import http_url, normalize_url, split_url
+        from .launcher import Launcher, default_lock_path, private_dir
 
         self.app = app
         location = os.fspath(location)
         redis = is_redis_url(location)
         store_kind = "redis" if redis else "embedded"
         self.ops = ServiceOps(app.store, owner)
-        parts = urlsplit(public_url)
-        gw_host = parts.hostname or "127.0.0.1"
+        public_url = normalize_url(public_url)
+        _, gw_host, gw_port, _ = split_url(public_url)
+        gw_host = gw_host or "0.0.0.0"
         wildcard = gw_host in ("0.0.0.0", "::", "")
         worker_host = os.environ.get("INFERGATE_WORKER_HOST") or (
             "127.0.0.1" if wildcard or gw_host == "localhost" else gw_host)
+        self.launcher = None
         if redis:
             registry_url = location
-            log_dir = os.path.join(tempfile.gettempdir(),
-                                   f"infergate-{os.getuid()}-logs-{socket.gethostname()}")
         else:
-            local = "127.0.0.1" if wildcard else gw_host
-            registry_url = f"http://{local}:{parts.port or 80}"
-            log_dir = os.path.join(os.path.abspath(os.path.expanduser(location)), "logs")
-        log_dir = os.environ.get("INFERGATE_LOG_DIR") or log_dir
-        self.launcher = None
+            # Workers reach this gateway's admin API on loopback when it listens on
+            # every address ("::" listens on IPv6 only: use ::1 there).
+            local = ("::1" if gw_host == "::" else "127.0.0.1") if wildcard else gw_host
+            registry_url = http_url(local, gw_port)
         if launcher_enabled:
+            log_dir = os.environ.get("INFERGATE_LOG_DIR")
+            if not log_dir:
+                if redis:
+                    # No state directory: a per-user directory only we can write to
+                    # (never a predictable name in /tmp that someone else may own).
+                    log_dir = os.path.join(private_dir("state"), "logs")
+                else:
+                    log_dir = os.path.join(os.path.abspath(os.path.expanduser(location)),
+                                           "logs")
             self.launcher = Launcher(app.store, self.ops, owner, registry_url, worker_host,
                                      log_dir, app.admin_token or "",
                                      default_lock_path(owner, location))

@@ -11,11 +11,23 @@ It reconciles, a few times a second, what the store asks for with what runs:
   alone; a changed configuration (model, processor, rpc settings, token)
   starts a new set and stops the old one once the new one is healthy;
 * a worker that exits by itself is deregistered at once and restarted with
-  backoff; after ``max_failures`` exits in a row without a healthy worker in
-  between the service turns Failed, with the worker's last output line as the
-  message, until the user modifies or starts it again;
-* status: Creating/Updating -> Running once every wanted worker answers
-  /health and is registered.
+  a backoff that doubles with every crash (0.5 s, 1 s, 2 s, ... 30 s); a
+  Running service shows Restarting meanwhile. The crash count goes back to 0
+  only once the workers have stayed up ``STABLE_S`` (30 s) -- passing /health
+  is not enough: a worker that dies a second after it came up would otherwise
+  restart forever. After ``MAX_FAILURES`` crashes in a row the service turns
+  Failed, with the worker's last output line as the message, until the user
+  modifies or starts it again. The logs of the last ``MAX_CRASH_LOGS`` crashed
+  workers of a service are kept (``desc`` lists them), older ones deleted;
+* status: Creating/Updating/Restarting -> Running once every wanted worker
+  answers /health and is registered.
+
+Workers get the registry URL (which may hold a Redis password) and the tokens
+through their environment (``INFERGATE_REGISTRY``, ``INFERGATE_SERVICE_TOKEN``,
+``INFERGATE_ADMIN_TOKEN``), never on their command line, which every local
+user can read. Lock and log files live in the state directory or in a per-user
+directory (``private_dir``), never under a predictable name in /tmp, and are
+opened without following symlinks.
 
 Workers die with the gateway: they get SIGTERM from the kernel when it dies
 (``PR_SET_PDEATHSIG``), and ``stop()`` terminates them on a clean shutdown.
@@ -25,6 +37,7 @@ one holding the launcher lock file runs workers; the others take over if it dies
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import ctypes.util
 import fcntl
@@ -34,14 +47,15 @@ import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 
-from ..registry import CREATING, FAILED, RUNNING, STOPPED, UPDATING, StoreError
+from ..registry import CREATING, FAILED, RESTARTING, RUNNING, STOPPED, UPDATING, StoreError
 from ..routing.health import probe
-from .services import (ServiceError, ServiceOps, desired_instances, model_spec, owner_of)
+from .services import (ServiceError, ServiceOps, cached_model_spec, desired_instances, owner_of)
 
 log = logging.getLogger("infergate.launcher")
 
@@ -51,6 +65,8 @@ TERM_GRACE_S = 15.0        # SIGTERM -> SIGKILL
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 MAX_FAILURES = int(os.environ.get("INFERGATE_WORKER_MAX_FAILURES", "3"))
+STABLE_S = float(os.environ.get("INFERGATE_WORKER_STABLE_S", "30"))  # up this long: not a crash loop
+MAX_CRASH_LOGS = 5         # crashed workers' logs kept per service
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -95,6 +111,55 @@ def _unlink(path: str) -> None:
         pass
 
 
+# ---- private files -----------------------------------------------------------------
+def ensure_private_dir(path: str) -> str:
+    """Create ``path`` (0700) or check an existing one: a real directory (not a
+    symlink) owned by this user, whose group/other permission bits are then
+    cleared. OSError when it is not ours."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise OSError(f"{path} is not a directory (a symlink?); refusing to use it")
+    if st.st_uid != os.getuid():
+        raise OSError(f"{path} belongs to uid {st.st_uid}, not to this user ({os.getuid()}); "
+                      "refusing to use it")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def private_dir(kind: str = "state") -> str:
+    """A per-user directory for infergate's own files, 0700 and checked by
+    ``ensure_private_dir``: ``kind="runtime"`` (lock files) prefers
+    ``$XDG_RUNTIME_DIR/infergate``; both kinds then try
+    ``$XDG_STATE_HOME/infergate`` (``~/.local/state/infergate``) and last
+    ``<tmp>/infergate-<uid>`` -- used only if it is ours and private."""
+    candidates = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if kind == "runtime" and runtime and os.path.isabs(runtime):
+        candidates.append(os.path.join(runtime, "infergate"))
+    state_home = os.environ.get("XDG_STATE_HOME")
+    if not (state_home and os.path.isabs(state_home)):
+        home = os.path.expanduser("~")
+        state_home = os.path.join(home, ".local", "state") if os.path.isabs(home) else ""
+    if state_home:
+        candidates.append(os.path.join(state_home, "infergate"))
+    candidates.append(os.path.join(tempfile.gettempdir(), f"infergate-{os.getuid()}"))
+    errors = []
+    for path in candidates:
+        try:
+            return ensure_private_dir(path)
+        except OSError as exc:
+            errors.append(f"{path}: {exc.strerror or exc}")
+    raise OSError("no private directory for infergate's files: " + "; ".join(errors))
+
+
+def open_private(path: str, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC) -> int:
+    """os.open with mode 0600 that never follows a symlink at ``path``."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                   0o600)
+
+
 def fingerprint(rec) -> str:
     """What a running worker depends on: everything but the instance count and the owner."""
     config = dict(rec.config)
@@ -107,8 +172,8 @@ def fingerprint(rec) -> str:
 
 
 class Worker:
-    __slots__ = ("proc", "port", "fp", "revision", "spawned_at", "healthy", "stopping",
-                 "kill_at", "log_path")
+    __slots__ = ("proc", "port", "fp", "revision", "spawned_at", "healthy", "healthy_at",
+                 "stopping", "kill_at", "log_path")
 
     def __init__(self, proc, port, fp, revision, log_path):
         self.proc = proc
@@ -117,6 +182,7 @@ class Worker:
         self.revision = revision
         self.spawned_at = time.monotonic()
         self.healthy = False
+        self.healthy_at = 0.0         # monotonic time of its first good /health
         self.stopping = False
         self.kill_at = 0.0
         self.log_path = log_path
@@ -131,6 +197,7 @@ class ServiceState:
         self.next_spawn = 0.0
         self.last_error = ""
         self.restarts = 0
+        self.crash_note = ""          # a crash the service status has not shown yet
 
 
 class Launcher:
@@ -154,13 +221,23 @@ class Launcher:
         self._last_refresh = 0.0
         self._adopted: set[str] = set()
         self._closing = False
+        self._lock_error_logged = False
+        self._fp_cache: dict[str, tuple] = {}   # name -> ((created_at, version), fingerprint)
+        self.crash_logs: dict[str, collections.deque] = {}
 
     # ---- lifecycle ------------------------------------------------------------
     def _try_lock(self) -> bool:
         if self.lock_path is None:
             return True
         if self._lock_fd is None:
-            self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                self._lock_fd = open_private(self.lock_path, os.O_RDWR | os.O_CREAT)
+            except OSError as exc:  # e.g. ELOOP: someone put a symlink there
+                if not self._lock_error_logged:
+                    self._lock_error_logged = True
+                    log.error("launcher lock file %s cannot be opened safely (%s); this gateway "
+                              "runs no workers", self.lock_path, exc.strerror or exc)
+                return False
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -170,7 +247,8 @@ class Launcher:
         return True
 
     async def start(self) -> None:
-        os.makedirs(self.log_dir, exist_ok=True)
+        os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
+        self._prune_old_logs()
         self.leader = self._try_lock()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -255,7 +333,7 @@ class Launcher:
             owner = owner_of(rec.config)
             if not owner:
                 try:
-                    spec = model_spec(rec.config)
+                    spec = cached_model_spec(rec)
                 except Exception:
                     spec = None
                 if spec is not None:
@@ -264,13 +342,17 @@ class Launcher:
                     owner = owner_of(rec.config)
             if owner == self.owner:
                 try:
-                    spec = model_spec(rec.config)
+                    spec = cached_model_spec(rec)   # once per record version, not per tick
                 except Exception as exc:  # a model file that went away since create
                     if rec.status != FAILED:
                         await self._set_status(rec, FAILED, str(exc))
                     spec = None
                 wanted = spec is not None
         if not wanted:
+            if rec is None:
+                self._fp_cache.pop(name, None)
+                for path in self.crash_logs.pop(name, ()):  # the service is gone
+                    _unlink(path)
             if st is not None:
                 self._reap(name, st, None)
                 for w in st.workers:
@@ -283,7 +365,8 @@ class Launcher:
 
         if st is None:
             st = self.states[name] = ServiceState()
-            if name not in self._adopted and rec.status in (RUNNING, UPDATING, FAILED):
+            if name not in self._adopted and rec.status in (RUNNING, UPDATING, FAILED,
+                                                                   RESTARTING):
                 # A service we own from before this gateway (re)started: run it again.
                 self._adopted.add(name)
                 n = desired_instances(rec.config)
@@ -293,7 +376,7 @@ class Launcher:
         if st.failed and rec.status in (CREATING, UPDATING) and rec.updated_at != st.failed_stamp:
             st.failed, st.failures, st.next_spawn = False, 0, 0.0  # the user tries again
 
-        fp = fingerprint(rec)
+        fp = self._fingerprint(rec)
         n = desired_instances(rec.config)
         self._reap(name, st, rec)
         if self.records.get(name) is not None:
@@ -311,8 +394,11 @@ class Launcher:
                                              for w in pending))
             for w, ok in zip(pending, results):
                 if ok and w.proc.poll() is None:
-                    w.healthy = True
-                    st.failures = 0
+                    w.healthy = True      # not yet proof that it works: see STABLE_S
+                    w.healthy_at = now
+        if st.failures and current and all(w.healthy and now - w.healthy_at >= STABLE_S
+                                           for w in current):
+            st.failures = 0               # up long enough: earlier crashes are forgiven
         if len(current) < n and not st.failed and now >= st.next_spawn:
             for _ in range(n - len(current)):
                 w = self._spawn(rec, spec, fp)
@@ -336,6 +422,12 @@ class Launcher:
                 if updated is not None:
                     st.failed_stamp = updated.updated_at
             return
+        if st.crash_note:
+            note, st.crash_note = st.crash_note, ""
+            if rec.status in (RUNNING, RESTARTING):
+                rec = await self._set_status(rec, RESTARTING, note) or rec
+            elif rec.status in (CREATING, UPDATING):
+                rec = await self._set_status(rec, rec.status, note) or rec
         settled = not any(w.stopping for w in st.workers)  # the retired ones have exited
         if (len(current) == n and len(healthy) == n and not old and settled
                 and rec.status != RUNNING):
@@ -360,19 +452,59 @@ class Launcher:
             if w.stopping or rec is None or self._closing:
                 _unlink(w.log_path)  # stopped on purpose: only crash logs are kept
                 continue
+            now = time.monotonic()
             how = (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
             line = last_line(w.log_path)
             st.last_error = f"instance on port {w.port} {how}" + (f": {line}" if line else "")
+            if w.healthy and now - w.healthy_at >= STABLE_S:
+                st.failures = 0   # it ran fine for a while: a fresh crash, not a crash loop
             st.failures += 1
             st.restarts += 1
-            log.warning("service %s: %s", name, st.last_error)
+            self._keep_crash_log(name, w.log_path)
+            log.warning("service %s: %s (log %s)", name, st.last_error, w.log_path)
             if st.failures >= MAX_FAILURES:
                 st.failed = True
-                log.error("service %s: %d failures in a row; giving up until it is modified or "
+                log.error("service %s: %d crashes in a row; giving up until it is modified or "
                           "started again", name, st.failures)
             else:
+                # Doubles with every crash; only STABLE_S of uptime brings it back down.
                 delay = min(BACKOFF_BASE_S * 2 ** (st.failures - 1), BACKOFF_MAX_S)
-                st.next_spawn = time.monotonic() + delay
+                st.next_spawn = now + delay
+                st.crash_note = (f"{st.last_error}; restarting in {delay:g}s (crash "
+                                 f"{st.failures} of {MAX_FAILURES} in a row)")
+
+    def _fingerprint(self, rec) -> str:
+        key = (rec.created_at, rec.version)
+        hit = self._fp_cache.get(rec.name)
+        if hit is None or hit[0] != key or not rec.version:
+            hit = self._fp_cache[rec.name] = (key, fingerprint(rec))
+        return hit[1]
+
+    def _keep_crash_log(self, name: str, path: str) -> None:
+        logs = self.crash_logs.setdefault(name, collections.deque())
+        logs.append(path)
+        while len(logs) > MAX_CRASH_LOGS:
+            _unlink(logs.popleft())
+
+    def _prune_old_logs(self) -> None:
+        """Crash logs left by earlier runs: keep the newest MAX_CRASH_LOGS per service."""
+        try:
+            entries = [e for e in os.scandir(self.log_dir)
+                       if e.name.endswith(".log") and e.is_file(follow_symlinks=False)]
+        except OSError:
+            return
+        by_service: dict[str, list] = {}
+        for e in entries:
+            service, dash, port = e.name[:-4].rpartition("-")
+            if dash and port.isdigit():
+                try:
+                    by_service.setdefault(service, []).append((e.stat().st_mtime, e.path))
+                except OSError:
+                    pass
+        for files in by_service.values():
+            files.sort(reverse=True)
+            for _, path in files[MAX_CRASH_LOGS:]:
+                _unlink(path)
 
     async def _deregister(self, name: str, w: Worker) -> None:
         try:
@@ -394,9 +526,10 @@ class Launcher:
     def command(self, rec, spec, port: int) -> list[str]:
         meta = dict(rec.config.get("metadata") or {})
         meta.pop("owner", None)
+        # No --registry: the URL may carry a password; it goes in INFERGATE_REGISTRY.
         args = [sys.executable, "-m", "gateway.cli.main", "worker", "--service", rec.name,
                 "--processor", spec.processor, "--host", self.worker_host, "--port", str(port),
-                "--registry", self.registry_url, "--metadata", json.dumps(meta)]
+                "--metadata", json.dumps(meta)]
         if spec.model:
             args += ["--model", spec.model]
         if spec.entry:
@@ -409,6 +542,13 @@ class Launcher:
                 pass
         return args
 
+    def worker_env(self, rec) -> dict:
+        """A worker's environment: where to register and the secrets, which must not
+        appear on its command line (``ps`` shows that to every local user)."""
+        return dict(os.environ, PYTHONUNBUFFERED="1", INFERGATE_REGISTRY=self.registry_url,
+                    INFERGATE_SERVICE_TOKEN=rec.token or "",
+                    INFERGATE_ADMIN_TOKEN=self.admin_token or "")
+
     def _spawn(self, rec, spec, fp: str) -> Worker | None:
         try:
             port = free_port(self.worker_host)
@@ -416,11 +556,10 @@ class Launcher:
             log.error("no free port on %s: %s", self.worker_host, exc)
             return None
         args = self.command(rec, spec, port)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", INFERGATE_SERVICE_TOKEN=rec.token or "",
-                   INFERGATE_ADMIN_TOKEN=self.admin_token or "")
+        env = self.worker_env(rec)
         log_path = os.path.join(self.log_dir, f"{rec.name}-{port}.log")
         try:
-            with open(log_path, "wb") as out:
+            with os.fdopen(open_private(log_path), "wb") as out:
                 proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=subprocess.STDOUT, env=env, close_fds=True,
                                         start_new_session=True,
@@ -446,10 +585,26 @@ class Launcher:
         st = self.states.get(name)
         return st.restarts if st is not None else 0
 
+    def crash_log_paths(self, name: str) -> list[str]:
+        """Logs of the service's last crashed workers (oldest first)."""
+        return list(self.crash_logs.get(name, ()))
+
 
 def default_lock_path(owner: str, location: str) -> str:
+    """The lock that makes one of several gateway processes of one identity the
+    launcher: in the state directory (embedded store: shared by exactly those
+    processes), else in this user's private directory -- never a predictable
+    name in /tmp."""
+    from ..registry import is_redis_url
+
     digest = hashlib.sha1(f"{owner}\0{location}".encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"infergate-launcher-{os.getuid()}-{digest}.lock")
+    if is_redis_url(location):
+        base = private_dir("runtime")
+    else:
+        base = os.path.abspath(os.path.expanduser(location))
+        os.makedirs(base, mode=0o700, exist_ok=True)
+    return os.path.join(base, f"launcher-{digest}.lock")
 
 
-__all__ = ["Launcher", "fingerprint", "last_line", "default_lock_path", "ServiceError"]
+__all__ = ["Launcher", "fingerprint", "last_line", "default_lock_path", "private_dir",
+           "ensure_private_dir", "open_private", "ServiceError"]

@@ -12,7 +12,10 @@
 
 Every client has ``register(instance, ttl)``, ``heartbeat(instance, ttl) ->
 bool`` (False: unknown or lapsed, register again), ``deregister(instance)``
-and ``close()``; ``instance`` is an InstanceRecord as a dict.
+and ``close()``; ``instance`` is an InstanceRecord as a dict. ``register``
+raises :class:`ServiceGone` when the service has no record (never created, or
+deleted): instances join existing services only, so a worker that outlives
+its service cannot bring it back without its token and settings.
 
 ``http_request`` is the small asyncio HTTP/1.1 client the control plane uses
 for its own calls (one connection per call, ``Connection: close``).
@@ -24,11 +27,18 @@ import json
 import os
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from ..registry import InstanceRecord, is_redis_url, open_store
+from ..registry import InstanceRecord, ServiceNotFound, is_redis_url, open_store
+from . import url_host
+
+SERVICE_NOT_FOUND = "service_not_found"   # admin API: the reason of a refused registration
 
 
 class RegistrationError(RuntimeError):
     """The registry refused the call (an HTTP error from the gateway)."""
+
+
+class ServiceGone(RegistrationError):
+    """The service has no record in the registry (deleted, or never created)."""
 
 
 async def http_request(method: str, url: str, body=None, headers: dict | None = None,
@@ -46,7 +56,7 @@ async def http_request(method: str, url: str, body=None, headers: dict | None = 
         body = json.dumps(body).encode()
         headers = {"Content-Type": "application/json", **(headers or {})}
     body = body or b""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close",
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {url_host(host)}:{port}", "Connection: close",
              f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + bytes(body)
@@ -107,7 +117,12 @@ class StoreRegistrationClient:
         self.store = open_store(url)
 
     async def register(self, instance, ttl: float) -> None:
-        await self.store.register_instance(_record(instance), ttl)
+        rec = _record(instance)
+        try:
+            await self.store.register_instance(rec, ttl, require_service=True)
+        except ServiceNotFound:
+            raise ServiceGone(f"service {rec.service!r} does not exist in the registry "
+                              f"(deleted, or never created)") from None
 
     async def heartbeat(self, instance, ttl: float) -> bool:
         rec = _record(instance)
@@ -156,6 +171,8 @@ class GatewayRegistrationClient:
     async def register(self, instance, ttl: float) -> None:
         rec = _record(instance)
         data = await self._call("POST", self._url(rec), {"instance": rec.to_dict(), "ttl": ttl})
+        if data["_status"] == 404 and data.get("reason") == SERVICE_NOT_FOUND:
+            raise ServiceGone(data.get("message") or f"service {rec.service!r} does not exist")
         if data["_status"] == 404:
             raise RegistrationError(f"the gateway at {self.base} has no admin API "
                                     f"(404 on {self._url(rec)})")

@@ -32,13 +32,16 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from ..registry import (CREATING, FAILED, RUNNING, STOPPED, UPDATING, ServiceRecord,
-                        StoreUnavailable)
+from ..registry import (CREATING, FAILED, RESTARTING, RUNNING, STOPPED, UPDATING, ServiceRecord,
+                        StoreUnavailable, VersionConflict)
 from ..rules import RuleSet
 from ..serviceconfig import ConfigError, processor_kind, validate_service
 
 MAX_HISTORY = 50
 LINK_SUFFIX_BYTES = 4  # create -r: <name>_<8 hex digits>
+MAX_RETRIES = 50       # compare-and-set rounds before an operation gives up (409)
+DELETE = object()      # a mutate() result: delete the record (ServiceOps._update)
+SPEC_CACHE_MAX = 4096
 
 
 class ServiceError(Exception):
@@ -153,6 +156,35 @@ def model_spec(config: dict) -> ModelSpec | None:
     return ModelSpec(kind, model_file, entry_spec)
 
 
+_spec_cache: dict = {}
+
+
+def cached_model_spec(rec: ServiceRecord) -> ModelSpec | None:
+    """``model_spec(rec.config)``, computed once per stored version of the record.
+
+    The launcher asks on every tick and ``list``/``desc`` for every service;
+    model_spec looks at the filesystem each time. A record's config cannot change
+    without a new store version, so (name, created_at, version) identifies it;
+    ConfigError is cached too and raised again. Records never stored (version 0)
+    are not cached."""
+    if not rec.version:
+        return model_spec(rec.config)
+    key = (rec.name, rec.created_at, rec.version)
+    hit = _spec_cache.get(key)
+    if hit is None:
+        try:
+            hit = (model_spec(rec.config), None)
+        except ConfigError as exc:
+            hit = (None, exc)
+        if len(_spec_cache) >= SPEC_CACHE_MAX:
+            _spec_cache.clear()
+        _spec_cache[key] = hit
+    spec, error = hit
+    if error is not None:
+        raise ConfigError(str(error))
+    return spec
+
+
 def check_config(config) -> ModelSpec | None:
     """validate_service + model files; ServiceError(400) naming the field."""
     try:
@@ -235,12 +267,57 @@ def _normalized_traffic(name: str, traffic: dict) -> dict:
 
 # --------------------------------------------------------------------- operations
 class ServiceOps:
-    """The control-plane operations of one gateway over its store."""
+    """The control-plane operations of one gateway over its store.
+
+    Several gateways (or ``--processes``) may share the store, so no in-process
+    lock makes an operation safe: each one is a read-modify-write of the latest
+    record that the store writes only if the record is still at the version it
+    read (compare-and-set); on a conflict the operation reads again and redoes
+    its change, re-checking everything it checked the first time. Status
+    updates of the launcher go the same way and touch only ``status`` and
+    ``message``, so they never undo a user's change nor bring back a deleted
+    service."""
 
     def __init__(self, store, owner: str):
         self.store = store
         self.owner = owner
-        self._lock = asyncio.Lock()
+
+    # ---- plumbing -------------------------------------------------------------
+    async def _put(self, rec: ServiceRecord) -> ServiceRecord:
+        """Write ``rec`` if the stored record is still at ``rec.version`` (0: absent);
+        VersionConflict otherwise."""
+        rec.updated_at = time.time()
+        await self.store.put_service(rec, expect_version=rec.version)
+        return rec
+
+    async def _update(self, name: str, mutate, missing_ok: bool = False):
+        """Read-modify-write of one record, retried on conflict.
+
+        ``mutate(rec)`` (a coroutine function) changes the fresh copy it gets and
+        returns it to be written, None to write nothing, or DELETE to delete the
+        record; it may raise ServiceError. Returns the record as written (or as
+        read when nothing was written; None when deleted, or when it does not
+        exist and ``missing_ok``)."""
+        for _ in range(MAX_RETRIES):
+            rec = await self.store.get_service(name)
+            if rec is None:
+                if missing_ok:
+                    return None
+                raise ServiceError(404, f"service {name!r} does not exist")
+            version = rec.version
+            result = await mutate(rec)
+            try:
+                if result is None:
+                    return rec
+                if result is DELETE:
+                    await self.store.delete_service(name, expect_version=version)
+                    return None
+                result.version = version
+                return await self._put(result)
+            except VersionConflict:
+                await asyncio.sleep(0)
+                continue
+        raise _busy(name)
 
     # ---- reads ----------------------------------------------------------------
     async def get(self, name: str) -> ServiceRecord:
@@ -252,11 +329,6 @@ class ServiceOps:
     async def list(self) -> list[ServiceRecord]:
         return await self.store.list_services()
 
-    async def _put(self, rec: ServiceRecord) -> ServiceRecord:
-        rec.updated_at = time.time()
-        await self.store.put_service(rec)
-        return rec
-
     # ---- create ---------------------------------------------------------------
     async def create(self, config, linked: bool = False) -> ServiceRecord:
         if not isinstance(config, dict):
@@ -266,30 +338,25 @@ class ServiceOps:
         if config.get("entry_only"):
             raise ServiceError(400, "entry_only is reserved for the endpoint of a deleted "
                                     "original service")
-        async with self._lock:
-            name = config["name"]
-            original = None
-            if linked:
-                original = await self.store.get_service(name)
-                if original is None:
-                    raise ServiceError(404, f"service {name!r} does not exist: create -r makes a "
-                                            "new service linked to an existing one of that name")
-                if original.linked_to:  # link to the root, whose endpoint never changes
-                    original = await self.get(original.linked_to)
-                for _ in range(10):
-                    name = f"{original.name}_{secrets.token_hex(LINK_SUFFIX_BYTES)}"
-                    if await self.store.get_service(name) is None:
-                        break
+        name = config["name"]
+        original = None
+        if linked:
+            original = await self.store.get_service(name)
+            if original is None:
+                raise ServiceError(404, f"service {name!r} does not exist: create -r makes a "
+                                        "new service linked to an existing one of that name")
+            if original.linked_to:  # link to the root, whose endpoint never changes
+                original = await self.get(original.linked_to)
+        token = config.pop("token", "") or ""
+        if not token and str(config.get("generate_token", "false")).lower() == "true":
+            token = secrets.token_urlsafe(24)
+        meta = config.setdefault("metadata", {})
+        meta = config["metadata"] = _flat_rpc(meta)
+        meta.setdefault("owner", self.owner)
+        for _ in range(MAX_RETRIES):
+            if original is not None:
+                name = f"{original.name}_{secrets.token_hex(LINK_SUFFIX_BYTES)}"
                 config["name"] = name
-            elif await self.store.get_service(name) is not None:
-                raise ServiceError(409, f"service {name!r} already exists (use modify to change "
-                                        "it, or create -r for a blue-green version)")
-            token = config.pop("token", "") or ""
-            if not token and str(config.get("generate_token", "false")).lower() == "true":
-                token = secrets.token_urlsafe(24)
-            meta = config.setdefault("metadata", {})
-            meta = config["metadata"] = _flat_rpc(meta)
-            meta.setdefault("owner", self.owner)
             now = time.time()
             rec = ServiceRecord(
                 name=name, config=config, token=token,
@@ -299,8 +366,17 @@ class ServiceOps:
                 else "instances register themselves (infergate worker --registry)",
                 revision=1, history=[{"revision": 1, "config": copy.deepcopy(config),
                                       "created_at": now}],
-                linked_to=original.name if original is not None else None)
-            return await self._put(rec)
+                linked_to=original.name if original is not None else None,
+                created_at=now, version=0)
+            try:
+                return await self._put(rec)       # version 0: only if no such record yet
+            except VersionConflict:
+                if original is None:
+                    raise ServiceError(409, f"service {name!r} already exists (use modify to "
+                                            "change it, or create -r for a blue-green version)"
+                                       ) from None
+                # a linked name that is taken: draw another suffix
+        raise _busy(name)
 
     # ---- modify / version -----------------------------------------------------
     def _status_after_change(self, rec: ServiceRecord, spec, what: str) -> None:
@@ -319,8 +395,8 @@ class ServiceOps:
             raise ServiceError(400, "set must be an object of dotted keys and values")
         if not patch and not sets:
             raise ServiceError(400, "nothing to modify: give -D key=value or -s partial.json")
-        async with self._lock:
-            rec = await self.get(name)
+
+        async def mutate(rec: ServiceRecord):
             if is_entry_only(rec.config):
                 raise ServiceError(400, f"service {name!r} was deleted; its endpoint only forwards "
                                         "to its linked services")
@@ -328,17 +404,17 @@ class ServiceOps:
             config["metadata"] = _flat_rpc(config.get("metadata") or {})
             token = rec.token
             if patch:
-                patch = copy.deepcopy(patch)
-                if patch.get("name", name) != name:
-                    raise ServiceError(400, f"name cannot be changed ({patch['name']!r} given for "
+                p = copy.deepcopy(patch)
+                if p.get("name", name) != name:
+                    raise ServiceError(400, f"name cannot be changed ({p['name']!r} given for "
                                             f"{name!r})")
-                if isinstance(patch.get("metadata"), dict):
-                    patch["metadata"] = _flat_rpc(patch["metadata"])
-                if "token" in patch:
-                    token = patch.pop("token")
+                if isinstance(p.get("metadata"), dict):
+                    p["metadata"] = _flat_rpc(p["metadata"])
+                if "token" in p:
+                    token = p.pop("token")
                     if not isinstance(token, str):
                         raise ServiceError(400, "token must be a string")
-                deep_merge(config, patch)
+                deep_merge(config, p)
             for key, value in (sets or {}).items():
                 if key == "token":
                     if not isinstance(value, str):
@@ -353,7 +429,7 @@ class ServiceOps:
                                         "original service")
             spec = check_config(config)
             if config == rec.config and token == rec.token:
-                return rec  # nothing changes: no new version
+                return None  # nothing changes: no new version
             before = desired_instances(rec.config)
             after = desired_instances(config)
             only_scale = ({**config, "metadata": {**config["metadata"], "instance": 0}} ==
@@ -368,22 +444,24 @@ class ServiceOps:
             what = (f"scaling from {before} to {after} instance(s)" if only_scale
                     else f"updating to version {latest + 1}")
             self._status_after_change(rec, spec, what)
-            return await self._put(rec)
+            return rec
+
+        return await self._update(name, mutate)
 
     async def version(self, name: str, revision) -> ServiceRecord:
         try:
             revision = int(revision)
         except (TypeError, ValueError):
             raise ServiceError(400, f"version must be an integer, got {revision!r}") from None
-        async with self._lock:
-            rec = await self.get(name)
+
+        async def mutate(rec: ServiceRecord):
             entry = next((h for h in rec.history if h.get("revision") == revision), None)
             if entry is None:
                 known = ", ".join(str(h.get("revision")) for h in rec.history)
                 raise ServiceError(404, f"service {name!r} has no version {revision} "
                                         f"(versions: {known})")
             if revision == rec.revision:
-                return rec
+                return None
             config = copy.deepcopy(entry["config"])
             owner = owner_of(rec.config)
             if owner:
@@ -391,42 +469,46 @@ class ServiceOps:
             spec = check_config(config)
             rec.config, rec.revision = config, revision
             self._status_after_change(rec, spec, f"switching to version {revision}")
-            return await self._put(rec)
+            return rec
+
+        return await self._update(name, mutate)
 
     # ---- stop / start ---------------------------------------------------------
     async def stop(self, name: str) -> ServiceRecord:
-        async with self._lock:
-            rec = await self.get(name)
+        async def mutate(rec: ServiceRecord):
             if is_entry_only(rec.config):
                 raise ServiceError(400, f"service {name!r} was deleted; stop its linked services")
             if rec.status == STOPPED:
-                return rec
+                return None
             rec.status, rec.message = STOPPED, "stopped"
-            return await self._put(rec)
+            return rec
+
+        return await self._update(name, mutate)
 
     async def start(self, name: str) -> ServiceRecord:
-        async with self._lock:
-            rec = await self.get(name)
+        async def mutate(rec: ServiceRecord):
             if is_entry_only(rec.config):
                 raise ServiceError(400, f"service {name!r} was deleted; start its linked services")
-            if rec.status in (RUNNING, CREATING, UPDATING):
-                return rec
+            if rec.status in (RUNNING, CREATING, UPDATING, RESTARTING):
+                return None
             spec = check_config(rec.config) if rec.status == FAILED else model_spec(rec.config)
             if spec is not None:
                 rec.status = CREATING
                 rec.message = "starting %d instance(s)" % desired_instances(rec.config)
             else:
                 rec.status, rec.message = RUNNING, "started"
-            return await self._put(rec)
+            return rec
+
+        return await self._update(name, mutate)
 
     # ---- delete ---------------------------------------------------------------
     async def delete(self, name: str) -> dict:
         """Returns {"deleted": name, "kept_entry": bool, "traffic_to": [...]}."""
-        async with self._lock:
+        result = {"deleted": name, "kept_entry": False, "traffic_to": []}
+        for _ in range(MAX_RETRIES):
             rec = await self.get(name)
             records = {r.name: r for r in await self.store.list_services()}
             linked = sorted(n for n, r in records.items() if r.linked_to == name)
-            result = {"deleted": name, "kept_entry": False, "traffic_to": []}
             if linked and not is_entry_only(rec.config):
                 # The original goes, its endpoint stays: everything to the linked services.
                 others = {k: v for k, v in effective_traffic(rec).items()
@@ -440,45 +522,87 @@ class ServiceOps:
                     token=rec.token, status=RUNNING,
                     message="the original service was deleted; this endpoint forwards to "
                             + ", ".join(k for k, v in traffic.items() if v > 0),
-                    revision=rec.revision, history=rec.history, traffic=traffic, rules=rec.rules,
-                    created_at=rec.created_at)
-                await self._put(entry)
+                    revision=rec.revision, history=rec.history, traffic=traffic,
+                    rules=[r for r in rec.rules if r.get("target") != name],
+                    created_at=rec.created_at, version=rec.version)
+                try:
+                    await self._put(entry)
+                except VersionConflict:
+                    continue
                 result.update(kept_entry=True, traffic_to=[k for k, v in traffic.items() if v])
+                # Its own instances are gone: nobody else may send a share or a rule there.
+                await self._drop_references(name)
                 return result
-            await self.store.delete_service(name)
+            try:
+                await self.store.delete_service(name, expect_version=rec.version)
+            except VersionConflict:
+                continue
             if is_entry_only(rec.config):
-                for other in linked:  # the endpoint is gone: linked services get their own back
-                    child = records[other]
-                    child.linked_to, child.released = None, False
-                    await self._put(child)
-            # Whoever sent traffic here sends it to the rest now; rules aiming here go.
-            for other in records.values():
-                if other.name == name:
-                    continue
-                kept_rules = [r for r in other.rules if r.get("target") != name]
-                if name not in other.traffic:
-                    if len(kept_rules) != len(other.rules):
-                        other.rules = kept_rules
-                        await self._put(other)
-                    continue
-                other.rules = kept_rules
-                rest = {k: v for k, v in other.traffic.items() if k != name}
-                if not rest or (is_entry_only(other.config) and not any(
-                        k != other.name for k in rest)):
+                await self._unlink_children(name)
+            result["traffic_to"] = await self._drop_references(name)
+            return result
+        raise _busy(name)
+
+    async def _unlink_children(self, name: str) -> None:
+        """The entry ``name`` is gone: services linked to it get their own endpoint back."""
+        for child in await self.store.list_services():
+            if child.linked_to != name:
+                continue
+
+            async def unlink(rec: ServiceRecord):
+                if rec.linked_to != name:
+                    return None
+                rec.linked_to, rec.released = None, False
+                return rec
+
+            await self._update(child.name, unlink, missing_ok=True)
+
+    async def _drop_references(self, name: str) -> list[str]:
+        """``name`` has no instances of its own any more (deleted, or kept only as an
+        entry): take it out of every other service's traffic shares and rules.
+        An entry left with nothing to forward to is deleted too. Returns where the
+        traffic of the last service that sent some to ``name`` goes now."""
+        traffic_to: list[str] = []
+        emptied: list[str] = []
+        for other in await self.store.list_services():
+            if other.name == name:
+                continue
+            if name not in other.traffic and not any(r.get("target") == name
+                                                     for r in other.rules):
+                continue
+
+            async def drop(rec: ServiceRecord):
+                kept_rules = [r for r in rec.rules if r.get("target") != name]
+                if name not in rec.traffic:
+                    if len(kept_rules) == len(rec.rules):
+                        return None
+                    rec.rules = kept_rules
+                    return rec
+                rec.rules = kept_rules
+                entry = is_entry_only(rec.config)
+                rest = {k: v for k, v in rec.traffic.items() if k != name}
+                if not rest or (entry and not any(k != rec.name for k in rest)):
                     rest = {}
                 elif sum(rest.values()) == 0:
-                    rest = {other.name: 100} if not is_entry_only(other.config) else \
-                        _rescale({k: 1 for k in rest}, 100)
+                    rest = {rec.name: 100} if not entry else _rescale({k: 1 for k in rest}, 100)
                 else:
                     rest = _rescale(rest, 100)
-                if is_entry_only(other.config) and not any(v for v in rest.values()):
-                    # An entry with nothing left to forward to goes too.
-                    await self.store.delete_service(other.name)
-                    continue
-                other.traffic = _normalized_traffic(other.name, rest)
-                await self._put(other)
-                result["traffic_to"] = [k for k, v in effective_traffic(other).items() if v]
-            return result
+                if entry and not any(v for v in rest.values()):
+                    return DELETE  # an entry with nothing left to forward to goes too
+                rec.traffic = _normalized_traffic(rec.name, rest)
+                return rec
+
+            updated = await self._update(other.name, drop, missing_ok=True)
+            if updated is None:
+                if await self.store.get_service(other.name) is None and is_entry_only(
+                        other.config):
+                    emptied.append(other.name)
+            elif name in other.traffic:
+                traffic_to = [k for k, v in effective_traffic(updated).items() if v]
+        for gone in emptied:  # what pointed at a removed entry (nothing should) goes too
+            await self._unlink_children(gone)
+            await self._drop_references(gone)
+        return traffic_to
 
     # ---- blue-green release ---------------------------------------------------
     async def release(self, name: str, weight) -> ServiceRecord:
@@ -491,15 +615,13 @@ class ServiceOps:
                 from None
         if not 0 <= weight <= 100:
             raise ServiceError(400, f"weight must be an integer from 0 to 100, got {weight}")
-        async with self._lock:
-            rec = await self.get(name)
-            if not rec.linked_to:
-                raise ServiceError(400, f"service {name!r} is not a linked service: release works "
-                                        "on a service made with create -r")
-            original = await self.store.get_service(rec.linked_to)
-            if original is None:
-                raise ServiceError(404, f"the original service {rec.linked_to!r} of {name!r} no "
-                                        "longer exists")
+        rec = await self.get(name)
+        if not rec.linked_to:
+            raise ServiceError(400, f"service {name!r} is not a linked service: release works "
+                                    "on a service made with create -r")
+        original_name = rec.linked_to
+
+        async def shift(original: ServiceRecord):
             others = {k: v for k, v in effective_traffic(original).items() if k != name}
             if sum(others.values()) == 0 and weight < 100:
                 fallback = original.name
@@ -511,15 +633,56 @@ class ServiceOps:
                 others[fallback] = 1
             traffic = _rescale(others, 100 - weight)
             traffic[name] = weight
+            if traffic == effective_traffic(original):
+                return None
             original.traffic = traffic
-            await self._put(original)
-            if not rec.released:
-                rec.released = True
-                rec.message = f"released into {original.name} at {weight}%"
-                await self._put(rec)
             return original
 
+        try:
+            original = await self._update(original_name, shift)
+        except ServiceError as exc:
+            if exc.status == 404:
+                raise ServiceError(404, f"the original service {original_name!r} of {name!r} no "
+                                        "longer exists") from None
+            raise
+
+        async def mark(linked: ServiceRecord):
+            if linked.linked_to != original_name:
+                raise ServiceError(409, f"service {name!r} is no longer linked to "
+                                        f"{original_name!r}")
+            if linked.released:
+                return None
+            linked.released = True
+            linked.message = f"released into {original_name} at {weight}%"
+            return linked
+
+        try:
+            await self._update(name, mark)
+        except ServiceError:
+            # Deleted (or unlinked) while we shifted traffic to it: take that back.
+            await self._drop_references(name)
+            raise
+        return original
+
     # ---- ModelArts: traffic shares and header rules ---------------------------
+    async def _check_target(self, name: str, target: str, what: str) -> ServiceRecord:
+        other = await self.store.get_service(target)
+        if other is None:
+            raise ServiceError(400, f"{what} {target!r} is not a service")
+        if is_entry_only(other.config):
+            raise ServiceError(400, f"{what} {target!r} was deleted: its endpoint only forwards "
+                                    "to its linked services and has no instances")
+        return other
+
+    async def _recheck_targets(self, name: str, targets) -> None:
+        """After writing shares/rules: a target deleted meanwhile must not stay in them."""
+        for target in set(targets):
+            if target == name:
+                continue
+            other = await self.store.get_service(target)
+            if other is None or is_entry_only(other.config):
+                await self._drop_references(target)
+
     async def set_traffic(self, name: str, shares) -> ServiceRecord:
         if not isinstance(shares, dict) or not shares:
             raise ServiceError(400, "traffic must be an object of {service: share}")
@@ -541,8 +704,8 @@ class ServiceOps:
         total = sum(clean.values())
         if total != 100:
             raise ServiceError(400, f"traffic shares must sum to 100, got {total}")
-        async with self._lock:
-            rec = await self.get(name)
+
+        async def mutate(rec: ServiceRecord):
             if rec.linked_to and rec.released:
                 raise ServiceError(400, f"service {name!r} is released into {rec.linked_to!r}: "
                                         f"set the traffic of {rec.linked_to!r}")
@@ -552,14 +715,19 @@ class ServiceOps:
                         raise ServiceError(400, f"service {name!r} was deleted: it has no "
                                                 "instances to take a share")
                     continue
-                other = await self.store.get_service(target)
-                if other is None:
-                    raise ServiceError(400, f"traffic target {target!r} is not a service")
+                other = await self._check_target(name, target, "traffic target")
                 if other.linked_to and other.linked_to != name and other.released:
                     raise ServiceError(400, f"traffic target {target!r} is released into "
                                             f"{other.linked_to!r}")
-            rec.traffic = _normalized_traffic(name, clean)
-            return await self._put(rec)
+            traffic = _normalized_traffic(name, clean)
+            if traffic == rec.traffic:
+                return None
+            rec.traffic = traffic
+            return rec
+
+        rec = await self._update(name, mutate)
+        await self._recheck_targets(name, clean)
+        return rec
 
     async def set_rules(self, name: str, rules) -> ServiceRecord:
         if isinstance(rules, dict) and "rules" in rules:
@@ -568,42 +736,58 @@ class ServiceOps:
             ruleset = RuleSet(rules if rules is not None else [])
         except ValueError as exc:  # RuleSyntaxError included: names the rule and position
             raise ServiceError(400, str(exc)) from None
-        async with self._lock:
-            rec = await self.get(name)
+
+        async def mutate(rec: ServiceRecord):
             for i, target in enumerate(ruleset.targets):
-                if target != name and await self.store.get_service(target) is None:
-                    raise ServiceError(400, f"rule {i}: target {target!r} is not a service")
+                if target == name:
+                    if is_entry_only(rec.config):
+                        raise ServiceError(400, f"rule {i}: service {name!r} was deleted: it "
+                                                "has no instances of its own")
+                    continue
+                await self._check_target(name, target, f"rule {i}: target")
+            if ruleset.rules == rec.rules:
+                return None
             rec.rules = ruleset.rules
-            return await self._put(rec)
+            return rec
+
+        rec = await self._update(name, mutate)
+        await self._recheck_targets(name, ruleset.targets)
+        return rec
 
     # ---- used by the launcher -------------------------------------------------
     async def set_status(self, name: str, status: str, message: str,
                          revision: int | None = None) -> ServiceRecord | None:
-        """Set status/message unless the user stopped the service or changed its version
-        meanwhile (``revision``: the version the caller acted on)."""
-        async with self._lock:
-            rec = await self.store.get_service(name)
-            if rec is None:
-                return None
+        """Set status/message of the latest record -- and nothing else -- unless the
+        user stopped the service or changed its version meanwhile (``revision``: the
+        version the caller acted on). None when the service no longer exists."""
+        async def mutate(rec: ServiceRecord):
             if rec.status == STOPPED and status != STOPPED:
-                return rec
+                return None
             if revision is not None and rec.revision != revision:
-                return rec
+                return None
             if rec.status == status and rec.message == message:
-                return rec
+                return None
             rec.status, rec.message = status, message
-            return await self._put(rec)
+            return rec
+
+        return await self._update(name, mutate, missing_ok=True)
 
     async def claim(self, name: str) -> ServiceRecord | None:
         """Become the owner of a service that has none (records written by older tools)."""
-        async with self._lock:
-            rec = await self.store.get_service(name)
-            if rec is None or owner_of(rec.config):
-                return rec
+        async def mutate(rec: ServiceRecord):
+            if owner_of(rec.config):
+                return None
             rec.config.setdefault("metadata", {})["owner"] = self.owner
-            return await self._put(rec)
+            return rec
+
+        return await self._update(name, mutate, missing_ok=True)
 
 
-__all__ = ["ServiceOps", "ServiceError", "ModelSpec", "model_spec", "check_config", "deep_merge",
-           "set_dotted", "owner_of", "is_entry_only", "desired_instances", "effective_traffic",
-           "StoreUnavailable"]
+def _busy(name: str) -> ServiceError:
+    return ServiceError(409, f"service {name!r} kept changing while this change was being made "
+                             "(other gateways are writing it); nothing was changed, try again")
+
+
+__all__ = ["ServiceOps", "ServiceError", "ModelSpec", "model_spec", "cached_model_spec",
+           "check_config", "deep_merge", "set_dotted", "owner_of", "is_entry_only",
+           "desired_instances", "effective_traffic", "StoreUnavailable"]

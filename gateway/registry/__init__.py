@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 
-from .records import (CREATING, DEFAULT_WEIGHT, FAILED, RUNNING, SERVICE_STATUSES, STOPPED,
-                      UPDATING, InstanceRecord, ServiceRecord)
-from .store import (KIND_INSTANCES, KIND_RESYNC, KIND_SERVICE, KINDS, Snapshot, Store,
-                    StoreError, StoreUnavailable, Subscription)
+from .records import (CREATING, DEFAULT_WEIGHT, FAILED, RESTARTING, RUNNING, SERVICE_STATUSES,
+                      STOPPED, UPDATING, InstanceRecord, ServiceRecord)
+from .records import parse_bool
+from .store import (KIND_INSTANCES, KIND_RESYNC, KIND_SERVICE, KINDS, ServiceNotFound, Snapshot,
+                    Store, StoreError, StoreUnavailable, Subscription, VersionConflict)
 
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://", "unix://")
 
@@ -44,7 +45,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "open_store", "is_redis_url", "Store", "StoreError", "StoreUnavailable", "Subscription",
+    "VersionConflict", "ServiceNotFound", "parse_bool",
     "Snapshot", "ServiceRecord", "InstanceRecord", "RedisStore", "SqliteStore",
     "KIND_SERVICE", "KIND_INSTANCES", "KIND_RESYNC", "KINDS",
-    "CREATING", "RUNNING", "UPDATING", "STOPPED", "FAILED", "SERVICE_STATUSES", "DEFAULT_WEIGHT",
+    "CREATING", "RUNNING", "UPDATING", "STOPPED", "FAILED", "RESTARTING", "SERVICE_STATUSES",
+    "DEFAULT_WEIGHT",
 ]

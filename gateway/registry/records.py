@@ -18,9 +18,24 @@ RUNNING = "Running"
 UPDATING = "Updating"
 STOPPED = "Stopped"
 FAILED = "Failed"
-SERVICE_STATUSES = (CREATING, RUNNING, UPDATING, STOPPED, FAILED)
+RESTARTING = "Restarting"      # a worker crashed; the launcher is starting it again (it still
+                               # serves with the instances it has; Failed after repeated crashes)
+SERVICE_STATUSES = (CREATING, RUNNING, UPDATING, STOPPED, FAILED, RESTARTING)
 
 DEFAULT_WEIGHT = 100
+
+
+def parse_bool(value: Any, what: str = "value") -> bool:
+    """A strict boolean: True/False, 1/0, or the strings "true"/"false" (any case).
+    Anything else (``"no"``, ``"yes"``, ``2``, ``None``) is a ValueError, never
+    ``bool("no") == True``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{what} must be true or false, got {value!r}")
 
 
 def _known(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -43,6 +58,10 @@ class ServiceRecord:
     released: bool = False                           # released linked service: no own endpoint
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    # Store version: 0 = never stored; the store sets 1, 2, ... on every write and
+    # refuses a conditional write (``put_service(rec, expect_version=N)``) made
+    # from a copy that is no longer the latest (see Store.put_service).
+    version: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -51,8 +70,9 @@ class ServiceRecord:
     def from_dict(cls, data: dict[str, Any]) -> "ServiceRecord":
         rec = cls(**_known(cls, data))
         rec.revision = int(rec.revision)
+        rec.version = int(rec.version or 0)
         rec.traffic = {str(k): int(v) for k, v in (rec.traffic or {}).items()}
-        rec.released = bool(rec.released)
+        rec.released = parse_bool(rec.released, "released")
         rec.created_at = float(rec.created_at)
         rec.updated_at = float(rec.updated_at)
         return rec
@@ -85,7 +105,7 @@ class InstanceRecord:
         rec = cls(**_known(cls, data))
         rec.port = int(rec.port)
         rec.weight = int(rec.weight)
-        rec.healthy = bool(rec.healthy)
+        rec.healthy = parse_bool(rec.healthy, "healthy")
         rec.registered_at = float(rec.registered_at)
         rec.heartbeat_at = float(rec.heartbeat_at)
         return rec

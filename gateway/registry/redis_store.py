@@ -5,10 +5,17 @@ Layout (prefix ``infergate:`` by default; every key carries the hash tag
 scripts below touch a single slot)::
 
     infergate:{state}:services             hash  name -> ServiceRecord JSON
+    infergate:{state}:service-versions     hash  name -> ServiceRecord.version (the same
+                                                 number as in the JSON; written together)
     infergate:{state}:instances:<service>  hash  instance_id -> {"rec": InstanceRecord, "ttl": s}
     infergate:{state}:deadlines            zset  "<service>\\0<instance_id>" -> lease deadline
     infergate:{state}:instance-services    set   services that have instance hashes
     infergate:changes                      pub/sub channel, messages "kind:name"
+
+Service writes are compare-and-set (``_PUT_SERVICE``): the script checks the
+stored version against the one the writer read and writes the record (JSON with
+the new version inside) and ``service-versions`` together; readers only read
+the JSON, so a record and its version are always read as one.
 
 Lease deadlines use the Redis server clock (``TIME`` inside the scripts), so
 gateways with skewed clocks agree on what has expired. Static instances
@@ -44,8 +51,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .records import InstanceRecord, ServiceRecord
-from .store import (KIND_INSTANCES, KIND_RESYNC, KIND_SERVICE, KINDS, Snapshot, Store,
-                    StoreError, StoreUnavailable)
+from .store import (KIND_INSTANCES, KIND_RESYNC, KIND_SERVICE, KINDS, ServiceNotFound, Snapshot,
+                    Store, StoreError, StoreUnavailable, VersionConflict)
 
 log = logging.getLogger("infergate.registry.redis")
 
@@ -77,8 +84,11 @@ _TIME = _NOW + """
 return string.format('%.6f', now)
 """
 
-# KEYS: instances hash, deadlines, instance-services; ARGV: id, payload, ttl, member, service
+# KEYS: instances hash, deadlines, instance-services, services;
+# ARGV: id, payload, ttl, member, service, require ('1': the service must have a record)
+# -> server time, or -1 when the service is required and has no record
 _REGISTER = _NOW + """
+if ARGV[6] == '1' and redis.call('HEXISTS', KEYS[4], ARGV[5]) == 0 then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[5])
 local ttl = tonumber(ARGV[3])
@@ -150,8 +160,36 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
 
-# KEYS: services, instances hash, deadlines, instance-services; ARGV: service, sep
-_DELETE_SERVICE = """
+# The stored version of service ARGV[1] (KEYS[1] services, KEYS[2] versions): 0 when
+# there is no record, 1 for a record written before records had versions.
+_VERSION_OF = """
+local function version_of(services, versions, name)
+  local v = redis.call('HGET', versions, name)
+  if v then return tonumber(v) end
+  if redis.call('HEXISTS', services, name) == 1 then return 1 end
+  return 0
+end
+"""
+
+# KEYS: services, versions; ARGV: name, expected version, new version, payload
+# -> {1, new version} written, or {0, current version} (nothing written)
+_PUT_SERVICE = _VERSION_OF + """
+local cur = version_of(KEYS[1], KEYS[2], ARGV[1])
+if cur ~= tonumber(ARGV[2]) then return {0, cur} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return {1, tonumber(ARGV[3])}
+"""
+
+# KEYS: services, instances hash, deadlines, instance-services, versions;
+# ARGV: service, sep, expected version ('' = any)
+# -> {records deleted, instances deleted} or {-1, current version} on a version mismatch
+_DELETE_SERVICE = _VERSION_OF + """
+if ARGV[3] ~= '' then
+  local cur = version_of(KEYS[1], KEYS[5], ARGV[1])
+  if cur ~= tonumber(ARGV[3]) then return {-1, cur} end
+end
+redis.call('HDEL', KEYS[5], ARGV[1])
 local n = redis.call('HDEL', KEYS[1], ARGV[1])
 local ids = redis.call('HKEYS', KEYS[2])
 for _, id in ipairs(ids) do redis.call('ZREM', KEYS[3], ARGV[1] .. ARGV[2] .. id) end
@@ -197,6 +235,7 @@ class RedisStore(Store):
         self.prefix = prefix or url_prefix or DEFAULT_PREFIX
         base = self.prefix + "{state}:"
         self._k_services = base + "services"
+        self._k_versions = base + "service-versions"
         self._k_deadlines = base + "deadlines"
         self._k_isvcs = base + "instance-services"
         self._k_inst_base = base + "instances:"
@@ -235,6 +274,7 @@ class RedisStore(Store):
         self._s_expire = reg(_EXPIRE_ONE)
         self._s_cas = reg(_CAS)
         self._s_delete = reg(_DELETE_SERVICE)
+        self._s_put_service = reg(_PUT_SERVICE)
         self._available = True
         self._supervised = False       # a listener task owns the connection state
         self._outage_logged = False
@@ -450,9 +490,32 @@ class RedisStore(Store):
         return services
 
     # ---- services --------------------------------------------------------
-    async def put_service(self, rec: ServiceRecord) -> None:
-        data = json.dumps(rec.to_dict())
-        await self._w(lambda: self._client.hset(self._k_services, rec.name, data))
+    @staticmethod
+    def _svc_from_json(data: str) -> ServiceRecord:
+        rec = ServiceRecord.from_dict(json.loads(data))
+        rec.version = max(1, rec.version)     # written before records had versions
+        return rec
+
+    async def put_service(self, rec: ServiceRecord, *, expect_version: int | None = None) -> None:
+        # The new version goes into the JSON, so the writer names it: expected + 1.
+        # An unconditional put guesses the stored version and retries with the one
+        # the script reports (each round is still one atomic compare-and-set).
+        expected = expect_version if expect_version is not None else rec.version
+        stored = rec.copy()
+        for _ in range(100):
+            stored.version = expected + 1
+            payload = json.dumps(stored.to_dict())
+            ok, current = await self._w(lambda: self._s_put_service(
+                keys=[self._k_services, self._k_versions],
+                args=[rec.name, expected, stored.version, payload]))
+            if ok:
+                break
+            if expect_version is not None:
+                raise VersionConflict(rec.name, expect_version, int(current))
+            expected = int(current)
+        else:
+            raise StoreError(f"service {rec.name!r} kept changing; not written")
+        rec.version = stored.version
         self._cache_put_service(rec)
         await self._publish(KIND_SERVICE, rec.name)
 
@@ -466,7 +529,7 @@ class RedisStore(Store):
             if data is None:
                 self._cache_services.pop(name, None)
                 return None
-            rec = ServiceRecord.from_dict(json.loads(data))
+            rec = self._svc_from_json(data)
             self._cache_put_service(rec)
             return rec
 
@@ -475,16 +538,19 @@ class RedisStore(Store):
     async def list_services(self) -> list[ServiceRecord]:
         async def fetch() -> list[ServiceRecord]:
             raw = await self._client.hgetall(self._k_services)
-            recs = [ServiceRecord.from_dict(json.loads(raw[n])) for n in sorted(raw)]
+            recs = [self._svc_from_json(raw[n]) for n in sorted(raw)]
             self._cache_services = {r.name: r.copy() for r in recs}
             return recs
 
         return await self._r(fetch, lambda: list(self._cached_snapshot()[0].values()))
 
-    async def delete_service(self, name: str) -> bool:
+    async def delete_service(self, name: str, *, expect_version: int | None = None) -> bool:
         n, m = await self._w(lambda: self._s_delete(
-            keys=[self._k_services, self._inst_key(name), self._k_deadlines, self._k_isvcs],
-            args=[name, SEP]))
+            keys=[self._k_services, self._inst_key(name), self._k_deadlines, self._k_isvcs,
+                  self._k_versions],
+            args=[name, SEP, "" if expect_version is None else expect_version]))
+        if n == -1:
+            raise VersionConflict(name, int(expect_version), int(m))
         self._cache_delete_service(name)
         if n:
             await self._publish(KIND_SERVICE, name)
@@ -504,15 +570,19 @@ class RedisStore(Store):
             inst.heartbeat_at = deadline - ttl
         return inst
 
-    async def register_instance(self, inst: InstanceRecord, ttl: float) -> None:
+    async def register_instance(self, inst: InstanceRecord, ttl: float, *,
+                                require_service: bool = False) -> None:
         inst = inst.copy()
         inst.heartbeat_at = time.time()
         ttl = float(ttl)
         payload = json.dumps({"rec": inst.to_dict(), "ttl": ttl})
         now = await self._w(lambda: self._s_register(
-            keys=[self._inst_key(inst.service), self._k_deadlines, self._k_isvcs],
+            keys=[self._inst_key(inst.service), self._k_deadlines, self._k_isvcs,
+                  self._k_services],
             args=[inst.instance_id, payload, repr(ttl), inst.service + SEP + inst.instance_id,
-                  inst.service]))
+                  inst.service, "1" if require_service else "0"]))
+        if now == -1:
+            raise ServiceNotFound(inst.service)
         if ttl > 0:
             inst.heartbeat_at = float(now)
         self._cache_put_instance(inst)
@@ -594,8 +664,7 @@ class RedisStore(Store):
             res = await pipe.execute()
             now = float(res[0])
             deadlines = dict(res[1])
-            services = {n: ServiceRecord.from_dict(json.loads(raw_services[n]))
-                        for n in sorted(raw_services)}
+            services = {n: self._svc_from_json(raw_services[n]) for n in sorted(raw_services)}
             instances: dict[str, list[InstanceRecord]] = {}
             for s, h in zip(inst_services, res[2:]):
                 lst = []

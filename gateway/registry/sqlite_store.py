@@ -8,6 +8,10 @@
   endpoints (ttl 0) survive a gateway restart, and several gateway processes
   sharing DIR (``--processes N``) see one instance set; lapsed leases are
   pruned by whichever process notices first (an indexed query every tick).
+* Service records carry a version (column ``version``, also in the JSON):
+  every write bumps it, and a conditional write (``expect_version``) is an
+  ``UPDATE ... WHERE version = ?`` inside the IMMEDIATE transaction, so two
+  gateways (or ``--processes``) doing read-modify-write cannot lose an update.
 * Every change appends a row to the ``changes`` table (kind, name, origin).
   Subscribers of the store object that made the change are called directly;
   other store objects (other processes, or another object in this process)
@@ -27,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from .records import InstanceRecord, ServiceRecord
-from .store import (KIND_INSTANCES, KIND_RESYNC, KIND_SERVICE, Snapshot, Store,
-                    StoreUnavailable)
+from .store import (KIND_INSTANCES, KIND_RESYNC, KIND_SERVICE, ServiceNotFound, Snapshot, Store,
+                    StoreUnavailable, VersionConflict)
 
 log = logging.getLogger("infergate.registry.sqlite")
 
@@ -38,8 +42,9 @@ PRUNE_EVERY_S = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS services (
-    name TEXT PRIMARY KEY,
-    data TEXT NOT NULL
+    name    TEXT PRIMARY KEY,
+    data    TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1     -- ServiceRecord.version: compare-and-set writes
 );
 CREATE TABLE IF NOT EXISTS instances (
     service      TEXT NOT NULL,
@@ -92,6 +97,7 @@ class SqliteStore(Store):
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = FULL")
                 conn.executescript(_SCHEMA)
+                self._migrate(conn)
                 row = conn.execute("SELECT max(seq) FROM changes").fetchone()
                 self._last_seq = row[0] or 0
                 self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
@@ -100,6 +106,29 @@ class SqliteStore(Store):
                 raise
             self._conn = conn
         return self._conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """state.db written before records had versions: add the column (existing
+        records start at version 1)."""
+        cols = [r[1] for r in conn.execute("PRAGMA table_info(services)")]
+        if "version" in cols:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cols = [r[1] for r in conn.execute("PRAGMA table_info(services)")]
+            if "version" not in cols:   # another process may have just done it
+                conn.execute("ALTER TABLE services ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _svc_from_row(data: str, version: int) -> ServiceRecord:
+        rec = ServiceRecord.from_dict(json.loads(data))
+        rec.version = max(1, int(version))
+        return rec
 
     async def _call(self, fn: Callable[..., Any], *args: Any, write: bool) -> Any:
         if self._closed:
@@ -225,49 +254,70 @@ class SqliteStore(Store):
         return events
 
     # ---- services --------------------------------------------------------
-    async def put_service(self, rec: ServiceRecord) -> None:
-        data = json.dumps(rec.to_dict())
+    async def put_service(self, rec: ServiceRecord, *, expect_version: int | None = None) -> None:
+        stored = rec.copy()
 
-        def body(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT INTO services(name, data) VALUES (?, ?) "
-                         "ON CONFLICT(name) DO UPDATE SET data = excluded.data", (rec.name, data))
+        def body(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT version FROM services WHERE name = ?",
+                               (rec.name,)).fetchone()
+            current = max(1, int(row[0])) if row else 0
+            if expect_version is not None and current != expect_version:
+                raise VersionConflict(rec.name, expect_version, current)
+            stored.version = current + 1
+            data = json.dumps(stored.to_dict())
+            if row is None:
+                conn.execute("INSERT INTO services(name, data, version) VALUES (?, ?, ?)",
+                             (rec.name, data, stored.version))
+            else:
+                cur = conn.execute("UPDATE services SET data = ?, version = ? "
+                                   "WHERE name = ? AND version = ?",
+                                   (data, stored.version, rec.name, row[0]))
+                if cur.rowcount != 1:   # cannot happen under the write lock; be safe
+                    raise VersionConflict(rec.name, current, -1)
             self._log_change(conn, KIND_SERVICE, rec.name)
+            return stored.version
 
-        await self._call(self._write, body, write=True)
+        rec.version = await self._call(self._write, body, write=True)
         self._cache_put_service(rec)
         self._notify(KIND_SERVICE, rec.name)
 
     async def get_service(self, name: str) -> ServiceRecord | None:
-        def read() -> str | None:
-            row = self._db().execute("SELECT data FROM services WHERE name = ?", (name,)).fetchone()
-            return row[0] if row else None
+        def read() -> tuple[str, int] | None:
+            return self._db().execute("SELECT data, version FROM services WHERE name = ?",
+                                      (name,)).fetchone()
 
         try:
-            data = await self._call(read, write=False)
+            row = await self._call(read, write=False)
         except sqlite3.Error:
             rec = self._cache_services.get(name)
             return rec.copy() if rec else None
-        if data is None:
+        if row is None:
             self._cache_services.pop(name, None)
             return None
-        rec = ServiceRecord.from_dict(json.loads(data))
+        rec = self._svc_from_row(*row)
         self._cache_put_service(rec)
         return rec
 
     async def list_services(self) -> list[ServiceRecord]:
-        def read() -> list[str]:
-            return [r[0] for r in self._db().execute("SELECT data FROM services ORDER BY name")]
+        def read() -> list[tuple[str, int]]:
+            return self._db().execute("SELECT data, version FROM services ORDER BY name").fetchall()
 
         try:
             rows = await self._call(read, write=False)
         except sqlite3.Error:
             return list(self._cached_snapshot()[0].values())
-        recs = [ServiceRecord.from_dict(json.loads(d)) for d in rows]
+        recs = [self._svc_from_row(*r) for r in rows]
         self._cache_services = {r.name: r.copy() for r in recs}
         return recs
 
-    async def delete_service(self, name: str) -> bool:
+    async def delete_service(self, name: str, *, expect_version: int | None = None) -> bool:
         def body(conn: sqlite3.Connection) -> tuple[int, int]:
+            if expect_version is not None:
+                row = conn.execute("SELECT version FROM services WHERE name = ?",
+                                   (name,)).fetchone()
+                current = max(1, int(row[0])) if row else 0
+                if current != expect_version:
+                    raise VersionConflict(name, expect_version, current)
             n = conn.execute("DELETE FROM services WHERE name = ?", (name,)).rowcount
             m = conn.execute("DELETE FROM instances WHERE service = ?", (name,)).rowcount
             if n:
@@ -285,7 +335,8 @@ class SqliteStore(Store):
         return bool(n or m)
 
     # ---- instances -------------------------------------------------------
-    async def register_instance(self, inst: InstanceRecord, ttl: float) -> None:
+    async def register_instance(self, inst: InstanceRecord, ttl: float, *,
+                                require_service: bool = False) -> None:
         now = time.time()
         inst = inst.copy()
         inst.heartbeat_at = now
@@ -294,6 +345,9 @@ class SqliteStore(Store):
         deadline = now + ttl if ttl > 0 else None
 
         def body(conn: sqlite3.Connection) -> None:
+            if require_service and conn.execute("SELECT 1 FROM services WHERE name = ?",
+                                                (inst.service,)).fetchone() is None:
+                raise ServiceNotFound(inst.service)
             conn.execute("INSERT OR REPLACE INTO instances(service, instance_id, data, ttl, "
                          "heartbeat_at, deadline) VALUES (?, ?, ?, ?, ?, ?)",
                          (inst.service, inst.instance_id, data, ttl, now, deadline))
@@ -384,11 +438,12 @@ class SqliteStore(Store):
         return insts
 
     async def snapshot(self) -> Snapshot:
-        def read() -> tuple[list[str], list[tuple[str, str, float]]]:
+        def read() -> tuple[list[tuple[str, int]], list[tuple[str, str, float]]]:
             conn = self._db()
             conn.execute("BEGIN")            # one consistent read transaction
             try:
-                services = [r[0] for r in conn.execute("SELECT data FROM services ORDER BY name")]
+                services = conn.execute("SELECT data, version FROM services "
+                                        "ORDER BY name").fetchall()
                 instances = conn.execute(
                     "SELECT service, data, heartbeat_at FROM instances WHERE " + _LIVE +
                     " ORDER BY service, instance_id", (time.time(),)).fetchall()
@@ -401,8 +456,8 @@ class SqliteStore(Store):
         except sqlite3.Error:
             return self._cached_snapshot()
         recs = {}
-        for data in services:
-            rec = ServiceRecord.from_dict(json.loads(data))
+        for data, version in services:
+            rec = self._svc_from_row(data, version)
             recs[rec.name] = rec
         insts: dict[str, list[InstanceRecord]] = {}
         for service, data, hb in rows:

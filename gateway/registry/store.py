@@ -42,6 +42,27 @@ class StoreUnavailable(StoreError):
     """The backing store cannot be reached; the change was NOT made."""
 
 
+class VersionConflict(StoreError):
+    """A conditional write found another version of the record than the one it was
+    made from (someone else wrote or deleted it meanwhile); nothing was changed.
+    ``current`` is the version now stored (0: the record does not exist)."""
+
+    def __init__(self, name: str, expected: int, current: int):
+        super().__init__(f"service {name!r} changed meanwhile (version {current}, "
+                         f"expected {expected})")
+        self.name = name
+        self.expected = expected
+        self.current = current
+
+
+class ServiceNotFound(StoreError):
+    """``register_instance(..., require_service=True)`` for a service without a record."""
+
+    def __init__(self, name: str):
+        super().__init__(f"service {name!r} does not exist")
+        self.name = name
+
+
 class Subscription:
     """Returned by ``Store.subscribe``. The callback is registered as soon as
     ``subscribe`` is called, so ``store.subscribe(cb)`` and
@@ -106,8 +127,15 @@ class Store(abc.ABC):
 
     # ---- services --------------------------------------------------------
     @abc.abstractmethod
-    async def put_service(self, rec: ServiceRecord) -> None:
-        """Create or replace the service record ``rec.name``."""
+    async def put_service(self, rec: ServiceRecord, *, expect_version: int | None = None) -> None:
+        """Create or replace the service record ``rec.name``; on success ``rec.version``
+        is the new stored version (the previous one + 1, 1 for a new record).
+
+        ``expect_version`` makes it a compare-and-set: 0 writes only if no record
+        exists, N only if the stored record is at version N. Otherwise
+        :class:`VersionConflict` is raised and nothing is written. ``None``
+        writes unconditionally (tests, seeding tools; the control plane always
+        passes the version it read)."""
 
     @abc.abstractmethod
     async def get_service(self, name: str) -> ServiceRecord | None: ...
@@ -117,14 +145,21 @@ class Store(abc.ABC):
         """All service records, sorted by name."""
 
     @abc.abstractmethod
-    async def delete_service(self, name: str) -> bool:
-        """Delete the record and all instances of ``name``; True if anything existed."""
+    async def delete_service(self, name: str, *, expect_version: int | None = None) -> bool:
+        """Delete the record and all instances of ``name``; True if anything existed.
+        With ``expect_version`` only if the record is at that version (else
+        :class:`VersionConflict`, nothing deleted)."""
 
     # ---- instances -------------------------------------------------------
     @abc.abstractmethod
-    async def register_instance(self, inst: InstanceRecord, ttl: float) -> None:
+    async def register_instance(self, inst: InstanceRecord, ttl: float, *,
+                                require_service: bool = False) -> None:
         """Add or replace an instance. ``ttl`` seconds without a heartbeat and it
-        expires; ``ttl <= 0`` never expires (static endpoints)."""
+        expires; ``ttl <= 0`` never expires (static endpoints).
+
+        ``require_service``: refuse (:class:`ServiceNotFound`, nothing written)
+        when ``inst.service`` has no record -- checked in the same transaction,
+        so a worker of a service deleted meanwhile cannot bring it back."""
 
     @abc.abstractmethod
     async def heartbeat(self, service: str, instance_id: str, ttl: float) -> bool:

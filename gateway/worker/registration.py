@@ -1,4 +1,10 @@
-"""Self-registration of a worker: register, heartbeat, deregister on shutdown."""
+"""Self-registration of a worker: register, heartbeat, deregister on shutdown.
+
+A worker joins an existing service only. When the registry answers that the
+service does not exist (it was deleted, or never created) the worker logs it
+once, stops registering and heartbeating, and keeps serving the clients that
+reach it directly; it does not bring the service back as a bare record.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -24,14 +30,27 @@ class Registration:
         self.instance = dict(service=app.service, instance_id=f"{host}:{port}", ip=host, port=port,
                              weight=weight, healthy=True, registered_at=time.time(),
                              heartbeat_at=time.time(), meta={})
+        self.service_gone = False
         self._task = None
 
+    def _gone(self, exc: Exception) -> None:
+        if not self.service_gone:
+            self.service_gone = True
+            log.warning("not registering in the registry any more: %s. This worker keeps "
+                        "serving clients that reach it directly; create the service and "
+                        "restart the worker to join it again", exc)
+
     async def start(self) -> None:
+        from ..control.registration_client import ServiceGone
+
         await self.app.start()
         for attempt in range(5):
             try:
                 await self.client.register(self.instance, TTL_SECONDS)
                 break
+            except ServiceGone as exc:
+                self._gone(exc)
+                return
             except (OSError, asyncio.TimeoutError, StoreUnavailable) as exc:  # not reachable yet
                 if attempt == 4:
                     raise
@@ -40,21 +59,28 @@ class Registration:
         self._task = asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def _heartbeat(self) -> None:
+        from ..control.registration_client import ServiceGone
+
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             try:
                 if not await self.client.heartbeat(self.instance, TTL_SECONDS):
+                    # Unknown or lapsed: join again -- unless the service is gone.
                     await self.client.register(self.instance, TTL_SECONDS)
+            except ServiceGone as exc:
+                self._gone(exc)
+                return
             except Exception as exc:  # registry away: keep serving, keep trying
                 log.warning("heartbeat failed: %s", exc)
 
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-        try:
-            # Leave discovery first so no new traffic arrives, then drain.
-            await self.client.deregister(self.instance)
-        except Exception as exc:
-            log.warning("deregistration failed: %s", exc)
+        if not self.service_gone:
+            try:
+                # Leave discovery first so no new traffic arrives, then drain.
+                await self.client.deregister(self.instance)
+            except Exception as exc:
+                log.warning("deregistration failed: %s", exc)
         await self.app.stop()
         await self.client.close()
