@@ -78,14 +78,19 @@ cdef class SmoothWeightedPicker:
 
         `tried`: indexes this request already tried (a retry never repeats one).
         """
-        cdef int excluded[8]
-        cdef int n = 0
-        for index in tried:
-            if n == 8:
-                break
-            excluded[n] = index
-            n += 1
-        return self._pick(excluded, n)
+        cdef int small[8]
+        cdef int* excluded = small
+        cdef int n = len(tried), i, picked
+        if n > 8:
+            excluded = <int*>malloc(n * sizeof(int))
+            if excluded == NULL:
+                raise MemoryError()
+        for i in range(n):
+            excluded[i] = tried[i]
+        picked = self._pick(excluded, n)
+        if excluded != small:
+            free(excluded)
+        return picked
 
     def pick(self, tuple tried=()):
         cdef int i = self.pick_index(tried)

@@ -25,6 +25,9 @@ def test_tried_instances_are_skipped():
     picker = SmoothWeightedPicker("abc", [1, 1, 1])
     assert picker.pick(tried=(0, 1)) == "c"
     assert picker.pick_index((0, 1, 2)) == -1
+    many = SmoothWeightedPicker(list(range(100)), [1] * 100)
+    tried = tuple(range(99))  # more than any fixed buffer
+    assert many.pick_index(tried) == 99
 
 
 def test_down_instances_are_skipped_and_come_back():
