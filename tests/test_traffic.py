@@ -211,16 +211,18 @@ def test_release_0_50_100_under_load_loses_no_request(fleet):
     assert share[100] == 1.0
 
 
-def test_discovery_lists_every_version_by_its_share(fleet):
+def test_discovery_lists_the_services_own_instances(fleet):
+    """Direct clients call a service's own instances (they serve its name and token);
+    shares and rules are applied by the gateway."""
     gw, a, b = fleet
     admin(gw, "PUT", "/admin/services/shop/traffic", {"shop": 80, "shop_v2": 20})
-    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
-    conn.request("GET", "/api/v1/servicediscovery/upstreams/shop")
-    listed = json.loads(conn.getresponse().read())
-    conn.close()
-    assert listed["correlative"] == ["shop"]
-    assert sorted((i["port"], i["weight"]) for i in listed["endpoints"]["items"]) == sorted(
-        [(a.port, 80), (b.port, 20)])
+    for service, worker in (("shop", a), ("shop_v2", b)):
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+        conn.request("GET", f"/api/v1/servicediscovery/upstreams/{service}")
+        listed = json.loads(conn.getresponse().read())
+        conn.close()
+        assert listed == {"correlative": [service], "endpoints": {"items": [
+            {"app": service, "ip": "127.0.0.1", "port": worker.port, "weight": 100}]}}
 
 
 def test_servers_without_a_health_route_stay_in(procs, tmp_path, header_echo_server):

@@ -150,24 +150,16 @@ class RouteTable:
     def discovery(self, service: str) -> list[dict] | None:
         """The instances a direct-connect client of `service` may call, or None if unknown.
 
-        Every version that takes a share of the endpoint's traffic is listed,
-        each instance weighted by its version's share, so direct clients split
-        traffic as the gateway does. Only healthy, non-draining instances.
+        A service's own healthy, non-draining instances: they serve its name and
+        check its token. Traffic shares, releases and header rules are the
+        gateway's to apply; direct clients bypass them, as in EAS.
         """
-        route = self.routes.get(service)
-        if route is not None:
-            members = [(backend, share) for backend, share in route.traffic]
-        elif service in self.backends:  # a released linked service: its own instances
-            members = [(self.backends[service], 100)]
-        else:
+        backend = self.backends.get(service)
+        if backend is None:
             return None
-        items = []
-        for backend, share in members:
-            for pool, weight in zip(backend.pools, backend.picker.weights()):
-                if weight > 0 and pool.healthy:
-                    items.append({"app": service, "ip": pool.ip, "port": pool.port,
-                                  "weight": weight * share // 100 or 1})
-        return items
+        return [{"app": service, "ip": pool.ip, "port": pool.port, "weight": weight}
+                for pool, weight in zip(backend.pools, backend.picker.weights())
+                if weight > 0 and pool.healthy]
 
     def mark_health(self, pool: InstancePool) -> None:
         """Apply a pool's health (active checks and registry state) to every picker."""
