@@ -340,3 +340,16 @@ def test_shutdown_finishes_a_half_received_request(procs):
     assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"w:helloworld")
     assert b"Connection: close" in data  # said before the server closes it
     assert worker.proc.wait(10) == 0
+
+
+def test_large_batches_give_the_same_answers(module_worker, digits):
+    """A request above LARGE_PAYLOAD (decoded and encoded on a codec thread) answers right."""
+    x_test, _ = digits
+    images = np.concatenate([x_test] * 3).astype(np.float32)  # ~3.4 MB of float_val
+    status, body, _ = post(module_worker.url + "/api/predict/digits", tf_body({"images": images}))
+    assert status == 200
+    big = tf_scores(body)
+    status, body, _ = post(module_worker.url + "/api/predict/digits",
+                           tf_body({"images": images[:5]}))
+    np.testing.assert_allclose(big[:5], tf_scores(body), rtol=1e-5)
+    assert big.shape == (len(images), 10)

@@ -6,6 +6,7 @@ Routes: POST /api/predict/<service>[/<subpath>] (predict), GET of the same
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 
@@ -23,6 +24,9 @@ from .user_code import UserProcessor
 log = logging.getLogger("infergate.worker")
 
 _HEALTH = json_response({"status": "ok"})
+# Bodies (in or out) above this are decoded/encoded on a codec thread: below it the
+# hop costs more than the work it moves.
+LARGE_PAYLOAD = 256 << 10
 
 
 class WorkerApp:
@@ -34,6 +38,7 @@ class WorkerApp:
         self.token = token
         self.prefix = f"/api/predict/{service}"
         self.runner = ThreadedRunner(settings)
+        self.codec_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="codec")
         self.user = None
         self.model = None
         if processor == "python":
@@ -97,10 +102,17 @@ class WorkerApp:
             if self.user is not None:
                 body, status = await self.runner.call(deadline, self.user.process, request.body)
                 return Response(status, body)
-            call = self.processor.decode(request.body)
+            body = request.body
+            if len(body) > LARGE_PAYLOAD:
+                call = await self._off_loop(self.processor.decode, body)
+            else:
+                call = self.processor.decode(body)
             outputs = await self.infer(call, deadline)
-            return Response(200, self.processor.encode(call, outputs), None,
-                            self.processor.content_type)
+            if sum(output.nbytes for output in outputs) > LARGE_PAYLOAD:
+                answer = await self._off_loop(self.processor.encode, call, outputs)
+            else:
+                answer = self.processor.encode(call, outputs)
+            return Response(200, answer, None, self.processor.content_type)
         except BadInput as exc:
             return error_response(400, str(exc))
         except QueueFull:
@@ -110,9 +122,14 @@ class WorkerApp:
             return error_response(408, f"the request took longer than rpc.keepalive "
                                        f"({self.settings.keepalive} ms)")
 
+    def _off_loop(self, fn, *args):
+        # Big bodies take milliseconds to decode or encode: keep the loop answering others.
+        return asyncio.get_running_loop().run_in_executor(self.codec_pool, fn, *args)
+
     async def start(self) -> None:
         pass
 
     async def stop(self) -> None:
         await self.server.drain(timeout=self.settings.keepalive / 1000.0 + 5)
         await asyncio.get_running_loop().run_in_executor(None, self.runner.close)
+        self.codec_pool.shutdown(wait=False)
