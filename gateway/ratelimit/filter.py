@@ -254,6 +254,31 @@ class Compiled:
         self.closed = [lim for lim in remote if lim.spec.on_redis_error == "closed"]
 
 
+def _refund(taken) -> None:
+    """Give back the tokens a refused request took from other limits."""
+    for lim, key in taken:
+        lim.buckets.refund(key)
+
+
+def _take_local(ex, limits, taken, best):
+    """A token from each limit's local bucket: (429 or None, tightest (remaining, limit))."""
+    for lim in limits:
+        key = lim.key_of(ex)
+        left = lim.buckets.take(key)
+        if left < 0:
+            _refund(taken)
+            return _too_many(*lim.refuse(key, -left), ex), best
+        taken.append((lim, key))
+        if best is None or left < best[0]:
+            best = (left, lim)
+    return None, best
+
+
+def _announce(ex, best) -> None:
+    ex.response_headers.append(("X-RateLimit-Limit", best[1].limit_text))
+    ex.response_headers.append(("X-RateLimit-Remaining", str(int(best[0]))))
+
+
 def _too_many(retry: str, limit: str, message: str, ex):
     ex.response_headers.append(("Retry-After", retry))
     ex.response_headers.append(("X-RateLimit-Limit", limit))
@@ -348,25 +373,16 @@ class RateLimitFilter:
         c = self._routes.get(route.name)
         if c is None or c.route is not route:
             c = self._compile(route)
-        best = None          # (remaining, limit) of the tightest limit so far
         taken = []
-        for lim in c.local:
-            key = lim.key_of(ex)
-            left = lim.buckets.take(key)
-            if left < 0:
-                for other, k in taken:
-                    other.buckets.refund(k)
-                return _too_many(*lim.refuse(key, -left), ex)
-            taken.append((lim, key))
-            if best is None or left < best[0]:
-                best = (left, lim)
+        refused, best = _take_local(ex, c.local, taken, None)
+        if refused is not None:
+            return refused
         if c.remote:
             if self.redis.available():
                 return self._remote(ex, c, taken, best)
             return self._redis_down(ex, c, taken, best)
         if best is not None:
-            ex.response_headers.append(("X-RateLimit-Limit", best[1].limit_text))
-            ex.response_headers.append(("X-RateLimit-Remaining", str(int(best[0]))))
+            _announce(ex, best)
         return None
 
     async def _remote(self, ex, c: Compiled, taken, best):
@@ -377,36 +393,25 @@ class RateLimitFilter:
         except RedisUnavailable:
             return self._redis_down(ex, c, taken, best)
         if reply[0] != 1:
-            for other, k in taken:
-                other.buckets.refund(k)
+            _refund(taken)
             index = reply[1] - 1
             return _too_many(*c.remote[index].refuse(keys[index], reply[2] / 1e6), ex)
         for lim, left in zip(c.remote, reply[1:]):
             if best is None or left < best[0]:
                 best = (left, lim)
-        ex.response_headers.append(("X-RateLimit-Limit", best[1].limit_text))
-        ex.response_headers.append(("X-RateLimit-Remaining", str(int(best[0]))))
+        _announce(ex, best)
         return None
 
     def _redis_down(self, ex, c: Compiled, taken, best):
         if c.closed:
-            for other, k in taken:
-                other.buckets.refund(k)
+            _refund(taken)
             return error_response(
                 503, f"rate limits of service {ex.service!r} cannot be checked: their Redis "
                      f"({self.redis.where}) is unreachable and the limit is set to fail closed "
                      f"(on_redis_error: closed)", [("Retry-After", "1")])
         # Fail open: each gateway applies the limits with its own buckets until Redis is back.
-        for lim in c.remote:
-            key = lim.key_of(ex)
-            left = lim.buckets.take(key)
-            if left < 0:
-                for other, k in taken:
-                    other.buckets.refund(k)
-                return _too_many(*lim.refuse(key, -left), ex)
-            taken.append((lim, key))
-            if best is None or left < best[0]:
-                best = (left, lim)
-        ex.response_headers.append(("X-RateLimit-Limit", best[1].limit_text))
-        ex.response_headers.append(("X-RateLimit-Remaining", str(int(best[0]))))
+        refused, best = _take_local(ex, c.remote, taken, best)
+        if refused is not None:
+            return refused
+        _announce(ex, best)
         return None
