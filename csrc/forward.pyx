@@ -103,8 +103,7 @@ cdef class Forwarding:
             self.failed_answer = response
             self._attempt()
             return
-        self.picker.report_success(self.index)
-        self._finish(response)
+        self._finish(response)  # the picker restores effective weight on its own
 
     cdef void _failed(self, error):
         self.picker.report_failure(self.index)

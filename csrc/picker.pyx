@@ -104,9 +104,6 @@ cdef class SmoothWeightedPicker:
             if p.effective < 0:
                 p.effective = 0
 
-    cpdef void report_success(self, int index):
-        """Nothing to do: every pick already restores effective weight step by step."""
-
     cpdef void set_down(self, int index, bint down):
         if 0 <= index < self.size:
             self.peers[index].down = down

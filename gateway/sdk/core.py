@@ -303,7 +303,6 @@ class Attempts:
         """True for a success; False when the answer is worth another instance; raises
         the PredictException of an answer that is not."""
         if status == 200:
-            self.table.succeeded(inst)
             if self.on_success is not None:
                 self.on_success(inst)
             return True
@@ -620,12 +619,6 @@ class InstanceTable:
                     inst.picker.set_down(inst.index, True)
                 self.down[inst.key] = until
                 self.next_up = min(self.next_up, until)
-
-    @staticmethod
-    def succeeded(inst: Instance) -> None:
-        # A no-op in today's picker (every pick gives effective weight back), kept so the
-        # picker stays the one place that decides what a success is worth.
-        inst.picker.report_success(inst.index)
 
     def _restore(self) -> None:
         now = time.monotonic()
