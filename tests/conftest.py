@@ -47,7 +47,7 @@ class Proc:
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")
         full_env.update(env or {})
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         try:
             wait_http_ok(self.url + health_path, proc=self.proc)
         except Exception:
@@ -71,6 +71,14 @@ class Proc:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when pytest dies, so a killed test run leaks no servers."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def infergate_cmd(*args) -> list[str]:
@@ -121,7 +129,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
