@@ -15,6 +15,8 @@ import dataclasses
 from typing import Any
 
 PROCESSORS = ("tensorflow", "pytorch", "caffe", "json", "python")
+# The local launcher runs every instance on the gateway's machine.
+MAX_INSTANCES = 64
 
 
 class ConfigError(ValueError):
@@ -146,6 +148,9 @@ def validate_service(config: dict) -> dict:
     for key in ("instance", "cpu", "gpu", "memory", "workers"):
         if key in metadata:
             _coerce(key, metadata[key], int, 0)
+    if "instance" in metadata and _coerce("instance", metadata["instance"], int, 0) > MAX_INSTANCES:
+        raise ConfigError(f"metadata.instance must be at most {MAX_INSTANCES} (worker processes "
+                          f"on this machine), got {metadata['instance']}")
     endpoints = config.get("endpoints")
     if endpoints is not None:
         if not isinstance(endpoints, list) or not endpoints:

@@ -1036,8 +1036,9 @@ def test_gateway_on_ipv6_wildcard_runs_workers(tmp_path, digits):
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(req, timeout=5) as resp:
             info = json.loads(resp.read())
+        # With the embedded store the state dir is the gateway's identity (any port).
         assert info["public_url"] == f"http://[::]:{port}" and info["gateway"].endswith(
-            f":{port}")
+            ":" + str(tmp_path / "state"))
         conn = httpclient.HTTPConnection("::1", port, timeout=10)
         conn.request("POST", "/api/predict/six", body=tf_body(x[:4]))
         resp = conn.getresponse()
@@ -1053,3 +1054,25 @@ def test_gateway_on_ipv6_wildcard_runs_workers(tmp_path, digits):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_embedded_services_follow_their_state_dir_to_another_port(tmp_path, digits):
+    """A gateway restarted on another port with the same state dir runs its services."""
+    x, expected = digits
+    state = str(tmp_path / "state")
+    first = Gateway("--state-dir", state).start()
+    try:
+        cli_ok(first.url, "create", write_json(tmp_path / "s.json", {
+            "name": "moving", "model_path": str(DIGITS_MODEL), "metadata": {"instance": 1}}))
+    finally:
+        first.stop()
+    second = Gateway("--state-dir", state).start()  # a new free port
+    try:
+        assert first.url != second.url
+        view = wait_for(lambda: (v := desc(second.url, "moving"))["status"] == "Running"
+                        and v["running_instances"] == 1 and v, what="Running again")
+        assert view["status"] == "Running"
+        status, scores = predict(second.url, "moving", x[:3])
+        assert status == 200 and list(scores.argmax(1)) == list(expected[:3])
+    finally:
+        second.stop()

@@ -47,3 +47,12 @@ def test_refused_with_the_field_named(extra, field):
 def test_accepted(extra):
     config = {"name": "svc", **extra}
     assert validate_service(config) is config
+
+
+def test_instance_count_is_bounded():
+    from gateway.serviceconfig import MAX_INSTANCES, ConfigError, validate_service
+
+    base = {"name": "s", "model_path": "m.onnx"}
+    validate_service({**base, "metadata": {"instance": MAX_INSTANCES}})
+    with pytest.raises(ConfigError, match="metadata.instance must be at most"):
+        validate_service({**base, "metadata": {"instance": MAX_INSTANCES + 1}})

@@ -236,3 +236,38 @@ def test_servers_without_a_health_route_stay_in(procs, tmp_path, header_echo_ser
     time.sleep(1.5)
     for _ in range(5):
         assert post(gw.url + "/api/predict/ext", b"x")[0] == 200
+
+
+def test_a_stopped_version_gives_its_share_to_the_others(fleet):
+    gw, a, b = fleet
+    admin(gw, "PUT", "/admin/services/shop/traffic", {"shop": 70, "shop_v2": 30})
+    admin(gw, "POST", "/admin/services/shop_v2/stop")
+    results, failures = send(gw, 40)
+    assert failures == [] and {port for port, _ in results} == {a.port}
+
+
+def test_token_set_and_cleared_with_modify(fleet):
+    gw, a, b = fleet
+    admin(gw, "POST", "/admin/services/shop/modify", {"set": {"token": "t0ken"}})
+    assert post(gw.url + "/api/predict/shop", b"x")[0] == 401
+    assert post(gw.url + "/api/predict/shop", b"x", {"Authorization": "t0ken"})[0] == 200
+    admin(gw, "POST", "/admin/services/shop/modify", {"set": {"token": None}})  # -Dtoken=null
+    assert post(gw.url + "/api/predict/shop", b"x")[0] == 200
+
+
+def test_versions_must_speak_the_same_request_format(procs, tmp_path):
+    from gateway.models import DIGITS_MODEL
+
+    gw = start_gateway(procs, str(tmp_path / "state"))
+    for name, processor in (("tf", "tensorflow"), ("js", "json"), ("tf2", "tensorflow")):
+        admin(gw, "POST", "/admin/services?wait=false", {
+            "name": name, "model_path": str(DIGITS_MODEL), "processor": processor,
+            "metadata": {"instance": 0}})
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    conn.request("PUT", "/admin/services/tf/traffic", body=json.dumps({"tf": 70, "js": 30}),
+                 headers={"Authorization": f"Bearer {ADMIN}"})
+    resp = conn.getresponse()
+    message = json.loads(resp.read())["message"]
+    conn.close()
+    assert resp.status == 400 and "json" in message and "tensorflow" in message
+    admin(gw, "PUT", "/admin/services/tf/traffic", {"tf": 70, "tf2": 30})

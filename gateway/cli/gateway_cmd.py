@@ -45,6 +45,15 @@ def run(args) -> int:
         # The admin API starts processes and registers instances: never open to a network.
         raise CliError(f"--admin-token (or INFERGATE_ADMIN_TOKEN) is required when serving on "
                        f"{args.host}, which is not a loopback address")
+    from ..registry import is_redis_url
+
+    if args.registry and not is_redis_url(args.registry):
+        raise CliError(f"--registry must be a Redis URL (redis://, rediss://, redis+cluster://), "
+                       f"got {args.registry!r}; use --state-dir for the embedded store")
+    if args.state_dir and os.path.exists(args.state_dir) and not os.path.isdir(args.state_dir):
+        raise CliError(f"--state-dir {args.state_dir!r} exists and is not a directory")
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port must be from 1 to 65535, got {args.port}")
     configure_logging(args.log_level)
     location = args.registry or args.state_dir or DEFAULT_STATE_DIR
     host = f"[{args.host}]" if ":" in args.host else args.host

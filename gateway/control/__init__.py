@@ -81,12 +81,22 @@ def normalize_url(url: str) -> str:
     return f"{scheme}://{url_host(host)}:{port}{path}"
 
 
-def gateway_id(public_url: str) -> str:
-    """This gateway's identity as an owner of services: ``INFERGATE_GATEWAY_ID``, else
-    ``<hostname>:<port>`` (stable across restarts on the same port)."""
+def gateway_id(public_url: str, location: str | None = None) -> str:
+    """This gateway's identity as an owner of services.
+
+    ``INFERGATE_GATEWAY_ID`` when set. With the embedded store the state
+    directory is the gateway: its services belong to whichever gateway serves
+    that directory, on any port (``<hostname>:<state dir>``). Gateways sharing
+    Redis are told apart by ``<hostname>:<port>``.
+    """
     explicit = os.environ.get("INFERGATE_GATEWAY_ID")
     if explicit:
         return explicit
+    if location is not None:
+        from ..registry import is_redis_url
+
+        if not is_redis_url(location):
+            return f"{socket.gethostname()}:{os.path.abspath(os.path.expanduser(location))}"
     port = split_url(public_url)[2]
     return f"{socket.gethostname()}:{port}"
 
@@ -98,7 +108,8 @@ def attach_control_plane(app, location, public_url: str, launcher: bool = True):
     from .admin import ControlPlane
 
     public_url = normalize_url(public_url)
-    plane = ControlPlane(app, os.fspath(location), public_url, gateway_id(public_url),
+    location = os.fspath(location)
+    plane = ControlPlane(app, location, public_url, gateway_id(public_url, location),
                          launcher_enabled=launcher)
     app.admin = plane
     return plane

@@ -137,8 +137,9 @@ class AdminApi:
 
     @staticmethod
     def _unauthorized() -> Response:
-        return error_response(401, "the admin API needs the gateway's admin token: "
-                                   "Authorization: Bearer <token>")
+        return error_response(401, "the admin API needs the gateway's admin token "
+                                   "(Authorization: Bearer <token>); the one sent is missing or "
+                                   "wrong: check --admin-token / INFERGATE_ADMIN_TOKEN")
 
     def _info(self) -> dict:
         return {"gateway": self.owner, "store": self.store_kind, "public_url": self.public_url,

@@ -160,12 +160,16 @@ def open_private(path: str, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC) 
                    0o600)
 
 
+# Metadata only the gateway reads: changing it must not replace running workers.
+GATEWAY_ONLY_METADATA = ("instance", "owner", "rate_limits")
+
+
 def fingerprint(rec) -> str:
-    """What a running worker depends on: everything but the instance count and the owner."""
+    """What a running worker depends on: everything but gateway-only metadata."""
     config = dict(rec.config)
     meta = dict(config.get("metadata") or {})
-    meta.pop("instance", None)
-    meta.pop("owner", None)
+    for key in GATEWAY_ONLY_METADATA:
+        meta.pop(key, None)
     config["metadata"] = meta
     blob = json.dumps({"config": config, "token": rec.token}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()

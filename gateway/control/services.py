@@ -194,6 +194,17 @@ def check_config(config) -> ModelSpec | None:
         raise ServiceError(400, str(exc)) from None
 
 
+def _request_format(config: dict) -> str:
+    """The request format a service's clients send (its processor), or "any" for servers
+    fronted by static endpoints, whose format infergate does not know."""
+    if config.get("endpoints"):
+        return "any"
+    try:
+        return processor_kind(config.get("processor", "tensorflow"))
+    except ConfigError:
+        return "any"
+
+
 def deep_merge(base: dict, patch: dict) -> dict:
     """Merge ``patch`` into ``base`` in place: objects merge key by key, the rest replaces."""
     for key, value in patch.items():
@@ -417,7 +428,9 @@ class ServiceOps:
                 deep_merge(config, p)
             for key, value in (sets or {}).items():
                 if key == "token":
-                    if not isinstance(value, str):
+                    if value is None:  # -Dtoken=null: no token
+                        value = ""
+                    elif not isinstance(value, str):
                         value = str(value)
                     token = value
                     continue
@@ -672,6 +685,13 @@ class ServiceOps:
         if is_entry_only(other.config):
             raise ServiceError(400, f"{what} {target!r} was deleted: its endpoint only forwards "
                                     "to its linked services and has no instances")
+        mine = await self.store.get_service(name)
+        if mine is not None:
+            theirs, ours = _request_format(other.config), _request_format(mine.config)
+            if "any" not in (theirs, ours) and theirs != ours:
+                raise ServiceError(400, f"{what} {target!r} takes {theirs} requests, but "
+                                        f"clients of {name!r} send {ours}: a version must "
+                                        "speak the same format")
         return other
 
     async def _recheck_targets(self, name: str, targets) -> None:

@@ -51,6 +51,11 @@ class Route:
         shares = record.traffic or {record.name: 100}
         self.traffic = [(backends_by_name[t], int(w)) for t, w in shares.items()
                         if t in backends_by_name and int(w) > 0]
+        # A stopped version (or one with no instances) gives its share to the others;
+        # only when none can take traffic do requests get its 503.
+        serving = [(b, w) for b, w in self.traffic if b.pools]
+        if serving:
+            self.traffic = serving
         self.traffic_picker = SmoothWeightedPicker([b for b, _ in self.traffic],
                                                    [w for _, w in self.traffic])
         self.ruleset = None

@@ -28,11 +28,28 @@ async def _serve(make_app: Callable[[], Awaitable[App]]) -> None:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    app = await make_app()
-    await app.start()
+    try:
+        app = await make_app()
+        await app.start()
+    except Exception as exc:
+        # Port taken, registry unreachable, bad state dir...: one line, exit status 1.
+        log.debug("start-up failed", exc_info=True)
+        raise StartupError(f"{type(exc).__name__}: {exc}") from None
     await stopping.wait()
     log.info("shutting down: draining in-flight requests")
     await app.stop()
+
+
+class StartupError(Exception):
+    """The app could not start; the message is the one line the user sees."""
+
+
+def _serve_or_exit(make_app) -> None:
+    try:
+        uvloop.run(_serve(make_app))
+    except StartupError as exc:
+        print(f"infergate: cannot start: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 def run(make_app: Callable[[], Awaitable[App]], processes: int = 1) -> None:
@@ -41,16 +58,19 @@ def run(make_app: Callable[[], Awaitable[App]], processes: int = 1) -> None:
     The apps bind with SO_REUSEPORT, so the kernel spreads connections over them.
     """
     if processes <= 1:
-        uvloop.run(_serve(make_app))
+        _serve_or_exit(make_app)
         return
     children = []
     for _ in range(processes):
         pid = os.fork()
         if pid == 0:
+            code = 0
             try:
-                uvloop.run(_serve(make_app))
+                _serve_or_exit(make_app)
+            except SystemExit as exc:
+                code = exc.code or 0
             finally:
-                os._exit(0)
+                os._exit(code)
         children.append(pid)
 
     def forward(sig, _frame):
