@@ -443,7 +443,14 @@ def test_torch_request_positional_and_named():
     assert list(again.output_filter) == [0]
 
 
-def test_complex_values_count_in_pairs():
+def test_fallback_without_the_wire_fast_path(monkeypatch):
+    """decode_array reads fixed-width fields from the serialized bytes; the plain
+    np.asarray(field) path it falls back to must give the same results."""
+    monkeypatch.setattr(T, "_read_packed", lambda *a: None)
+    for arr in (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1 - 2j], np.complex128),
+                np.array([[True], [False]]), np.float64(-0.0)):
+        assert_same(roundtrip(arr), arr)
     raises(make(dtype=tf_pb.DT_COMPLEX64, shape=[2], float_val=[1, 2, 3]), "needs 4 values")
-    assert_same(roundtrip(np.array([1 - 2j, 3.5j], np.complex64)), np.array([1 - 2j, 3.5j], np.complex64))
-
+    caffe = caffe_pb.ArrayProto()
+    encode_caffe(np.ones((2, 2)), caffe)
+    assert_same(decode_caffe(caffe, "d"), np.ones((2, 2), np.float32))
