@@ -19,7 +19,7 @@ import tempfile
 
 from bench.procs import free_port, start, stop, wait_port
 from bench.worker import tf_body
-from bench.wrk import run_wrk, table
+from bench.wrk import nanmedian, run_wrk, table
 
 TOKEN = "bench-token"
 
@@ -121,8 +121,8 @@ def main(argv=None) -> None:
     rows = []
     for name, runs in results.items():
         rows.append({"case": name, "rps": statistics.median(r["rps"] for r in runs),
-                     "p50_ms": statistics.median(r["p50_ms"] for r in runs),
-                     "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+                     "p50_ms": nanmedian(r["p50_ms"] for r in runs),
+                     "p99_ms": nanmedian(r["p99_ms"] for r in runs),
                      "errors": sum(r["errors"] for r in runs)})
     nginx_rps = rows[1]["rps"]
     for row in rows:

@@ -39,7 +39,7 @@ import tempfile
 from bench.procs import free_port, start, stop, wait_port
 from bench.proxy import nginx_conf, start_nginx
 from bench.worker import tf_body
-from bench.wrk import run_wrk, table
+from bench.wrk import nanmedian, run_wrk, table
 
 HIGH = 1e9
 TICK = os.sysconf("SC_CLK_TCK")
@@ -50,11 +50,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def nanmedian(values) -> float:
-    values = [v for v in values if v == v]
-    return statistics.median(values) if values else float("nan")
 
 
 def start_redis(port: int, cpu: int, tmp: str) -> subprocess.Popen:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 
@@ -49,6 +50,12 @@ def run_wrk(url: str, body: bytes, connections: int = 32, seconds: int = 5, thre
     return {"rps": rps, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3,
             "errors": int(bad.group(1)) if bad else 0,
             "socket_errors": socket_errors.group(1) if socket_errors else ""}
+
+
+def nanmedian(values) -> float:
+    """Median of the numbers wrk did report (it prints "-nan" for a percentile now and then)."""
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
