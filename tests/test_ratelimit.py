@@ -193,13 +193,15 @@ def test_redis_script_is_gcra_all_or_nothing(redis_server):
         limiter = GlobalLimiter(redis_server.url)
         assert limiter.client == "pipelined"
         slow = ("250000.000000", "2.000000")     # 4/s, burst 2
-        fast = ("1000.000000", "1000.000000")    # 1000/s, burst 1000
-        assert await limiter.decide(["t:a", "t:b"], [slow, fast]) == [1, 1, 999]
-        assert await limiter.decide(["t:a", "t:b"], [slow, fast]) == [1, 0, 998]
-        refused = await limiter.decide(["t:a", "t:b"], [slow, fast])
+        # 1/min, burst 1000: wide enough to admit every call here, slow enough that
+        # its remaining count cannot refill between two calls on a loaded machine.
+        wide = ("60000000.000000", "1000.000000")
+        assert await limiter.decide(["t:a", "t:b"], [slow, wide]) == [1, 1, 999]
+        assert await limiter.decide(["t:a", "t:b"], [slow, wide]) == [1, 0, 998]
+        refused = await limiter.decide(["t:a", "t:b"], [slow, wide])
         assert refused[:2] == [0, 1] and 150_000 < refused[2] <= 250_000  # about 1/4 s
         # All or nothing: the refusal took nothing from the other limit.
-        assert (await limiter.decide(["t:b"], [fast]))[1] == 997
+        assert (await limiter.decide(["t:b"], [wide]))[1] == 997
         # Pipelined: many decisions in flight on the one connection come back in order.
         replies = await asyncio.gather(*[limiter.decide([f"t:k{i % 3}"], [slow])
                                          for i in range(30)])
