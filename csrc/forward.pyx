@@ -13,10 +13,64 @@ from gateway._native.proxy_head import finish_request, request_head, response_he
 from gateway.proxy import metrics
 
 cdef int MAX_TRIES = 3
+# Deadlines are checked on ticks of this many seconds: one timer for all requests,
+# instead of a timer handle made and cancelled per request.
+cdef double TICK = 0.05
+
+
+cdef class Deadlines:
+    """The pending requests of one event loop, grouped by the tick their deadline falls in."""
+
+    cdef dict slots  # tick number -> set of Forwarding
+    cdef object loop, timer
+    cdef long long next_tick  # the tick the timer is set for (0: no timer)
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.slots = {}
+        self.timer = None
+        self.next_tick = 0
+
+    cdef set add(self, Forwarding forwarding, double deadline):
+        cdef long long tick = <long long>(deadline / TICK) + 1
+        slot = self.slots.get(tick)
+        if slot is None:
+            slot = self.slots[tick] = set()
+            if self.next_tick == 0 or tick < self.next_tick:
+                if self.timer is not None:
+                    self.timer.cancel()
+                self.next_tick = tick
+                self.timer = self.loop.call_at(tick * TICK, self._sweep)
+        slot.add(forwarding)
+        return slot
+
+    def _sweep(self):
+        cdef long long now = <long long>(self.loop.time() / TICK)
+        cdef Forwarding forwarding
+        self.timer = None
+        self.next_tick = 0
+        for tick in [t for t in self.slots if t <= now]:
+            for forwarding in self.slots.pop(tick):
+                forwarding._timed_out()
+        if self.slots:
+            self.next_tick = min(self.slots)
+            self.timer = self.loop.call_at(self.next_tick * TICK, self._sweep)
+
+
+# The gateway runs one event loop a process; a new loop (as in tests) gets new deadlines.
+cdef Deadlines _deadlines = None
+
+
+cdef Deadlines deadlines_of(loop):
+    global _deadlines
+    if _deadlines is None or _deadlines.loop is not loop:
+        _deadlines = Deadlines(loop)
+    return _deadlines
 
 
 cdef class Forwarding:
-    cdef object ex, backend, picker, head, future, timer, conn, pool, loop, on_finish
+    cdef object ex, backend, picker, head, future, conn, pool, loop, on_finish
+    cdef set deadline_slot  # where the deadline sweep finds this request until it is done
     cdef object failed_answer, failed_transport  # an instance's own 5xx beats a connect error
     cdef tuple tried  # indexes already tried: a retry never repeats one
     cdef int tries_left, index
@@ -46,7 +100,7 @@ cdef class Forwarding:
             extra.append(backend.auth_header)
         self.head = request_head((<str>request.method).encode("latin-1"), target,
                                  request.raw_headers, extra)
-        self.timer = loop.call_later(backend.timeout, self._timed_out)
+        self.deadline_slot = deadlines_of(loop).add(self, loop.time() + backend.timeout)
 
     def start(self):
         self._attempt()
@@ -113,7 +167,9 @@ cdef class Forwarding:
             502, f"upstream {pool.ip}:{pool.port} failed: {error}")
         self._attempt()
 
-    def _timed_out(self):
+    cdef void _timed_out(self):
+        if self.future.done():
+            return
         if self.index >= 0:
             self.picker.report_failure(self.index)
         pool = self.pool
@@ -127,7 +183,7 @@ cdef class Forwarding:
 
     def _future_done(self, future):
         # Answered, timed out, or cancelled because the client disconnected.
-        self.timer.cancel()
+        self.deadline_slot.discard(self)
         conn = self.conn
         if conn is not None:  # mid-exchange: that stream cannot be reused
             self.conn = None

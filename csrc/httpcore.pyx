@@ -39,15 +39,14 @@ cpdef bytes status_line(int status):
 cdef class Request:
     """One parsed request. Header names are lower-cased str, values str."""
 
-    cdef public str method, path, query, version
+    cdef public str method, path, query
     cdef public dict headers
     cdef public list raw_headers  # (bytes name, bytes value) as received
     cdef public bytes body
     cdef public object peer
     cdef public bint keep_alive
 
-    def __init__(self, method, path, query, headers, raw_headers, body, peer, keep_alive,
-                 version):
+    def __init__(self, method, path, query, headers, raw_headers, body, peer, keep_alive):
         self.method = method
         self.path = path
         self.query = query
@@ -56,7 +55,6 @@ cdef class Request:
         self.body = body
         self.peer = peer
         self.keep_alive = keep_alive
-        self.version = version
 
 
 cdef class Response:
@@ -241,9 +239,9 @@ cdef class HttpConnection:
         cdef str url = self.url.decode("latin-1")
         path, _, query = url.partition("?")
         cdef bytes body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        # (No HTTP version: httptools formats it as a new str, and keep_alive says enough.)
         request = Request(parser.get_method().decode("latin-1"), path, query, self.headers,
-                          self.raw_headers, body, self.peer, keep_alive,
-                          parser.get_http_version())
+                          self.raw_headers, body, self.peer, keep_alive)
         self._enqueue(request, None, keep_alive)
 
     cdef Response _too_large(self):

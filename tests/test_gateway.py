@@ -5,6 +5,7 @@ import concurrent.futures
 import http.client
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -295,3 +296,34 @@ def test_instances_without_a_service_record_are_not_routed(procs, tmp_path):
     gw = start_gateway(procs, str(tmp_path))
     status, body, _ = post(gw.url + "/api/predict/ghost", b"x")
     assert status == 404 and "ghost" in error_message(body)
+
+
+def test_an_upstream_that_never_answers_gets_504_at_its_deadline(procs, tmp_path):
+    # The kernel completes connections to a listening socket nobody accepts on:
+    # requests are sent and never answered.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    seed_services(str(tmp_path), [{"name": "silent", "config": {
+        "name": "silent", "metadata": {"rpc.keepalive": 300},
+        "endpoints": [{"ip": "127.0.0.1", "port": silent.getsockname()[1], "weight": 100}]}}])
+    gw = start_gateway(procs, str(tmp_path))
+    results = []
+
+    def call():
+        started = time.monotonic()
+        status, body, _ = post(gw.url + "/api/predict/silent", b"hi")
+        results.append((status, error_message(body), time.monotonic() - started))
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # rpc.keepalive (0.3 s) plus the gateway's 1 s margin; never sooner.
+    assert [r[:2] for r in results] == [
+        (504, f"upstream 127.0.0.1:{silent.getsockname()[1]} did not answer within 1.3s")] * 6
+    assert all(1.3 <= r[2] < 8 for r in results), results
+    # The gateway itself stays responsive.
+    assert post(gw.url + "/api/predict/nope", b"x")[0] == 404
+    silent.close()

@@ -147,7 +147,7 @@ class FakeExchange:
         from gateway.server import Request
         self.route, self.service = route, route.name
         self.request = Request("POST", "/api/predict/" + route.name, "", headers or {}, [], b"",
-                               peer, True, "1.1")
+                               peer, True)
         self.response_headers = []
 
 
