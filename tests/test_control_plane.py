@@ -423,6 +423,31 @@ def test_worker_joins_embedded_gateway_over_http_and_leaves_on_lapse(gw, procs):
     cli_ok(gw.url, "delete", "bare")
 
 
+def test_worker_joined_without_a_token_checks_its_services_token(gw, procs):
+    """Clients that reach a joined worker directly (the SDK's direct mode) are checked
+    against the service's token, and a changed token is followed."""
+    cli_ok(gw.url, "create", write_json(gw.files / "locked.json",
+                                        {"name": "locked", "token": "join-secret"}))
+    port = free_port()
+    procs.start(infergate_cmd(
+        "worker", "--service", "locked", "--model", str(DIGITS_MODEL), "--host", "127.0.0.1",
+        "--port", str(port), "--registry", f"http://{ADMIN}@127.0.0.1:{gw.port}"), port)
+    worker = f"http://127.0.0.1:{port}"
+    request = tf_predict_pb2.PredictRequest()
+    encode_array(np.zeros((1, 784), np.float32), request.inputs["images"])
+    body = request.SerializeToString()
+
+    def status(token=None):
+        return http(worker, "POST", "/api/predict/locked", body,
+                    {"Authorization": token} if token else {})[0]
+    wait_for(lambda: status() == 401, 10, what="the worker to take the service's token")
+    assert status("join-secret") == 200 and status("wrong") == 401
+    admin(gw.url, "POST", "/admin/services/locked/modify", {"set": {"token": "rotated"}})
+    wait_for(lambda: status("rotated") == 200, 10, what="the worker to follow the new token")
+    assert status("join-secret") == 401
+    cli_ok(gw.url, "delete", "locked")
+
+
 CRASHY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "crashy_processor.py")
 
 

@@ -68,7 +68,7 @@ def run(args) -> int:
         port = await app.listen(args.host, args.port)
         if args.registry:
             return Registration(app, args.registry, args.advertise_host or args.host, port,
-                                args.weight)
+                                args.weight, follow_token=not args.token)
         return app
 
     run_app(make_app)

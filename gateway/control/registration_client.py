@@ -132,6 +132,11 @@ class StoreRegistrationClient:
         rec = _record(instance)
         await self.store.deregister_instance(rec.service, rec.instance_id)
 
+    async def service_token(self, service: str) -> str | None:
+        """The service's token ("" for none); None when the service is gone."""
+        rec = await self.store.get_service(service)
+        return None if rec is None else rec.token or ""
+
     async def close(self) -> None:
         await self.store.close()
 
@@ -185,6 +190,11 @@ class GatewayRegistrationClient:
     async def deregister(self, instance) -> None:
         rec = _record(instance)
         await self._call("DELETE", self._url(rec, ""))
+
+    async def service_token(self, service: str) -> str | None:
+        """The service's token ("" for none); None when the service is gone."""
+        data = await self._call("GET", f"{self.base}/admin/services/{quote(service, safe='')}")
+        return None if data["_status"] == 404 else data.get("token") or ""
 
     async def close(self) -> None:
         pass

@@ -4,6 +4,10 @@ A worker joins an existing service only. When the registry answers that the
 service does not exist (it was deleted, or never created) the worker logs it
 once, stops registering and heartbeating, and keeps serving the clients that
 reach it directly; it does not bring the service back as a bare record.
+
+A worker started without --token takes its service's token from the registry
+and follows changes to it, so clients that reach it directly (the SDK's direct
+mode) are checked as the gateway checks them.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ TTL_SECONDS = 3.0
 class Registration:
     """Wraps a WorkerApp: same start/stop, plus membership in a registry."""
 
-    def __init__(self, app, registry_url: str, host: str, port: int, weight: int):
+    def __init__(self, app, registry_url: str, host: str, port: int, weight: int,
+                 follow_token: bool = True):
         from ..control.registration_client import open_registration_client
 
         self.app = app
@@ -31,6 +36,7 @@ class Registration:
                              weight=weight, healthy=True, registered_at=time.time(),
                              heartbeat_at=time.time(), meta={})
         self.service_gone = False
+        self.follow_token = follow_token
         self._task = None
 
     def _gone(self, exc: Exception) -> None:
@@ -47,6 +53,7 @@ class Registration:
         for attempt in range(5):
             try:
                 await self.client.register(self.instance, TTL_SECONDS)
+                await self._sync_token()
                 break
             except ServiceGone as exc:
                 self._gone(exc)
@@ -67,11 +74,20 @@ class Registration:
                 if not await self.client.heartbeat(self.instance, TTL_SECONDS):
                     # Unknown or lapsed: join again -- unless the service is gone.
                     await self.client.register(self.instance, TTL_SECONDS)
+                await self._sync_token()
             except ServiceGone as exc:
                 self._gone(exc)
                 return
             except Exception as exc:  # registry away: keep serving, keep trying
                 log.warning("heartbeat failed: %s", exc)
+
+    async def _sync_token(self) -> None:
+        if not self.follow_token:
+            return
+        token = await self.client.service_token(self.app.service)
+        if token is not None and token != self.app.token:
+            log.info("the service's token %s", "changed" if token else "was removed")
+            self.app.token = token
 
     async def stop(self) -> None:
         if self._task:
