@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from prometheus_client import generate_latest
 
@@ -15,10 +14,9 @@ from ..ratelimit import RateLimitFilter
 from ..routing.health import HealthChecker
 from ..routing.table import RouteTable
 from ..server import HttpServer, Request, Response, error_response, json_response
+from .._native.chain import AuthFilter, Chain, RouteFilter, VersionFilter, finish_exchange, \
+    forward
 from . import metrics
-from .exchange import Exchange
-from .filters import auth_filter, route_filter, version_filter
-from .forward import forward
 
 log = logging.getLogger("infergate.gateway")
 
@@ -38,9 +36,9 @@ class GatewayApp:
         self.health = HealthChecker(lambda: self.table, self._health_changed, health_interval)
         # Rate limits (gateway/ratelimit): global ones on the store's Redis when it is one.
         self.rate_limits = RateLimitFilter.for_store(store)
-        # Filters run in order; each may answer early.
-        self.filters = [route_filter(lambda: self.table), auth_filter, self.rate_limits.check,
-                        version_filter]
+        # Filters run in order over each request's Exchange; each may answer early.
+        self.chain = Chain([RouteFilter(self), AuthFilter(), self.rate_limits.check,
+                            VersionFilter()], self._predict_async)
         self.admin = None  # the control plane mounts its handler here (/admin/...)
         self._rebuild_pending = False
         self._address = None
@@ -108,7 +106,7 @@ class GatewayApp:
     def handle(self, request: Request):
         path = request.path
         if path.startswith(PREDICT):
-            return self.predict(request)
+            return self.chain.run(request)
         for prefix in DISCOVERY:
             if path.startswith(prefix):
                 return self.discovery(path[len(prefix):].split("/")[0])
@@ -122,24 +120,11 @@ class GatewayApp:
             return self.admin.handle(request)
         return error_response(404, f"no route for {path}")
 
-    def predict(self, request: Request):
-        """Run the filter chain; answer now, or hand back the forwarder's Future."""
-        started = time.perf_counter()
-        service, _, subpath = request.path[len(PREDICT):].partition("/")
-        ex = Exchange(request, service, "/" + subpath if subpath else "", started)
-        for position, step in enumerate(self.filters):
-            response = step(ex)
-            if response is not None:
-                if isinstance(response, Response):
-                    return finish_exchange(ex, response)
-                return self._predict_async(ex, response, position)
-        return forward(ex, finish_exchange)
-
-    async def _predict_async(self, ex: Exchange, pending, position: int):
+    async def _predict_async(self, ex, pending, position: int):
         """The rest of the chain after a filter that had to wait (global rate limits)."""
         response = await pending
         if response is None:
-            for step in self.filters[position + 1:]:
+            for step in self.chain.filters[position + 1:]:
                 response = step(ex)
                 if response is not None and not isinstance(response, Response):
                     response = await response
@@ -147,7 +132,7 @@ class GatewayApp:
                     break
         if response is not None:
             return finish_exchange(ex, response)
-        result = forward(ex, finish_exchange)
+        result = forward(ex)
         return result if isinstance(result, Response) else await result
 
     def discovery(self, service: str) -> Response:
@@ -156,21 +141,3 @@ class GatewayApp:
             return error_response(404, f"unknown service {service!r}")
         return json_response({"correlative": [service], "endpoints": {"items": items}})
 
-
-def finish_exchange(ex: Exchange, response: Response) -> Response:
-    """Last touch on every answer: the request id (and filters' headers), and metrics."""
-    line = f"X-Request-Id: {ex.request_id}\r\n"
-    for name, value in ex.response_headers:
-        line += f"{name}: {value}\r\n"
-    line = line.encode("latin-1")
-    headers = response.headers
-    if headers is None:
-        response.headers = line
-    elif isinstance(headers, bytes):
-        response.headers = headers + line
-    else:
-        response.headers = b"".join(f"{n}: {v}\r\n".encode("latin-1") for n, v in headers) + line
-    metrics.observe(ex.service if ex.route is not None else "_unknown",
-                    ex.backend.name if ex.backend is not None else "", response.status,
-                    time.perf_counter() - ex.started, len(ex.request.body), len(response.body))
-    return response

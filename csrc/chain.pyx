@@ -1,0 +1,149 @@
+# cython: language_level=3
+"""The gateway's filter chain, compiled: one Exchange per request, filters over it.
+
+A filter is a callable taking the Exchange and returning None (go on), a
+Response (answer now) or an awaitable (a filter that must wait, such as a
+global rate limit; the chain's Python side finishes those). The last step
+forwards to an instance (csrc/forward.pyx). Route, auth and version choice are
+compiled here; other filters (rate limits) are plain Python callables.
+"""
+import asyncio
+import os
+import time
+
+from gateway import auth
+from gateway._native.forward import Forwarding
+from gateway._native.httpcore import Response, error_response
+from gateway.proxy import metrics
+
+cdef str PREDICT = "/api/predict/"
+# Request ids: a random per-process prefix and a counter (uuid4 costs more per request).
+cdef str _ID_PREFIX = os.urandom(8).hex()
+cdef unsigned long long _id_counter = 0
+cdef object _perf_counter = time.perf_counter
+cdef object _get_running_loop = asyncio.get_running_loop
+cdef object _observe = metrics.observe
+
+
+cdef class Exchange:
+    """The one object every filter of the chain reads and annotates."""
+
+    cdef public object request, route, backend
+    cdef public str service, subpath, request_id
+    cdef public list extra             # (bytes, bytes) headers added to the upstream request
+    cdef public list response_headers  # (str, str) headers added to the client's response
+    cdef public double started
+
+    def __init__(self, request, str service, str subpath, double started):
+        global _id_counter
+        self.request = request
+        self.service = service
+        self.subpath = subpath
+        self.started = started
+        self.route = None
+        self.backend = None
+        self.extra = []
+        self.response_headers = []
+        request_id = request.headers.get("x-request-id")
+        if not request_id:
+            _id_counter += 1
+            request_id = "%s%016x" % (_ID_PREFIX, _id_counter)
+        self.request_id = request_id
+
+
+cdef class RouteFilter:
+    """Finds the service's route in the current table (read per request: it is swapped
+    whole when the configuration changes)."""
+
+    cdef object app
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, Exchange ex):
+        route = self.app.table.routes.get(ex.service)
+        if route is None:
+            return error_response(404, f"unknown service {ex.service!r}")
+        ex.route = route
+        return None
+
+
+cdef class AuthFilter:
+    """The service's token, raw or as an EAS signature."""
+
+    def __call__(self, Exchange ex):
+        token = ex.route.token
+        if not token:
+            return None
+        request = ex.request
+        reason = auth.verify(request.headers, request.method, request.path, request.body,
+                             token, ex.service)
+        return error_response(401, reason) if reason else None
+
+
+cdef class VersionFilter:
+    """The version (backend) that takes the request: a header rule, else the traffic shares."""
+
+    def __call__(self, Exchange ex):
+        backend, extra = ex.route.choose(ex.request.headers)
+        if backend is None:
+            return error_response(503, f"service {ex.service!r} has no version taking traffic")
+        ex.backend = backend
+        if extra is not None:
+            ex.extra.append(extra)
+        return None
+
+
+cpdef object finish_exchange(Exchange ex, response):
+    """Last touch on every answer: the request id (and filters' headers), and metrics."""
+    cdef list lines = ["X-Request-Id: ", ex.request_id, "\r\n"]
+    for name, value in ex.response_headers:
+        lines += [name, ": ", value, "\r\n"]
+    cdef bytes added = "".join(lines).encode("latin-1")
+    headers = response.headers
+    if headers is None:
+        response.headers = added
+    elif isinstance(headers, bytes):
+        response.headers = headers + added
+    else:
+        response.headers = b"".join(
+            [f"{n}: {v}\r\n".encode("latin-1") for n, v in headers]) + added
+    _observe(ex.service if ex.route is not None else "_unknown",
+             ex.backend.name if ex.backend is not None else "", response.status,
+             _perf_counter() - ex.started, len(ex.request.body), len(response.body))
+    return response
+
+
+cpdef object forward(Exchange ex):
+    """The upstream's answer as a Future, or a Response at once when nothing can take it."""
+    backend = ex.backend
+    if not backend.pools:
+        state = "stopped" if backend.status == "Stopped" else "has no instances"
+        return finish_exchange(ex, error_response(503, f"service {backend.name!r} {state}"))
+    return Forwarding(ex, _get_running_loop(), finish_exchange).start()
+
+
+cdef class Chain:
+    """Runs the filters in order over a new Exchange; the first answer wins."""
+
+    cdef readonly list filters
+    cdef object resume  # (ex, awaitable, position) -> coroutine: the chain after a wait
+
+    def __init__(self, list filters, resume):
+        self.filters = filters
+        self.resume = resume
+
+    cpdef object run(self, request):
+        """A Response, a Future of one (forwarded), or a coroutine (a filter waited)."""
+        cdef double started = _perf_counter()
+        cdef str path = request.path
+        service, _, subpath = path[len(PREDICT):].partition("/")
+        cdef Exchange ex = Exchange(request, service, "/" + subpath if subpath else "", started)
+        cdef Py_ssize_t position
+        for position in range(len(self.filters)):
+            response = self.filters[position](ex)
+            if response is not None:
+                if isinstance(response, Response):
+                    return finish_exchange(ex, response)
+                return self.resume(ex, response, position)
+        return forward(ex)
