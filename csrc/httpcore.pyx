@@ -274,7 +274,7 @@ cdef class HttpConnection:
                     response = error_response(500, "internal error")
                 if not isinstance(response, Response):
                     if not isinstance(response, _Future):
-                        response = asyncio.get_running_loop().create_task(response)
+                        response = self.loop.create_task(response)
                     self.worker = response
                     response.add_done_callback(_Parked(self, request, keep_alive))
                     self._maybe_resume_reading()

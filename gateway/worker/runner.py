@@ -55,6 +55,9 @@ class ThreadedRunner:
         # under the GIL, so the loop thread and the pool threads never race on it.
         self._taken = itertools.count(1)
         self.taken = 0
+        # The app's event loop, once it has one: asyncio.get_running_loop() makes a
+        # getpid() system call each time.
+        self.loop = None
 
     @property
     def waiting(self) -> int:
@@ -82,7 +85,7 @@ class ThreadedRunner:
         if remaining <= 0:
             raise DeadlineExceeded()
         self.submitted += 1
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         # The thread resolves this future itself: lighter than wrap_future's chaining.
         result = loop.create_future()
         job = self.pool.submit(self._run, fn, args, loop, result)
