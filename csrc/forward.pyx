@@ -8,63 +8,24 @@ the upstream connection's callbacks; resolves one Future.
 """
 import asyncio
 
+from gateway._native.deadlines import Deadlines
 from gateway._native.httpcore import Response, error_response
 from gateway._native.proxy_head import finish_request, request_head, response_headers
 from gateway.proxy import metrics
 
 cdef int MAX_TRIES = 3
-# Deadlines are checked on ticks of this many seconds: one timer for all requests,
-# instead of a timer handle made and cancelled per request.
-cdef double TICK = 0.05
-
-
-cdef class Deadlines:
-    """The pending requests of one event loop, grouped by the tick their deadline falls in."""
-
-    cdef dict slots  # tick number -> set of Forwarding
-    cdef object loop, timer
-    cdef long long next_tick  # the tick the timer is set for (0: no timer)
-
-    def __init__(self, loop):
-        self.loop = loop
-        self.slots = {}
-        self.timer = None
-        self.next_tick = 0
-
-    cdef set add(self, Forwarding forwarding, double deadline):
-        cdef long long tick = <long long>(deadline / TICK) + 1
-        slot = self.slots.get(tick)
-        if slot is None:
-            slot = self.slots[tick] = set()
-            if self.next_tick == 0 or tick < self.next_tick:
-                if self.timer is not None:
-                    self.timer.cancel()
-                self.next_tick = tick
-                self.timer = self.loop.call_at(tick * TICK, self._sweep)
-        slot.add(forwarding)
-        return slot
-
-    def _sweep(self):
-        cdef long long now = <long long>(self.loop.time() / TICK)
-        cdef Forwarding forwarding
-        self.timer = None
-        self.next_tick = 0
-        for tick in [t for t in self.slots if t <= now]:
-            for forwarding in self.slots.pop(tick):
-                forwarding._timed_out()
-        if self.slots:
-            self.next_tick = min(self.slots)
-            self.timer = self.loop.call_at(self.next_tick * TICK, self._sweep)
-
-
 # The gateway runs one event loop a process; a new loop (as in tests) gets new deadlines.
-cdef Deadlines _deadlines = None
+cdef object _deadlines = None
 
 
-cdef Deadlines deadlines_of(loop):
+def _expire(Forwarding forwarding):
+    forwarding._timed_out()
+
+
+cdef object deadlines_of(loop):
     global _deadlines
     if _deadlines is None or _deadlines.loop is not loop:
-        _deadlines = Deadlines(loop)
+        _deadlines = Deadlines(loop, _expire)
     return _deadlines
 
 

@@ -26,7 +26,7 @@ from gateway.protos import caffe_predict_pb2, pytorch_predict_pb2, tf_predict_pb
 from gateway.serviceconfig import RpcSettings
 from gateway.worker.model import OnnxModel
 from gateway.worker.processors.base import Call
-from gateway.worker.runner import DeadlineExceeded, QueueFull, ThreadedRunner
+from gateway.worker.runner import DeadlineExceeded, QueueFull
 
 # -- models built in the tests --------------------------------------------------------------
 
@@ -161,8 +161,7 @@ def test_unit_batched_equals_unbatched_and_merges():
     rec = Recorder(OnnxModel(str(DIGITS_MODEL)))
     ref = reference(DIGITS_MODEL)
     cfg = settings(max_batch_size=16, worker_threads=2, max_queue_size=128)
-    runner = ThreadedRunner(cfg)
-    batcher = BatchingRunner(rec, cfg, runner)
+    batcher = BatchingRunner(rec, cfg)
     rng = np.random.default_rng(0)
     xs = [rng.random((int(rng.integers(1, 4)), 784), dtype=np.float32) for _ in range(64)]
     big = rng.random((40, 784), dtype=np.float32)  # more than max_batch_size: runs alone
@@ -175,7 +174,7 @@ def test_unit_batched_equals_unbatched_and_merges():
     try:
         outs = run_async(go)
     finally:
-        runner.close()
+        batcher.close()
     big_out = outs.pop(10)
     assert np.allclose(big_out[0], ref({"images": big})[0], rtol=1e-5)
     for x, out in zip(xs, outs):

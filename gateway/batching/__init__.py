@@ -1,8 +1,8 @@
 """Server-side batching for model workers (issue 6, SPEC section 4).
 
-`BatchingRunner(model, settings, runner).infer(call, deadline)` merges queued
+`BatchingRunner(model, settings).infer(call, deadline)` merges queued
 requests with equal `Call.batch_key` along dimension 0, runs the model once per
-batch on the worker's thread pool and splits the outputs back.
+batch on its rpc.worker_threads threads and splits the outputs back.
 """
 from .batcher import BatchingRunner
 

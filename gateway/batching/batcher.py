@@ -1,7 +1,7 @@
 """The batcher: merges queued requests along dimension 0 and runs the model once per batch.
 
 Everything below runs on the event loop except `_execute`, which runs on the
-worker's thread pool (`ThreadedRunner.pool`, rpc.worker_threads threads).
+batcher's thread pool (rpc.worker_threads threads).
 
 Queueing. Each request becomes a `_Pending` in the group of its `Call.batch_key`
 (model outputs, input names, dtypes and trailing shapes); only equal keys are
@@ -118,20 +118,15 @@ def _call_soon(loop, fn, *args) -> None:
 
 
 class BatchingRunner:
-    def __init__(self, model, settings, runner=None):
+    def __init__(self, model, settings):
         self.model = model
         self.settings = settings
         self.max_rows = max(1, int(settings.max_batch_size))
         self.window = max(0, int(settings.max_batch_timeout)) / 1000.0
         self.max_queue = max(1, int(settings.max_queue_size))
         self.max_inflight = max(1, int(settings.worker_threads))
-        if runner is not None:
-            self.executor = runner.pool
-            self._own_executor = False
-        else:
-            self.executor = concurrent.futures.ThreadPoolExecutor(self.max_inflight,
-                                                                  thread_name_prefix="batch")
-            self._own_executor = True
+        self.executor = concurrent.futures.ThreadPoolExecutor(self.max_inflight,
+                                                              thread_name_prefix="batch")
         self.groups: dict = {}  # batch key -> deque of _Pending, only non-empty groups
         self.waiting = 0        # requests queued, not yet in a batch
         self.inflight = 0       # batches running on the pool
@@ -168,8 +163,7 @@ class BatchingRunner:
             "waiting", "inflight")}
 
     def close(self) -> None:
-        if self._own_executor:
-            self.executor.shutdown(wait=True)
+        self.executor.shutdown(wait=True)
 
     # -- requests ------------------------------------------------------------------------
 

@@ -48,9 +48,11 @@ class WorkerApp:
             self.model = OnnxModel(model_path, intra_op_threads)
             self.processor = make_processor(processor, self.model)
             self.signature = json_response(self.model.signature())
+        self.batcher = None
         if settings.batching and self.model is not None:
             from ..batching import BatchingRunner
-            self.infer = BatchingRunner(self.model, settings, self.runner).infer
+            self.batcher = BatchingRunner(self.model, settings)
+            self.infer = self.batcher.infer
         else:
             self.infer = self._infer_unbatched
         self.server = HttpServer(self.handle, max_body_size=max_body_size)
@@ -133,4 +135,6 @@ class WorkerApp:
     async def stop(self) -> None:
         await self.server.drain(timeout=self.settings.keepalive / 1000.0 + 5)
         await asyncio.get_running_loop().run_in_executor(None, self.runner.close)
+        if self.batcher is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
         self.codec_pool.shutdown(wait=False)
