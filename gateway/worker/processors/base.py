@@ -7,17 +7,21 @@ from ...codec.tensors import CodecError
 class Call:
     """One decoded request: checked feeds, the outputs to fetch, and what encoding needs."""
 
-    __slots__ = ("feeds", "output_names", "context", "batch_key", "rows")
+    __slots__ = ("feeds", "output_names", "context", "rows")
 
     def __init__(self, feeds: dict, output_names: tuple, context=None):
         self.feeds = feeds
         self.output_names = output_names
         self.context = context
-        # Requests with equal keys may be concatenated along dimension 0.
-        self.batch_key = (output_names,) + tuple(
-            (name, a.dtype.str, a.shape[1:]) for name, a in feeds.items())
         first = next(iter(feeds.values()), None)
         self.rows = first.shape[0] if first is not None and first.ndim else 1
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys may be concatenated along dimension 0 (computed only
+        when batching: dtype.str formats a new string)."""
+        return (self.output_names,) + tuple(
+            (name, a.dtype.str, a.shape[1:]) for name, a in self.feeds.items())
 
 
 class Processor:
