@@ -166,9 +166,37 @@ cdef object read_array(Cursor* c):
     return np.frombuffer(PyByteArray_FromStringAndSize(<char*>start, length), wire).reshape(shape)
 
 
+cdef object read_input(Cursor* c):
+    """One entry of the inputs map: (name, array), or None."""
+    cdef Cursor entry
+    cdef uint64_t tag
+    if not sub_cursor(c, &entry):
+        return None
+    name, array = "", None
+    while entry.p < entry.end:
+        tag = read_varint(&entry)
+        if entry.bad:
+            return None
+        if tag == (1 << 3 | 2):
+            name = read_str(&entry)
+            if name is None:
+                return None
+        elif tag == (2 << 3 | 2):
+            if array is not None:
+                return None
+            array = read_array(&entry)
+            if array is None:
+                return None
+        elif not skip_field(&entry, tag & 7):
+            return None
+    if array is None:  # an empty value: the full path says what is missing
+        return None
+    return name, array
+
+
 cpdef object decode_request(bytes body):
     """(signature_name, {input: array}, output_filter tuple) of a PredictRequest, or None."""
-    cdef Cursor c, entry
+    cdef Cursor c
     cdef uint64_t tag
     cdef str signature = ""
     cdef dict inputs = {}
@@ -187,28 +215,10 @@ cpdef object decode_request(bytes body):
             if signature is None:
                 return None
         elif tag == (2 << 3 | 2):
-            if not sub_cursor(&c, &entry):
+            entry = read_input(&c)
+            if entry is None:
                 return None
-            name, array = "", None
-            while entry.p < entry.end:
-                tag = read_varint(&entry)
-                if entry.bad:
-                    return None
-                if tag == (1 << 3 | 2):
-                    name = read_str(&entry)
-                    if name is None:
-                        return None
-                elif tag == (2 << 3 | 2):
-                    if array is not None:
-                        return None
-                    array = read_array(&entry)
-                    if array is None:
-                        return None
-                elif not skip_field(&entry, tag & 7):
-                    return None
-            if array is None:  # an empty value: the full path says what is missing
-                return None
-            inputs[name] = array
+            inputs[entry[0]] = entry[1]
         elif tag == (3 << 3 | 2):
             name = read_str(&c)
             if name is None:
