@@ -49,6 +49,25 @@ class Response:
     pass
 
 
+class _ProtoResponse(Response):
+    """A response body parsed as `message_type`; `get_values` flattens `get_array`."""
+
+    message_type = None
+
+    def __init__(self, response_data: bytes | None = None):
+        self.response = self.message_type()
+        if response_data:
+            self.response.ParseFromString(bytes(response_data))
+
+    def __str__(self) -> str:
+        return str(self.response)
+
+    to_string = __str__
+
+    def get_values(self, output) -> list:
+        return _flat_list(self.get_array(output))
+
+
 # --- raw bytes / strings ------------------------------------------------------------------
 class StringRequest(Request):
     """A raw body (str is sent UTF-8 encoded): for JSON and custom processors."""
@@ -175,16 +194,8 @@ class TFRequest(_TensorDtypes, Request):
         return TFResponse(response_data)
 
 
-class TFResponse(Response):
-    def __init__(self, response_data: bytes | None = None):
-        self.response = _tf_pb.PredictResponse()
-        if response_data:
-            self.response.ParseFromString(bytes(response_data))
-
-    def __str__(self) -> str:
-        return str(self.response)
-
-    to_string = __str__
+class TFResponse(_ProtoResponse):
+    message_type = _tf_pb.PredictResponse
 
     def _output(self, name: str):
         outputs = self.response.outputs
@@ -197,9 +208,6 @@ class TFResponse(Response):
 
     def get_tensor_shape(self, output_name: str) -> list[int]:
         return list(self._output(output_name).array_shape.dim)
-
-    def get_values(self, output_name: str) -> list:
-        return _flat_list(self.get_array(output_name))
 
     def get_array(self, output_name: str) -> np.ndarray:
         return decode_array(self._output(output_name), output_name)
@@ -246,19 +254,11 @@ class TorchRequest(_TensorDtypes, Request):
         return TorchResponse(response_data)
 
 
-class TorchResponse(Response):
+class TorchResponse(_ProtoResponse):
     """Positional outputs (``get_values(0)``) or, for ``add_feed_map`` requests, named ones
     (``get_values_map(name)``; ``get_array``/``get_values`` accept a name too)."""
 
-    def __init__(self, response_data: bytes | None = None):
-        self.response = _torch_pb.PredictResponse()
-        if response_data:
-            self.response.ParseFromString(bytes(response_data))
-
-    def __str__(self) -> str:
-        return str(self.response)
-
-    to_string = __str__
+    message_type = _torch_pb.PredictResponse
 
     def _output(self, key):
         if isinstance(key, str):
@@ -273,9 +273,6 @@ class TorchResponse(Response):
 
     def get_tensor_shape(self, output_index) -> list[int]:
         return list(self._output(output_index).array_shape.dim)
-
-    def get_values(self, output_index) -> list:
-        return _flat_list(self.get_array(output_index))
 
     def get_tensor_shape_map(self, output_name: str) -> list[int]:
         return self.get_tensor_shape(str(output_name))
@@ -339,16 +336,8 @@ class CaffeRequest(Request):
         return CaffeResponse(response_data)
 
 
-class CaffeResponse(Response):
-    def __init__(self, response_data: bytes | None = None):
-        self.response = _caffe_pb.PredictResponse()
-        if response_data:
-            self.response.ParseFromString(bytes(response_data))
-
-    def __str__(self) -> str:
-        return str(self.response)
-
-    to_string = __str__
+class CaffeResponse(_ProtoResponse):
+    message_type = _caffe_pb.PredictResponse
 
     def _output(self, name: str):
         names = list(self.response.output_name)
@@ -362,9 +351,6 @@ class CaffeResponse(Response):
 
     def get_tensor_shape(self, output_name: str) -> list[int]:
         return list(self._output(output_name).shape.dim)
-
-    def get_values(self, output_name: str) -> list:
-        return _flat_list(self.get_array(output_name))
 
     def get_array(self, output_name: str) -> np.ndarray:
         return decode_caffe(self._output(output_name), output_name)
