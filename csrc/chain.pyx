@@ -12,7 +12,7 @@ import os
 import time
 
 from gateway import auth
-from gateway._native.forward import Forwarding
+from gateway._native.forward import Forwarding, forwarding_deadlines
 from gateway._native.httpcore import Response, error_response
 from gateway.proxy import metrics
 
@@ -114,13 +114,13 @@ cpdef object finish_exchange(Exchange ex, response):
     return response
 
 
-cpdef object forward(Exchange ex, loop):
+cpdef object forward(Exchange ex, deadlines):
     """The upstream's answer as a Future, or a Response at once when nothing can take it."""
     backend = ex.backend
     if not backend.pools:
         state = "stopped" if backend.status == "Stopped" else "has no instances"
         return finish_exchange(ex, error_response(503, f"service {backend.name!r} {state}"))
-    return Forwarding(ex, loop, finish_exchange).start()
+    return Forwarding(ex, deadlines, finish_exchange).start()
 
 
 cdef class Chain:
@@ -128,14 +128,14 @@ cdef class Chain:
 
     cdef readonly list filters
     cdef object resume  # (ex, awaitable, position) -> coroutine: the chain after a wait
-    # The loop the chain runs on, taken once: asyncio.get_running_loop() makes a
-    # getpid() system call each time.
-    cdef readonly object loop
+    # The deadlines of its forwardings, on the loop the chain runs on, made on the first
+    # request: asyncio.get_running_loop() makes a getpid() system call each time.
+    cdef readonly object deadlines
 
     def __init__(self, list filters, resume):
         self.filters = filters
         self.resume = resume
-        self.loop = None
+        self.deadlines = None
 
     cpdef object run(self, request):
         """A Response, a Future of one (forwarded), or a coroutine (a filter waited)."""
@@ -144,12 +144,12 @@ cdef class Chain:
         service, _, subpath = path[len(PREDICT):].partition("/")
         cdef Exchange ex = Exchange(request, service, "/" + subpath if subpath else "", started)
         cdef Py_ssize_t position
-        if self.loop is None:
-            self.loop = _get_running_loop()
+        if self.deadlines is None:
+            self.deadlines = forwarding_deadlines(_get_running_loop())
         for position in range(len(self.filters)):
             response = self.filters[position](ex)
             if response is not None:
                 if isinstance(response, Response):
                     return finish_exchange(ex, response)
                 return self.resume(ex, response, position)
-        return forward(ex, self.loop)
+        return forward(ex, self.deadlines)

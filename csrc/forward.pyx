@@ -14,19 +14,15 @@ from gateway._native.proxy_head import finish_request, request_head, response_he
 from gateway.proxy import metrics
 
 cdef int MAX_TRIES = 3
-# The gateway runs one event loop a process; a new loop (as in tests) gets new deadlines.
-cdef object _deadlines = None
 
 
 def _expire(Forwarding forwarding):
     forwarding._timed_out()
 
 
-cdef object deadlines_of(loop):
-    global _deadlines
-    if _deadlines is None or _deadlines.loop is not loop:
-        _deadlines = Deadlines(loop, _expire)
-    return _deadlines
+def forwarding_deadlines(loop):
+    """The deadlines that Forwardings on `loop` file themselves under (one set per loop)."""
+    return Deadlines(loop, _expire)
 
 
 cdef class Forwarding:
@@ -36,12 +32,12 @@ cdef class Forwarding:
     cdef tuple tried  # indexes already tried: a retry never repeats one
     cdef int tries_left, index
 
-    def __init__(self, ex, loop, on_finish):
+    def __init__(self, ex, deadlines, on_finish):
         self.ex = ex
         self.on_finish = on_finish  # (ex, response) -> response, before the client gets it
         backend = self.backend = ex.backend
         self.picker = backend.picker
-        self.loop = loop
+        loop = self.loop = deadlines.loop
         self.future = loop.create_future()
         self.future.add_done_callback(self._future_done)
         self.tried = ()
@@ -61,7 +57,7 @@ cdef class Forwarding:
             extra.append(backend.auth_header)
         self.head = request_head((<str>request.method).encode("latin-1"), target,
                                  request.raw_headers, extra)
-        self.deadline_slot = deadlines_of(loop).add(self, loop.time() + backend.timeout)
+        self.deadline_slot = deadlines.add(self, loop.time() + backend.timeout)
 
     def start(self):
         self._attempt()

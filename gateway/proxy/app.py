@@ -132,7 +132,7 @@ class GatewayApp:
                     break
         if response is not None:
             return finish_exchange(ex, response)
-        result = forward(ex, self.chain.loop)
+        result = forward(ex, self.chain.deadlines)
         return result if isinstance(result, Response) else await result
 
     def discovery(self, service: str) -> Response:

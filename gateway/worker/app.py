@@ -59,7 +59,7 @@ class WorkerApp:
         self.port = None
 
     async def listen(self, host: str, port: int, reuse_port: bool = False) -> int:
-        self.runner.loop = asyncio.get_running_loop()
+        self.runner.bind(asyncio.get_running_loop())
         self.port = await self.server.listen(host, port, reuse_port)
         log.info("worker for service %r listening on %s:%d", self.service, host, self.port)
         return self.port

@@ -52,10 +52,12 @@ class ThreadedRunner:
         # exactly one of them gets it.
         self.queued: dict = {}
         self.threads: list[threading.Thread] = []
-        # The app's event loop, once it has one: asyncio.get_running_loop() makes a
-        # getpid() system call each time.
-        self.loop = None
-        self.deadlines = None
+        self.deadlines = None  # on the app's event loop, from bind()
+
+    def bind(self, loop) -> None:
+        """Serve calls from `loop` (taken once: asyncio.get_running_loop() makes a
+        getpid() system call each time)."""
+        self.deadlines = Deadlines(loop, _expire)
 
     @property
     def waiting(self) -> int:
@@ -86,15 +88,14 @@ class ThreadedRunner:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded()
-        loop = self.loop or asyncio.get_running_loop()
-        if self.deadlines is None or self.deadlines.loop is not loop:
-            self.deadlines = Deadlines(loop, _expire)
+        deadlines = self.deadlines
+        loop = deadlines.loop
         if not self.threads:
             self._start_threads()
         result = loop.create_future()
         self.queued[result] = True
         self.jobs.put((result, fn, args, loop))
-        slot = self.deadlines.add(result, loop.time() + remaining)
+        slot = deadlines.add(result, loop.time() + remaining)
         try:
             return await result
         finally:  # answered, expired, or the client went away
