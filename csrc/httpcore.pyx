@@ -269,9 +269,8 @@ cdef class HttpConnection:
                 server.inflight += 1
                 try:
                     response = server.handler(request)
-                except Exception:
-                    log.exception("handler failed on %s %s", request.method, request.path)
-                    response = error_response(500, "internal error")
+                except Exception as exc:
+                    response = self._error(exc, request)
                 if not isinstance(response, Response):
                     if not isinstance(response, _Future):
                         response = self.loop.create_task(response)
@@ -295,12 +294,25 @@ cdef class HttpConnection:
             return
         exc = done.exception()
         if exc is not None:
-            log.error("handler failed on %s %s", request.method, request.path, exc_info=exc)
-            response = error_response(500, "internal error")
+            response = self._error(exc, request)
         else:
             response = done.result()
         if self._write(response, keep_alive):
             self._serve_next()
+
+    cdef Response _error(self, exc, request):
+        """The server's answer to a handler's exception; 500 (and a log) for the unexpected."""
+        answer_error = self.server.answer_error
+        if answer_error is not None:
+            try:
+                response = answer_error(exc)
+            except Exception:
+                log.exception("answer_error failed on %r", exc)
+                response = None
+            if response is not None:
+                return response
+        log.error("handler failed on %s %s", request.method, request.path, exc_info=exc)
+        return error_response(500, "internal error")
 
     cdef bint _write(self, Response response, bint keep_alive):
         """Send one response; False when the connection is done with."""

@@ -15,6 +15,9 @@ import dataclasses
 from typing import Any
 
 PROCESSORS = ("tensorflow", "pytorch", "caffe", "json", "python")
+# metadata.onnxruntime keys -> the execution provider each configures.
+PROVIDER_KEYS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
+                 "cpu": "CPUExecutionProvider"}
 # The local launcher runs every instance on the gateway's machine.
 MAX_INSTANCES = 64
 
@@ -32,6 +35,8 @@ class RpcSettings:
     keepalive: int = 5000  # ms
     io_threads: int = 4
     worker_threads: int = 5
+    # Sizes batches are padded to; None: powers of two on an accelerator, none on the CPU.
+    batch_sizes: tuple | None = None
 
 
 # key -> (type, minimum)
@@ -43,6 +48,7 @@ _RPC_KEYS = {
     "keepalive": (int, 1),
     "io_threads": (int, 1),
     "worker_threads": (int, 1),
+    "batch_sizes": (tuple, 1),
 }
 
 
@@ -58,6 +64,12 @@ def _flatten(metadata: dict) -> dict:
 
 
 def _coerce(key: str, value: Any, kind: type, minimum: int | None, prefix: str = "metadata."):
+    if kind is tuple:  # a list of integers, or "1,2,4" as a flag or -D value gives it
+        if isinstance(value, str):
+            value = [part for part in value.replace(" ", "").split(",") if part]
+        if not isinstance(value, list):
+            raise ConfigError(f"{prefix}{key} must be a list of integers, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, int, minimum, prefix) for i, v in enumerate(value))
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -88,6 +100,25 @@ def rpc_settings(metadata: dict | None, **overrides) -> RpcSettings:
         if value is not None:
             values[key] = _coerce(f"rpc.{key}", value, *_RPC_KEYS[key])
     return RpcSettings(**values)
+
+
+def provider_options(metadata: dict | None) -> dict:
+    """metadata.onnxruntime: {"cuda": {option: value}, "tensorrt": {...} or true, "cpu": {...}}."""
+    options = (metadata or {}).get("onnxruntime") or {}
+    if not isinstance(options, dict):
+        raise ConfigError("metadata.onnxruntime must be an object such as "
+                          '{"cuda": {"cudnn_conv_algo_search": "HEURISTIC"}}')
+    for provider, values in options.items():
+        if provider not in PROVIDER_KEYS:
+            raise ConfigError(f"metadata.onnxruntime.{provider} is not a provider; use "
+                              f"{', '.join(PROVIDER_KEYS)}")
+        if isinstance(values, bool) and provider == "tensorrt":
+            continue
+        if not isinstance(values, dict) or not all(
+                isinstance(v, (str, int, float, bool)) for v in values.values()):
+            raise ConfigError(f"metadata.onnxruntime.{provider} must be an object of option "
+                              "names to strings, numbers or booleans")
+    return options
 
 
 def processor_kind(processor: str) -> str:
@@ -148,6 +179,8 @@ def validate_service(config: dict) -> dict:
     for key in ("instance", "cpu", "gpu", "memory", "workers"):
         if key in metadata:
             _coerce(key, metadata[key], int, 0)
+    if "onnxruntime" in metadata:
+        provider_options(metadata)
     if "instance" in metadata and _coerce("instance", metadata["instance"], int, 0) > MAX_INSTANCES:
         raise ConfigError(f"metadata.instance must be at most {MAX_INSTANCES} (worker processes "
                           f"on this machine), got {metadata['instance']}")

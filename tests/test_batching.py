@@ -496,32 +496,35 @@ def _seconds_for_8_rows(path) -> float:
 
 
 def test_worker_deadline_fires_while_a_long_batch_runs(worker_factory, slow_model_path):
-    """Two batches run (rpc.worker_threads 2): P, long (96 rows, past its deadline), and L,
-    a full batch sent later. W, one row of another signature (output filter), waits
-    for the model: its window is long and the model is busy all along. Its deadline
-    passes while P and L run: its 408 (and P's) must arrive before L's 200, whereas
-    answering timeouts only when a batch ends would answer W after L.
-
-    With t8 the time of one 8-row run: keepalive 4 t8; W is sent at 0.2 t8, L at 3.8 t8,
-    so W's 408 comes at 4.2 t8 and L's 200 at 3.8 t8 + its run (about t8 alone, 2 t8 beside P),
-    well before L's own deadline at 7.8 t8; P (about 10 t8 of work) runs all along."""
+    """One inference thread. P, long (96 rows: about 12 t8, t8 the time of one 8-row
+    run), runs past its deadline (keepalive 4 t8). W, one row sent at 0.2 t8, waits for
+    the thread (its window is long). W's 408 must come at its deadline, while P still
+    runs (the in-flight gauge says so when W's answer is in), not when P's batch ends;
+    P's own 408 too. Afterwards the worker answers a full batch right."""
     t8 = _seconds_for_8_rows(slow_model_path)
     keepalive = max(0.2, 4 * t8)
     worker = worker_factory(service="slow", model=slow_model_path, extra=(
-        "--batching", "--threads", "2", "--max-batch-size", "8", "--max-batch-timeout-ms", "60000",
+        "--batching", "--threads", "1", "--max-batch-size", "8", "--max-batch-timeout-ms", "60000",
         "--keepalive-ms", str(int(keepalive * 1000))))
     rng = np.random.default_rng(8)
     p, w, l8 = (rng.random((n, 1024), dtype=np.float32) for n in (96, 1, 8))
     # One run first, so that the timed ones do not pay for the first run's allocations.
     assert send_all(worker.url, "/api/predict/slow", [tf_body({"x": l8})])[0][0] == 200
-    bodies = [tf_body({"x": p}), tf_body({"x": w}, ("z",)), tf_body({"x": l8})]
-    (p_status, _, p_at), (w_status, w_body, w_at), (l_status, l_body, l_at) = send_all(
-        worker.url, "/api/predict/slow", bodies,
-        delays=[0.0, 0.2 * t8, 3.8 * keepalive / 4])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long_one = pool.submit(send_all, worker.url, "/api/predict/slow", [tf_body({"x": p})])
+        (w_status, w_body, _), = send_all(worker.url, "/api/predict/slow",
+                                          [tf_body({"x": w}, ("z",))], delays=[0.2 * t8])
+        in_flight = scrape(worker.url)[("infergate_worker_batches_in_flight", ())]
+        (p_status, _, _), = long_one.result()
     assert w_status == 408, w_body
+    assert in_flight == 1  # P was still running when W was answered
     assert p_status == 408
+    deadline = time.monotonic() + 60
+    while scrape(worker.url)[("infergate_worker_batches_in_flight", ())] != 0:
+        assert time.monotonic() < deadline, "P's batch never ended"
+        time.sleep(0.05)
+    (l_status, l_body, _), = send_all(worker.url, "/api/predict/slow", [tf_body({"x": l8})])
     assert l_status == 200, l_body
-    assert w_at < l_at and p_at < l_at
     out = tf_outputs(l_body)
     want_y, want_z = reference(slow_model_path)({"x": l8})
     assert np.allclose(out["y"], want_y, rtol=1e-5, atol=1e-6)

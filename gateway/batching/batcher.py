@@ -1,7 +1,7 @@
 """The batcher: merges queued requests along dimension 0 and runs the model once per batch.
 
 Everything below runs on the event loop except `_execute`, which runs on the
-batcher's thread pool (rpc.worker_threads threads).
+batcher's threads (rpc.worker_threads of them).
 
 Queueing. Each request becomes a `_Pending` in the group of its `Call.batch_key`
 (model outputs, input names, dtypes and trailing shapes); only equal keys are
@@ -9,29 +9,44 @@ ever merged. A group's front batch is taken first-in first-out: requests are
 added while their rows fit in rpc.max_batch_size, so a request with more rows
 than that runs on its own, and nothing is reordered inside a group.
 
+Padding. With batch sizes set (`rpc.batch_sizes`; by default the powers of two
+up to max_batch_size when the model runs on an accelerator, none on the CPU), a
+batch's rows are padded with zeros up to the next size, so the execution
+provider sees a few shapes only (each compiled and warmed up once: see
+worker/warmup.py). Padded rows are cut off before anything is answered. The
+requests' rows are copied once, on the batch's thread, straight into the batch
+buffer.
+
 When a batch starts. At most rpc.worker_threads batches are in flight. A front
-batch starts as soon as a slot is free if
+batch starts as soon as a thread is free if
   * it is complete: it holds max_batch_size rows, or the next queued request
     does not fit (it cannot grow any more), or it cannot be merged at all;
   * its window is over: rpc.max_batch_timeout has passed since its first
     request arrived; or
-  * the model is idle: no batch is in flight. A lone request on an idle worker
-    thus runs at once, with no window delay, and when the model frees up the
-    next batch is whatever has queued meanwhile (the window has been running
-    for those requests while the model was busy).
-While the model is busy, partial batches wait for more rows until their window
-closes. Among ready groups the one whose first request is oldest goes first.
-A lone request on an idle model is dispatched from infer() itself; other arrivals
-are looked at once the current loop iteration is done (call_soon), so that
+  * the model has capacity to spare: on the CPU every inference thread is a
+    core's worth of work, so a batch starts whenever a thread is free (waiting
+    for more rows would leave a core idle); on an accelerator the threads share
+    one device, so only when no batch is in flight. A lone request on an idle
+    worker thus runs at once, with no window delay, and under load batches grow
+    by themselves with whatever queued while the model was busy.
+Among ready groups the one whose first request is oldest goes first. A lone
+request on an idle model is dispatched from submit() itself; other arrivals are
+looked at once the current loop iteration is done (call_soon), so that
 requests read from the sockets together are considered together.
+
+Answers. `submit(call, deadline, finish, *args)` returns a Future: of
+`finish(call, outputs, *args)` (the worker encodes its response there, on the
+batch's thread, off the loop) or, without `finish`, of the outputs. One
+`call_soon_threadsafe` hands a whole batch's answers back to the loop.
 
 Admission and deadlines. `rpc.max_queue_size` bounds the requests waiting in
 the queue (running ones do not count): one more raises QueueFull (450) at once.
 A timer fires at each request's deadline (rpc.keepalive; one timer serves the
 requests whose deadlines come in arrival order): a waiting request is taken out
 of its group and gets DeadlineExceeded (408) right then; a running one gets it
-too and its rows are discarded when the batch ends. A request whose
-client went away (its task is cancelled) leaves the queue as well.
+too and its rows are discarded when the batch ends. A request whose Future is
+cancelled (its client went away) never runs; through `infer()`, it also leaves
+the queue at once.
 
 Safety nets. A model whose declared signature has a scalar or a fixed first
 dimension is never batched. A request whose inputs do not all share the first
@@ -43,9 +58,11 @@ key is never merged again.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
-import concurrent.futures
 import logging
+import queue
+import threading
 import time
 
 import numpy as np
@@ -68,18 +85,20 @@ class _Solo:
 
 class _Pending:
     __slots__ = ("call", "key", "rows", "solo", "future", "arrived", "deadline", "timer",
-                 "queued")
+                 "queued", "finish", "args")
 
-    def __init__(self, call, key, solo, future, arrived, deadline):
+    def __init__(self, call, key, solo, future, arrived, deadline, finish, args):
         self.call = call
         self.key = key
         self.rows = call.rows
         self.solo = solo
-        self.future = future  # None once its infer() has returned
+        self.future = future  # None once it is answered and gone
         self.arrived = arrived
         self.deadline = deadline  # loop time
         self.timer = None  # its own deadline timer, only when deadlines arrive out of order
         self.queued = True
+        self.finish = finish
+        self.args = args
 
 
 def model_mergeable(model) -> bool:
@@ -99,6 +118,23 @@ def model_mergeable(model) -> bool:
     return True
 
 
+def on_accelerator(model) -> bool:
+    return getattr(model, "provider", "CPUExecutionProvider") != "CPUExecutionProvider"
+
+
+def batch_sizes(settings, model) -> tuple:
+    """The sizes batches are padded to (empty: no padding), always ending at max_batch_size."""
+    max_rows = max(1, int(settings.max_batch_size))
+    sizes = settings.batch_sizes
+    if sizes is None:  # not configured: pad where shapes are costly
+        if not on_accelerator(model):
+            return ()
+        sizes = [1 << i for i in range(max_rows.bit_length()) if 1 << i <= max_rows]
+    if not sizes:
+        return ()
+    return tuple(sorted({s for s in sizes if s < max_rows} | {max_rows}))
+
+
 def _mergeable(call) -> bool:
     rows = call.rows
     feeds = call.feeds
@@ -110,11 +146,14 @@ def _mergeable(call) -> bool:
     return True
 
 
-def _call_soon(loop, fn, *args) -> None:
+def _answer(pending, outputs):
+    """finish(call, outputs, *args) for one request, or its exception (on a batch thread)."""
+    if pending.finish is None:
+        return outputs
     try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the loop is closed: the worker has stopped, nobody waits
-        pass
+        return pending.finish(pending.call, outputs, *pending.args)
+    except Exception as exc:
+        return exc
 
 
 class BatchingRunner:
@@ -125,11 +164,19 @@ class BatchingRunner:
         self.window = max(0, int(settings.max_batch_timeout)) / 1000.0
         self.max_queue = max(1, int(settings.max_queue_size))
         self.max_inflight = max(1, int(settings.worker_threads))
-        self.executor = concurrent.futures.ThreadPoolExecutor(self.max_inflight,
-                                                              thread_name_prefix="batch")
+        # Batches that may start without waiting for rows: every thread on the CPU,
+        # one on an accelerator (its threads share the device).
+        self.eager_inflight = 1 if on_accelerator(model) else self.max_inflight
+        self.pad_sizes = batch_sizes(settings, model)
+        self.batch_sizes = self.pad_sizes or (1,)  # what warm-up runs
+        self.jobs = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
+                        for i in range(self.max_inflight)]
+        for thread in self.threads:
+            thread.start()
         self.groups: dict = {}  # batch key -> deque of _Pending, only non-empty groups
         self.waiting = 0        # requests queued, not yet in a batch
-        self.inflight = 0       # batches running on the pool
+        self.inflight = 0       # batches running on the threads
         self._loop = None
         self._kick_handle = None
         self._timer = None
@@ -144,10 +191,12 @@ class BatchingRunner:
         if not self.mergeable:
             log.warning("the model's signature has a scalar, an unknown shape or a fixed first "
                         "dimension: requests will not be merged into batches")
+            self.pad_sizes, self.batch_sizes = (), (1,)
         # Counters, for tests and debugging (the Prometheus metrics are in .metrics).
         self.batches = 0
         self.requests = 0
         self.rows = 0
+        self.padded_rows = 0         # zero rows added to reach a batch size
         self.merged_batches = 0      # batches of more than one request
         self.max_batch_requests = 0
         self.max_batch_rows = 0
@@ -158,24 +207,47 @@ class BatchingRunner:
 
     def stats(self) -> dict:
         return {name: getattr(self, name) for name in (
-            "batches", "requests", "rows", "merged_batches", "max_batch_requests",
-            "max_batch_rows", "rejected", "expired_waiting", "expired_running", "split_reruns",
-            "waiting", "inflight")}
+            "batches", "requests", "rows", "padded_rows", "merged_batches",
+            "max_batch_requests", "max_batch_rows", "rejected", "expired_waiting",
+            "expired_running", "split_reruns", "waiting", "inflight")}
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        """Let the threads finish the batches they were given, then stop them."""
+        for _ in self.threads:
+            self.jobs.put(None)
+        for thread in self.threads:
+            thread.join()
 
     # -- requests ------------------------------------------------------------------------
 
-    async def infer(self, call, deadline: float) -> list:
-        """Outputs for `call` (one array per name in call.output_names), run in some batch."""
-        loop = asyncio.get_running_loop()
+    def bind(self, loop) -> None:
+        """Serve submit() on `loop` (taken once: asyncio.get_running_loop() makes a
+        getpid() system call each time)."""
         if self._loop is not loop:
             if self.waiting or self.inflight:
                 raise RuntimeError("a BatchingRunner serves one event loop at a time")
             self._loop = loop
             self._kick_handle = self._timer = self._deadline_timer = None
             self._deadlines.clear()
+
+    def submit(self, call, deadline: float, finish=None, *args):
+        """A Future of finish(call, outputs, *args) (of the outputs without `finish`),
+        run in some batch; raises QueueFull or DeadlineExceeded when it cannot queue."""
+        return self._enqueue(call, deadline, finish, args).future
+
+    async def infer(self, call, deadline: float) -> list:
+        """Outputs for `call` on the running loop; if the caller is cancelled, its
+        request leaves the queue at once."""
+        self.bind(asyncio.get_running_loop())
+        p = self._enqueue(call, deadline, None, ())
+        try:
+            return await p.future
+        finally:
+            if p.queued and p.future is not None and p.future.cancelled():
+                self._unqueue(p)
+
+    def _enqueue(self, call, deadline: float, finish, args) -> _Pending:
+        loop = self._loop
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded()
@@ -187,7 +259,7 @@ class BatchingRunner:
         if solo:
             key = _Solo()
         now = loop.time()
-        p = _Pending(call, key, solo, loop.create_future(), now, now + remaining)
+        p = _Pending(call, key, solo, loop.create_future(), now, now + remaining, finish, args)
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = collections.deque()
@@ -204,15 +276,7 @@ class BatchingRunner:
             self._schedule()  # a lone request on an idle model: run it now
         elif self._kick_handle is None:
             self._kick_handle = loop.call_soon(self._schedule)
-        future = p.future
-        try:
-            return await future
-        finally:
-            if p.timer is not None:
-                p.timer.cancel()
-            if p.queued:  # cancelled (the client went away) while it waited
-                self._unqueue(p)
-            p.future = p.call = None  # nothing of it stays alive in self._deadlines
+        return p
 
     def _unqueue(self, p: _Pending) -> None:
         group = self.groups[p.key]
@@ -281,7 +345,7 @@ class BatchingRunner:
         loop = self._loop
         while self.waiting and self.inflight < self.max_inflight:
             now = loop.time()
-            idle = self.inflight == 0
+            eager = self.inflight < self.eager_inflight
             best = None
             best_arrived = float("inf")
             next_close = float("inf")
@@ -291,7 +355,7 @@ class BatchingRunner:
                     continue  # an older ready group goes first anyway
                 batch, rows, complete = self._front(group)
                 close = head.arrived + self.window
-                if complete or idle or now + _SLACK >= close:
+                if complete or eager or now + _SLACK >= close:
                     best, best_arrived = (batch, rows), head.arrived
                 elif close < next_close:
                     next_close = close
@@ -312,6 +376,12 @@ class BatchingRunner:
         self._timer = None
         self._schedule()
 
+    def _padded(self, rows: int) -> int:
+        sizes = self.pad_sizes
+        if not sizes or rows > sizes[-1]:
+            return rows
+        return sizes[bisect.bisect_left(sizes, rows)]
+
     def _dispatch(self, batch: list, rows: int) -> None:
         key = batch[0].key
         group = self.groups[key]
@@ -322,104 +392,117 @@ class BatchingRunner:
         self.waiting -= len(batch)
         for p in batch:
             p.queued = False
-        # A cancelled one may not have left the queue yet.
+        # A cancelled or expired one may not have left the queue yet.
         live = [p for p in batch if p.future is not None and not p.future.done()]
         if not live:
             return
         if len(live) != len(batch):
             rows = sum(p.rows for p in live)
-        loop = self._loop
-        now = loop.time()
-        try:
-            job = self.executor.submit(self._execute, [p.call for p in live], rows)
-        except RuntimeError as exc:  # the pool is shut down: the worker is stopping
-            for p in live:
-                p.future.set_exception(exc)
-            self._drop_answered()
-            return
+        padded = rows if batch[0].solo else self._padded(rows)
+        self.jobs.put((live, rows, padded, key))
         self.inflight += 1
         n = len(live)
         self.batches += 1
         self.requests += n
         self.rows += rows
+        self.padded_rows += padded - rows
         if n > 1:
             self.merged_batches += 1
         self.max_batch_requests = max(self.max_batch_requests, n)
         self.max_batch_rows = max(self.max_batch_rows, rows)
-        metrics.BATCH_ROWS.observe(rows)
+        metrics.IN_FLIGHT.inc()
+        metrics.BATCH_ROWS.observe(padded)
         metrics.BATCH_REQUESTS.observe(n)
         metrics.ROWS.inc(rows)
+        now = self._loop.time()
         wait = metrics.QUEUE_WAIT.observe
         for p in live:
             wait(now - p.arrived)
-        # Straight back to the loop when the thread is done (no asyncio future in between).
-        job.add_done_callback(lambda done: _call_soon(loop, self._finished, live, key, done))
 
-    # -- running and splitting -------------------------------------------------------------
+    # -- on the batch threads ---------------------------------------------------------------
 
-    def _execute(self, calls: list, rows: int):
-        """On a pool thread: ("merged", outputs) or ("each", [outputs or exception per call])."""
+    def _work(self) -> None:
+        get = self.jobs.get
+        while True:
+            job = get()
+            if job is None:
+                return
+            live, rows, padded, key = job
+            try:
+                answers, split = self._execute(live, rows, padded)
+            except BaseException as exc:  # every request of the batch gets it
+                answers, split = [exc] * len(live), None
+            try:
+                self._loop.call_soon_threadsafe(self._finished, live, answers, key, split)
+            except RuntimeError:  # the loop is closed: the worker has stopped, nobody waits
+                pass
+
+    def _execute(self, live: list, rows: int, padded: int) -> tuple[list, str | None]:
+        """Answers (values or exceptions), one per request, and why the batch was re-run
+        request by request: None, "failed", or "unsplittable" (never merge its key again)."""
         run = self.model.run
-        first = calls[0]
-        if len(calls) == 1:
-            return "merged", run(first.feeds, first.output_names), False
-        feeds = {name: np.concatenate([c.feeds[name] for c in calls], axis=0)
-                 for name in first.feeds}
+        first = live[0].call
+        if len(live) == 1 and padded == rows:
+            return [_answer(live[0], run(first.feeds, first.output_names))], None
+        feeds = {}
+        for name, array in first.feeds.items():
+            batch = np.empty((padded,) + array.shape[1:], array.dtype)
+            at = 0
+            for p in live:
+                part = p.call.feeds[name]
+                batch[at:at + part.shape[0]] = part
+                at += part.shape[0]
+            if padded > at:
+                batch[at:] = 0
+            feeds[name] = batch
         try:
             outputs = run(feeds, first.output_names)
         except Exception:
             log.warning("a merged batch of %d requests failed; running them one by one",
-                        len(calls), exc_info=True)
-            return "each", self._each(calls), False
+                        len(live), exc_info=True)
+            return self._each(live), "failed"
         for out in outputs:
-            if getattr(out, "ndim", 0) == 0 or out.shape[0] != rows:
+            if getattr(out, "ndim", 0) == 0 or out.shape[0] != padded:
                 log.warning("model outputs do not have one row per input row (%s for %d rows): "
                             "requests like these will not be merged", getattr(out, "shape", None),
-                            rows)
-                return "each", self._each(calls), True
-        return "merged", outputs, False
-
-    def _each(self, calls: list) -> list:
-        results = []
-        for c in calls:
-            try:
-                results.append(self.model.run(c.feeds, c.output_names))
-            except Exception as exc:
-                results.append(exc)
-        return results
-
-    def _finished(self, batch: list, key, job) -> None:
-        self.inflight -= 1
-        # Futures of requests answered 408 meanwhile are done (or gone): their rows are dropped.
-        futures = [p.future for p in batch]
-        try:
-            kind, payload, unmergeable = job.result()
-        except BaseException as exc:
-            for future in futures:
-                if future is not None and not future.done():
-                    future.set_exception(exc)
-        else:
-            if kind == "merged":
-                if len(batch) == 1:
-                    future = futures[0]
-                    if future is not None and not future.done():
-                        future.set_result(payload)
-                else:
-                    ends = np.cumsum([p.rows for p in batch]).tolist()
-                    start = 0
-                    for future, end in zip(futures, ends):
-                        if future is not None and not future.done():
-                            future.set_result([out[start:end] for out in payload])
-                        start = end
+                            padded)
+                return self._each(live), "unsplittable"
+        answers = []
+        start = 0
+        for p in live:
+            end = start + p.rows
+            if p.future.done():  # answered 408 meanwhile: its rows are dropped
+                answers.append(None)
             else:
-                self.split_reruns += 1
-                if unmergeable and not batch[0].solo:
-                    self._unmergeable.add(key)
-                for future, result in zip(futures, payload):
-                    if future is not None and not future.done():
-                        if isinstance(result, BaseException):
-                            future.set_exception(result)
-                        else:
-                            future.set_result(result)
+                answers.append(_answer(p, [out[start:end] for out in outputs]))
+            start = end
+        return answers, None
+
+    def _each(self, live: list) -> list:
+        answers = []
+        for p in live:
+            try:
+                answers.append(_answer(p, self.model.run(p.call.feeds, p.call.output_names)))
+            except Exception as exc:
+                answers.append(exc)
+        return answers
+
+    # -- back on the loop ---------------------------------------------------------------------
+
+    def _finished(self, live: list, answers: list, key, split: str | None) -> None:
+        self.inflight -= 1
+        metrics.IN_FLIGHT.dec()
+        if split is not None:
+            self.split_reruns += 1
+            if split == "unsplittable" and not live[0].solo:
+                self._unmergeable.add(key)
+        for p, answer in zip(live, answers):
+            future = p.future
+            if future is not None and not future.done():
+                if isinstance(answer, BaseException):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+            p.future = p.call = p.args = None  # nothing of it stays alive in self._deadlines
         self._drop_answered()
         self._schedule()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..serviceconfig import ConfigError, processor_kind, rpc_settings
+from ..serviceconfig import ConfigError, processor_kind, provider_options, rpc_settings
 from .errors import CliError
 
 
@@ -30,11 +30,17 @@ def register(sub) -> None:
     p.add_argument("--batching", action="store_true", default=None)
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-batch-timeout-ms", type=int)
+    p.add_argument("--batch-sizes", help="rpc.batch_sizes: pad batches to these sizes, e.g. "
+                                          "1,2,4,8,16,32 (default: powers of two on a GPU, "
+                                          "none on the CPU)")
     p.add_argument("--max-queue-size", type=int)
     p.add_argument("--keepalive-ms", type=int)
     p.add_argument("--threads", type=int, help="rpc.worker_threads: concurrent inference calls")
     p.add_argument("--intra-op-threads", type=int, default=1,
                    help="ONNX Runtime threads inside one call (default 1)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                   help="where the model runs (default: cpu when metadata.gpu is 0, else auto: "
+                        "CUDA when onnxruntime-gpu sees a device)")
     p.add_argument("--max-body-mb", type=int, default=64)
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(run=run)
@@ -49,8 +55,10 @@ def run(args) -> int:
                                 max_batch_size=args.max_batch_size,
                                 max_batch_timeout=args.max_batch_timeout_ms,
                                 max_queue_size=args.max_queue_size, keepalive=args.keepalive_ms,
-                                worker_threads=args.threads)
+                                worker_threads=args.threads, batch_sizes=args.batch_sizes)
         processor = processor_kind(args.processor)
+        options = provider_options(metadata)
+        device = args.device or ("cpu" if str(metadata.get("gpu", "")).strip() == "0" else "auto")
     except (ConfigError, json.JSONDecodeError) as exc:
         raise CliError(str(exc)) from None
     if processor != "python" and not args.model:
@@ -64,7 +72,8 @@ def run(args) -> int:
         from ..worker.registration import Registration
 
         app = WorkerApp(args.service, settings, args.model, processor, args.token,
-                        args.processor_entry, args.max_body_mb << 20, args.intra_op_threads)
+                        args.processor_entry, args.max_body_mb << 20, args.intra_op_threads,
+                        device, options)
         port = await app.listen(args.host, args.port)
         if args.registry:
             return Registration(app, args.registry, args.advertise_host or args.host, port,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Awaitable, Callable, Union
+from typing import Awaitable, Callable, Optional, Union
 
 # The per-connection work is compiled (csrc/httpcore.pyx); this module wires it up.
 from .._native.httpcore import HttpConnection, Request, Response, error_response, json_response
@@ -17,6 +17,7 @@ from .._native.httpcore import HttpConnection, Request, Response, error_response
 __all__ = ["HttpServer", "Request", "Response", "error_response", "json_response"]
 
 Handler = Callable[[Request], Union[Response, Awaitable[Response]]]
+ErrorAnswer = Callable[[BaseException], Optional[Response]]
 
 
 class HttpServer:
@@ -24,11 +25,15 @@ class HttpServer:
 
     Connections idle for `idle_timeout` seconds are closed; a request not fully
     received within `read_timeout` seconds is answered 408 and its connection closed.
+    An exception from the handler (raised, or in the Future it returned) is answered
+    by `answer_error(exc)`; where that gives None, 500 and a log line.
     """
 
     def __init__(self, handler: Handler, max_body_size: int = 64 << 20,
-                 idle_timeout: float = 75.0, read_timeout: float = 30.0):
+                 idle_timeout: float = 75.0, read_timeout: float = 30.0,
+                 answer_error: ErrorAnswer | None = None):
         self.handler = handler
+        self.answer_error = answer_error
         self.max_body_size = max_body_size
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout

@@ -1,7 +1,13 @@
 """The worker: one model instance behind the EAS data-plane routes.
 
 Routes: POST /api/predict/<service>[/<subpath>] (predict), GET of the same
-(signature JSON), /health (liveness), /ready (503 while draining), /metrics.
+(signature JSON), /health (liveness), /ready (503 while warming up or
+draining), /metrics.
+
+A predict request costs the event loop only its HTTP work: the handler returns
+the Future of a job, and the inference thread (or, with batching, the batch's
+thread) decodes, runs, encodes and counts it. Errors the runner or the batcher
+raise (queue full, deadline, bad input) are answered by `answer_error`.
 """
 from __future__ import annotations
 
@@ -20,52 +26,59 @@ from .model import BadInput, OnnxModel
 from .processors import make_processor
 from .runner import DeadlineExceeded, QueueFull, ThreadedRunner
 from .user_code import UserProcessor
+from .warmup import WarmUp
 
 log = logging.getLogger("infergate.worker")
 
 _HEALTH = json_response({"status": "ok"})
-# Bodies (in or out) above this are decoded/encoded on a codec thread: below it the
-# hop costs more than the work it moves.
+# Batched bodies above this are decoded on a codec thread: below it the hop costs
+# more than the work it moves.
 LARGE_PAYLOAD = 256 << 10
 
 
 class WorkerApp:
     def __init__(self, service: str, settings: RpcSettings, model_path: str | None,
                  processor: str, token: str = "", processor_entry: str | None = None,
-                 max_body_size: int = 64 << 20, intra_op_threads: int = 1):
+                 max_body_size: int = 64 << 20, intra_op_threads: int = 1,
+                 device: str = "auto", provider_options: dict | None = None):
         self.service = service
         self.settings = settings
         self.token = token
         self.prefix = f"/api/predict/{service}"
         self.runner = ThreadedRunner(settings)
-        self.codec_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="codec")
         self.user = None
         self.model = None
         if processor == "python":
             entry = processor_entry or model_path
             self.user = UserProcessor(entry, model_path if entry != model_path else None)
         else:
-            self.model = OnnxModel(model_path, intra_op_threads)
+            self.model = OnnxModel(model_path, intra_op_threads, device, provider_options)
             self.processor = make_processor(processor, self.model)
             self.signature = json_response(self.model.signature())
         self.batcher = None
+        self.codec_pool = None
         if settings.batching and self.model is not None:
             from ..batching import BatchingRunner
             self.batcher = BatchingRunner(self.model, settings)
-            self.infer = self.batcher.infer
-        else:
-            self.infer = self._infer_unbatched
-        self.server = HttpServer(self.handle, max_body_size=max_body_size)
+            self.codec_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="codec")
+        self.warm_up = WarmUp(self.model, self.batcher.batch_sizes if self.batcher else (1,))
+        self._timeout = error_response(408, f"the request took longer than rpc.keepalive "
+                                            f"({settings.keepalive} ms)")
+        self._queue_full = error_response(
+            450, f"the instance queue is full ({settings.max_queue_size} requests waiting); "
+                 "retry on another instance")
+        self.server = HttpServer(self.handle, max_body_size=max_body_size,
+                                 answer_error=self.answer_error)
         self.port = None
 
     async def listen(self, host: str, port: int, reuse_port: bool = False) -> int:
-        self.runner.bind(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        self.runner.bind(loop)
+        if self.batcher is not None:
+            self.batcher.bind(loop)
         self.port = await self.server.listen(host, port, reuse_port)
         log.info("worker for service %r listening on %s:%d", self.service, host, self.port)
         return self.port
-
-    async def _infer_unbatched(self, call, deadline):
-        return await self.runner.call(deadline, self.model.run, call.feeds, call.output_names)
 
     def handle(self, request: Request):
         path = request.path
@@ -80,7 +93,11 @@ class WorkerApp:
         if path == "/health":
             return _HEALTH
         if path == "/ready":
-            return error_response(503, "draining") if self.server.draining else _HEALTH
+            if self.server.draining:
+                return error_response(503, "draining")
+            if not self.warm_up.done:
+                return error_response(503, self.warm_up.progress())
+            return _HEALTH
         if path == "/metrics":
             return Response(200, generate_latest(), None, "text/plain; version=0.0.4")
         if path.startswith("/api/predict/"):
@@ -88,53 +105,70 @@ class WorkerApp:
                                        f"this worker serves {self.service!r}")
         return error_response(404, f"no route for {path}")
 
-    async def predict(self, request: Request) -> Response:
-        started = time.perf_counter()
-        response = await self._predict(request)
-        metrics.observe(response.status, time.perf_counter() - started)
+    def answer_error(self, exc: BaseException) -> Response | None:
+        """What a predict job's exception answers (None: unexpected, a 500)."""
+        if isinstance(exc, BadInput):
+            response = error_response(400, str(exc))
+        elif isinstance(exc, QueueFull):
+            response = self._queue_full
+        elif isinstance(exc, DeadlineExceeded):
+            response = self._timeout
+        else:
+            return None
+        metrics.observe(response.status, None)
         return response
 
-    async def _predict(self, request: Request) -> Response:
+    def predict(self, request: Request):
+        """A Response, or a Future of one (the connection writes it when it resolves)."""
+        started = time.perf_counter()
         if self.token:
             reason = auth.verify(request.headers, request.method, request.path, request.body,
                                  self.token, self.service)
             if reason:
+                metrics.observe(401, None)
                 return error_response(401, reason)
         deadline = self.runner.deadline()
-        try:
-            if self.user is not None:
-                body, status = await self.runner.call(deadline, self.user.process, request.body)
-                return Response(status, body)
-            body = request.body
-            if len(body) > LARGE_PAYLOAD:
-                call = await self._off_loop(self.processor.decode, body)
-            else:
-                call = self.processor.decode(body)
-            outputs = await self.infer(call, deadline)
-            if sum(output.nbytes for output in outputs) > LARGE_PAYLOAD:
-                answer = await self._off_loop(self.processor.encode, call, outputs)
-            else:
-                answer = self.processor.encode(call, outputs)
-            return Response(200, answer, None, self.processor.content_type)
-        except BadInput as exc:
-            return error_response(400, str(exc))
-        except QueueFull:
-            return error_response(450, f"the instance queue is full ({self.settings.max_queue_size} "
-                                       "requests waiting); retry on another instance")
-        except DeadlineExceeded:
-            return error_response(408, f"the request took longer than rpc.keepalive "
-                                       f"({self.settings.keepalive} ms)")
+        if self.user is not None:
+            return self.runner.submit(deadline, self._run_user, request.body, started)
+        if self.batcher is None:
+            return self.runner.submit(deadline, self._run, request.body, started)
+        if len(request.body) > LARGE_PAYLOAD:
+            return self._predict_large(request.body, deadline, started)
+        return self.batcher.submit(self.processor.decode(request.body), deadline,
+                                   self._encode, started)
 
-    def _off_loop(self, fn, *args):
-        # Big bodies take milliseconds to decode or encode: keep the loop answering others.
-        return asyncio.get_running_loop().run_in_executor(self.codec_pool, fn, *args)
+    # -- on inference threads --------------------------------------------------------------
+
+    def _run(self, body: bytes, started: float) -> Response:
+        call = self.processor.decode(body)
+        return self._encode(call, self.model.run(call.feeds, call.output_names), started)
+
+    def _encode(self, call, outputs: list, started: float) -> Response:
+        response = Response(200, self.processor.encode(call, outputs), None,
+                            self.processor.content_type)
+        metrics.observe(200, time.perf_counter() - started)
+        return response
+
+    def _run_user(self, body: bytes, started: float) -> Response:
+        answer, status = self.user.process(body)
+        metrics.observe(status, time.perf_counter() - started)
+        return Response(status, answer)
+
+    async def _predict_large(self, body: bytes, deadline: float, started: float) -> Response:
+        # Big bodies take milliseconds to decode: keep the loop answering others meanwhile.
+        loop = asyncio.get_running_loop()
+        call = await loop.run_in_executor(self.codec_pool, self.processor.decode, body)
+        return await self.batcher.submit(call, deadline, self._encode, started)
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        pass
+        """Warm the model up at its batch sizes; /ready answers 503 until it is done."""
+        await asyncio.get_running_loop().run_in_executor(None, self.warm_up.run)
 
     async def stop(self) -> None:
         await self.server.drain(timeout=self.settings.keepalive / 1000.0 + 5)
         await asyncio.get_running_loop().run_in_executor(None, self.runner.close)
         if self.batcher is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
-        self.codec_pool.shutdown(wait=False)
+            self.codec_pool.shutdown(wait=False)

@@ -1,16 +1,24 @@
 """An ONNX Runtime session and the signature it declares.
 
-CUDA is preferred when onnxruntime offers it, the CPU otherwise. The model's
-declared inputs and outputs are the signature every request is checked against.
+CUDA is preferred when onnxruntime offers it (the `gpu` extra installs
+onnxruntime-gpu), the CPU otherwise; `device="cpu"` keeps a service off the GPU
+(`metadata.gpu: 0`). A service's `metadata.onnxruntime` sets execution-provider
+options: `{"cuda": {"cudnn_conv_algo_search": "HEURISTIC", ...}}`, and
+`"tensorrt": {...}` (or true) puts TensorRT first where onnxruntime has it. The
+model's declared inputs and outputs are the signature every request is checked
+against.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+from ..serviceconfig import PROVIDER_KEYS
 
 log = logging.getLogger("infergate.model")
 
@@ -48,10 +56,33 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "type": _DT_NAMES.get(self.dtype, str(self.dtype))}
 
 
-def choose_providers(available: list[str]) -> list[str]:
-    """CUDA first when onnxruntime has it, the CPU always as the fallback."""
-    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + \
-        ["CPUExecutionProvider"]
+
+
+def _option_strings(options) -> dict:
+    # onnxruntime takes provider options as strings; JSON true/false become "1"/"0".
+    if options is True or options is None:
+        return {}
+    return {k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in options.items()}
+
+
+def choose_providers(available: list[str], device: str = "auto",
+                     options: dict | None = None) -> list:
+    """Providers in order of preference, with their options.
+
+    device "auto" or "cuda": CUDA when onnxruntime has it (TensorRT before it when
+    `options` asks for it and onnxruntime has it); "cpu": the CPU only. The CPU is
+    always the last fallback.
+    """
+    options = options or {}
+    chosen = []
+    if device != "cpu":
+        for key in ("tensorrt", "cuda"):
+            name = PROVIDER_KEYS[key]
+            wanted = key == "cuda" or options.get(key) not in (None, False)
+            if wanted and name in available:
+                chosen.append((name, _option_strings(options.get(key))))
+    chosen.append(("CPUExecutionProvider", _option_strings(options.get("cpu"))))
+    return chosen
 
 
 def _spec(arg) -> TensorSpec:
@@ -63,17 +94,25 @@ def _spec(arg) -> TensorSpec:
 
 
 class OnnxModel:
-    def __init__(self, path: str, intra_op_threads: int = 1):
+    def __init__(self, path: str, intra_op_threads: int = 1, device: str = "auto",
+                 provider_options: dict | None = None):
         options = ort.SessionOptions()
         # Concurrency comes from rpc.worker_threads running sessions side by side;
         # intra-op threads per call would fight them for the same cores.
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(path, options,
-                                            providers=choose_providers(ort.get_available_providers()))
+        providers = choose_providers(ort.get_available_providers(), device, provider_options)
+        names = [name for name, _ in providers]
+        self.session = ort.InferenceSession(path, options, providers=names,
+                                            provider_options=[opts for _, opts in providers])
         self.provider = self.session.get_providers()[0]
-        log.info("model %s loaded on %s", path, self.provider)
+        if device == "cuda" and self.provider == "CPUExecutionProvider":
+            log.warning("model %s: CUDA was asked for but onnxruntime has %s; running on the CPU "
+                        "(install infergate[gpu] for onnxruntime-gpu)", path,
+                        ", ".join(ort.get_available_providers()))
+        log.info("model %s loaded on %s (devices visible: %s)", path, self.provider,
+                 os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
         self.inputs = [_spec(a) for a in self.session.get_inputs()]
         self.outputs = [_spec(a) for a in self.session.get_outputs()]
         self.input_by_name = {s.name: s for s in self.inputs}
