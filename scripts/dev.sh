@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up from nothing and run: `scripts/dev.sh demo`, `scripts/dev.sh test`, `scripts/dev.sh bench`.
 #
-# Creates .venv (the project, editable, with test extras) and .venv-eas (the
+# Creates .venv (the project, editable, with the CPU runtime and the test
+# extras; INFERGATE_RUNTIME=gpu takes onnxruntime-gpu instead) and .venv-eas (the
 # unchanged eas-prediction SDK, which pins an old protobuf, for compatibility
 # tests). System packages (redis-server for the Redis tests; nginx and wrk for
 # the benchmarks) come from apt when missing and we are root.
@@ -30,7 +31,7 @@ setup() {
     .venv/bin/pip install -q --upgrade pip setuptools wheel
     # Build requirements first, so the editable build needs no isolated env.
     .venv/bin/pip install -q "Cython>=3.0" "grpcio-tools>=1.60" "numpy>=1.24"
-    .venv/bin/pip install -q --no-build-isolation -e ".[$1]"
+    .venv/bin/pip install -q --no-build-isolation -e ".[${INFERGATE_RUNTIME:-cpu},$1]"
 }
 
 setup_eas() {

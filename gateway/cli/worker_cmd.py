@@ -61,6 +61,11 @@ def run(args) -> int:
         device = args.device or ("cpu" if str(metadata.get("gpu", "")).strip() == "0" else "auto")
     except (ConfigError, json.JSONDecodeError) as exc:
         raise CliError(str(exc)) from None
+    try:
+        import onnxruntime  # noqa: F401 -- the worker's model runtime, from an extra
+    except ImportError:
+        raise CliError("onnxruntime is not installed: pip install 'infergate[cpu]', or "
+                       "'infergate[gpu]' for CUDA") from None
     if processor != "python" and not args.model:
         raise CliError("--model is required")
     if args.model and not os.path.exists(args.model):

@@ -29,6 +29,12 @@ user can read. Lock and log files live in the state directory or in a per-user
 directory (``private_dir``), never under a predictable name in /tmp, and are
 opened without following symlinks.
 
+GPUs: each new worker gets ``CUDA_VISIBLE_DEVICES``, handed out round robin
+over the devices this gateway sees (its own ``CUDA_VISIBLE_DEVICES``, else what
+NVML counts): ``metadata.gpu`` devices per instance (one when the key is
+absent), and none at all for ``gpu: 0``, which keeps a service on the CPU. On a
+machine without GPUs the environment is left as it is and workers run on the CPU.
+
 Workers die with the gateway: they get SIGTERM from the kernel when it dies
 (``PR_SET_PDEATHSIG``), and ``stop()`` terminates them on a clean shutdown.
 Of several gateway processes sharing one identity (``--processes N``) only the
@@ -204,10 +210,58 @@ class ServiceState:
         self.crash_note = ""          # a crash the service status has not shown yet
 
 
+def visible_gpus(environ=os.environ) -> list[str]:
+    """The GPUs this gateway may hand to workers: its CUDA_VISIBLE_DEVICES when set,
+    else the devices NVML counts (nvidia-ml-py, in the gpu extra), else none."""
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+        try:
+            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return []
+
+
+class DeviceAssigner:
+    """Round robin of the visible GPUs over the workers, in the order they start."""
+
+    def __init__(self, gpus: list[str]):
+        self.gpus = gpus
+        self.next = 0
+        self._warned: set[str] = set()
+
+    def assign(self, name: str, metadata: dict) -> str | None:
+        """CUDA_VISIBLE_DEVICES for the next worker of service `name` ("" hides every
+        device; None leaves the environment as it is)."""
+        wanted = metadata.get("gpu")
+        count = 1 if wanted is None else int(wanted)
+        if count == 0:
+            return ""
+        if not self.gpus:
+            if wanted is not None and name not in self._warned:
+                self._warned.add(name)
+                log.warning("service %s asks for %d GPU(s) per instance but this gateway sees "
+                            "none: its workers run on the CPU", name, count)
+            return None
+        picked = [self.gpus[(self.next + i) % len(self.gpus)]
+                  for i in range(min(count, len(self.gpus)))]
+        self.next = (self.next + count) % len(self.gpus)
+        return ",".join(picked)
+
+
 class Launcher:
     def __init__(self, store, ops: ServiceOps, owner: str, registry_url: str, worker_host: str,
                  log_dir: str, admin_token: str = "", lock_path: str | None = None):
         self.store = store
+        self.devices = DeviceAssigner(visible_gpus())
         self.ops = ops
         self.owner = owner
         self.registry_url = registry_url
@@ -548,10 +602,14 @@ class Launcher:
 
     def worker_env(self, rec) -> dict:
         """A worker's environment: where to register and the secrets, which must not
-        appear on its command line (``ps`` shows that to every local user)."""
-        return dict(os.environ, PYTHONUNBUFFERED="1", INFERGATE_REGISTRY=self.registry_url,
-                    INFERGATE_SERVICE_TOKEN=rec.token or "",
-                    INFERGATE_ADMIN_TOKEN=self.admin_token or "")
+        appear on its command line (``ps`` shows that to every local user), and its GPUs."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", INFERGATE_REGISTRY=self.registry_url,
+                   INFERGATE_SERVICE_TOKEN=rec.token or "",
+                   INFERGATE_ADMIN_TOKEN=self.admin_token or "")
+        devices = self.devices.assign(rec.name, rec.config.get("metadata") or {})
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
+        return env
 
     def _spawn(self, rec, spec, fp: str) -> Worker | None:
         try:

@@ -21,7 +21,7 @@ from prometheus_client import generate_latest
 from .. import auth
 from ..server import HttpServer, Request, Response, error_response, json_response
 from ..serviceconfig import RpcSettings
-from . import metrics
+from . import gpu_metrics, metrics
 from .model import BadInput, OnnxModel
 from .processors import make_processor
 from .runner import DeadlineExceeded, QueueFull, ThreadedRunner
@@ -67,6 +67,8 @@ class WorkerApp:
         self._queue_full = error_response(
             450, f"the instance queue is full ({settings.max_queue_size} requests waiting); "
                  "retry on another instance")
+        if self.model is not None and self.model.provider != "CPUExecutionProvider":
+            gpu_metrics.register()
         self.server = HttpServer(self.handle, max_body_size=max_body_size,
                                  answer_error=self.answer_error)
         self.port = None

@@ -51,8 +51,8 @@ class WarmUp:
                 log.warning("warm-up at batch size %d failed (requests of that size will take "
                             "the first-run cost): %s", rows, exc)
             self.warmed += 1
-        self.done = True
         if self.batch_sizes:
             log.info("warmed up at batch sizes %s in %.0f ms on %s",
                      ",".join(map(str, self.batch_sizes)), (time.perf_counter() - started) * 1e3,
                      self.model.provider)
+        self.done = True
