@@ -16,13 +16,13 @@ def free_port() -> int:
 
 
 def start(args: list[str], port: int, cpu: int | None = None, health: str = "/health",
-          env: dict | None = None) -> subprocess.Popen:
+          env: dict | None = None, timeout: float = 30) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "gateway.cli.main", *args]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu)] + cmd
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, **(env or {})))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{health}", timeout=1):
