@@ -260,11 +260,6 @@ class BatchingRunner:
             key = _Solo()
         now = loop.time()
         p = _Pending(call, key, solo, loop.create_future(), now, now + remaining, finish, args)
-        group = self.groups.get(key)
-        if group is None:
-            group = self.groups[key] = collections.deque()
-        group.append(p)
-        self.waiting += 1
         deadlines = self._deadlines
         if not deadlines or deadlines[-1].deadline <= p.deadline:
             deadlines.append(p)
@@ -272,9 +267,16 @@ class BatchingRunner:
                 self._arm_deadline(p.deadline)
         else:
             p.timer = loop.call_at(p.deadline, self._expire, p)
-        if self.waiting == 1 and self.inflight == 0:
-            self._schedule()  # a lone request on an idle model: run it now
-        elif self._kick_handle is None:
+        if not self.waiting and not self.inflight:
+            p.queued = False  # a lone request on an idle model: run it now
+            self._start([p], p.rows)
+            return p
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = collections.deque()
+        group.append(p)
+        self.waiting += 1
+        if self._kick_handle is None:
             self._kick_handle = loop.call_soon(self._schedule)
         return p
 
@@ -398,7 +400,11 @@ class BatchingRunner:
             return
         if len(live) != len(batch):
             rows = sum(p.rows for p in live)
-        padded = rows if batch[0].solo else self._padded(rows)
+        self._start(live, rows)
+
+    def _start(self, live: list, rows: int) -> None:
+        key = live[0].key
+        padded = rows if live[0].solo else self._padded(rows)
         self.jobs.put((live, rows, padded, key))
         self.inflight += 1
         n = len(live)
@@ -410,10 +416,11 @@ class BatchingRunner:
             self.merged_batches += 1
         self.max_batch_requests = max(self.max_batch_requests, n)
         self.max_batch_rows = max(self.max_batch_rows, rows)
-        metrics.IN_FLIGHT.inc()
+        counts = metrics.counts
+        counts["in_flight"] += 1
+        counts["rows"] += rows
         metrics.BATCH_ROWS.observe(padded)
         metrics.BATCH_REQUESTS.observe(n)
-        metrics.ROWS.inc(rows)
         now = self._loop.time()
         wait = metrics.QUEUE_WAIT.observe
         for p in live:
@@ -491,12 +498,14 @@ class BatchingRunner:
 
     def _finished(self, live: list, answers: list, key, split: str | None) -> None:
         self.inflight -= 1
-        metrics.IN_FLIGHT.dec()
+        metrics.counts["in_flight"] -= 1
         if split is not None:
             self.split_reruns += 1
             if split == "unsplittable" and not live[0].solo:
                 self._unmergeable.add(key)
         for p, answer in zip(live, answers):
+            if p.timer is not None:
+                p.timer.cancel()
             future = p.future
             if future is not None and not future.done():
                 if isinstance(answer, BaseException):
