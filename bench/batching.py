@@ -45,6 +45,8 @@ def start_worker(model: str, batching: bool, args) -> tuple[subprocess.Popen, in
            "--model", model, "--processor", "tensorflow", "--host", "127.0.0.1",
            "--port", str(port), "--threads", str(args.threads), "--max-queue-size", "1024",
            "--keepalive-ms", "30000", "--log-level", "WARNING"]
+    if args.processes > 1:
+        cmd += ["--processes", str(args.processes)]
     if batching:
         cmd += ["--batching", "--max-batch-size", str(args.max_batch_size),
                 "--max-batch-timeout-ms", str(args.max_batch_timeout_ms)]
@@ -164,6 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-batch-timeout-ms", type=int, default=10)
     parser.add_argument("--clients", default="1,8,64")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="worker processes per worker (--processes, both modes)")
     args = parser.parse_args(argv)
 
     from gateway.models import DIGITS_MODEL

@@ -179,6 +179,8 @@ def validate_service(config: dict) -> dict:
     for key in ("instance", "cpu", "gpu", "memory", "workers"):
         if key in metadata:
             _coerce(key, metadata[key], int, 0)
+    if "processes" in metadata:
+        _coerce("processes", metadata["processes"], int, 1)
     if "onnxruntime" in metadata:
         provider_options(metadata)
     if "instance" in metadata and _coerce("instance", metadata["instance"], int, 0) > MAX_INSTANCES:

@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -353,3 +354,47 @@ def test_large_batches_give_the_same_answers(module_worker, digits):
                            tf_body({"images": images[:5]}))
     np.testing.assert_allclose(big[:5], tf_scores(body), rtol=1e-5)
     assert big.shape == (len(images), 10)
+
+
+def test_processes_serve_one_port_each_with_its_model(digits):
+    """--processes 2: two processes behind one port (SO_REUSEPORT); the kernel spreads
+    connections over both, and both answer right."""
+    import http.client
+
+    from conftest import Proc
+    from gateway.models import DIGITS_MODEL
+
+    x_test, y_test = digits
+    port = free_port()
+    proc = Proc(infergate_cmd("worker", "--service", "digits", "--model", str(DIGITS_MODEL),
+                              "--port", str(port), "--processes", "2"), port, health_path="/ready")
+    connections = []
+    try:
+        with open(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        assert len(children) == 2
+
+        def sockets(pid):
+            return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+                       for fd in os.listdir(f"/proc/{pid}/fd"))
+
+        deadline = time.monotonic() + 30  # /ready answered from one: wait for both to listen
+        while not all(sockets(pid) for pid in children):
+            assert time.monotonic() < deadline, "a process never listened"
+            time.sleep(0.05)
+        before = {pid: sockets(pid) for pid in children}
+        predicted = []
+        for i in range(24):  # kept open: each stays with the process that accepted it
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connections.append(conn)
+            conn.request("POST", "/api/predict/digits",
+                         tf_body({"images": x_test[i:i + 1].astype(np.float32)}))
+            response = conn.getresponse()
+            assert response.status == 200
+            predicted.append(int(tf_scores(response.read()).argmax()))
+        assert all(sockets(pid) > before[pid] for pid in children)  # both took connections
+        assert np.mean(np.array(predicted) == y_test[:24]) >= 0.9
+    finally:
+        for conn in connections:
+            conn.close()
+        proc.stop()

@@ -41,6 +41,10 @@ def register(sub) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"),
                    help="where the model runs (default: cpu when metadata.gpu is 0, else auto: "
                         "CUDA when onnxruntime-gpu sees a device)")
+    p.add_argument("--processes", type=int,
+                   help="serve one port from N processes (SO_REUSEPORT), each with its own model "
+                        "session and batcher: the HTTP front end then scales over cores "
+                        "(default: metadata.processes, else 1)")
     p.add_argument("--max-body-mb", type=int, default=64)
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(run=run)
@@ -58,6 +62,9 @@ def run(args) -> int:
                                 worker_threads=args.threads, batch_sizes=args.batch_sizes)
         processor = processor_kind(args.processor)
         options = provider_options(metadata)
+        processes = args.processes or metadata.get("processes", 1)
+        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+            raise ConfigError(f"processes must be an integer of at least 1, got {processes!r}")
         device = args.device or ("cpu" if str(metadata.get("gpu", "")).strip() == "0" else "auto")
     except (ConfigError, json.JSONDecodeError) as exc:
         raise CliError(str(exc)) from None
@@ -79,11 +86,22 @@ def run(args) -> int:
         app = WorkerApp(args.service, settings, args.model, processor, args.token,
                         args.processor_entry, args.max_body_mb << 20, args.intra_op_threads,
                         device, options)
-        port = await app.listen(args.host, args.port)
+        port = await app.listen(args.host, port_for_all, reuse_port=processes > 1)
         if args.registry:
             return Registration(app, args.registry, args.advertise_host or args.host, port,
                                 args.weight, follow_token=not args.token)
         return app
 
-    run_app(make_app)
+    port_for_all = args.port
+    if processes > 1 and not port_for_all:
+        port_for_all = _free_port(args.host)  # every process must listen on the same one
+    run_app(make_app, processes)
     return 0
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
