@@ -270,3 +270,44 @@ cpdef object encode_response(tuple names, list arrays):
         parts += [b"\x0a", varint(len(key) + len(array_head) + array_len), key, array_head,
                   bytes((1 << 3, enum)), shape_field, values_head, array]
     return b"".join(parts)
+
+
+cdef class TFServe:
+    """One TF request from body to answer body: decode, check, run and encode, for the
+    common case without a Python frame of its own.
+
+    A request this path does not take (not decoded here, another signature, an output
+    filter naming what the model lacks, outputs it cannot write) goes to `slow(body)`,
+    the processor's full path, which also words the 400s.
+    """
+    cdef str signature_name
+    cdef tuple output_names
+    cdef frozenset known_outputs
+    cdef object check_feeds, run, slow
+
+    def __init__(self, str signature_name, tuple output_names, check_feeds, run, slow):
+        self.signature_name = signature_name
+        self.output_names = output_names
+        self.known_outputs = frozenset(output_names)
+        self.check_feeds = check_feeds  # the model's FeedCheck: passes, casts or raises
+        self.run = run                  # the model's run(feeds, names) -> list of arrays
+        self.slow = slow
+
+    def __call__(self, bytes body):
+        fast = decode_request(body)
+        if fast is None:
+            return self.slow(body)
+        signature, feeds, wanted = <tuple>fast
+        if signature and signature != self.signature_name:
+            return self.slow(body)
+        if wanted:
+            for name in <tuple>wanted:
+                if name not in self.known_outputs:
+                    return self.slow(body)
+            names = wanted
+        else:
+            names = self.output_names
+        answer = encode_response(names, self.run(self.check_feeds(feeds), names))
+        if answer is None:
+            return self.slow(body)
+        return answer

@@ -36,6 +36,11 @@ class Processor:
     def encode(self, call: Call, outputs: list) -> bytes:
         raise NotImplementedError
 
+    def serve(self, body: bytes) -> bytes:
+        """The answer body to a request body, unbatched (on an inference thread)."""
+        call = self.decode(body)
+        return self.encode(call, self.model.run(call.feeds, call.output_names))
+
     def _call(self, feeds: dict, output_names, context=None) -> Call:
         return Call(self.model.check_feeds(feeds), self.model.check_outputs(output_names), context)
 

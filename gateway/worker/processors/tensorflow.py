@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ..._native.tfwire import decode_request, encode_response
+from ..._native.tfwire import TFServe, decode_request, encode_response
 from ...codec.tensors import CodecError, decode_array, encode_array
 from ...protos import tf_predict_pb2 as pb
 from .base import BadInput, Call, Processor, parse_message
@@ -9,9 +9,15 @@ from .base import BadInput, Call, Processor, parse_message
 class TFProcessor(Processor):
     """EAS TensorFlow format: named inputs, `output_filter` by name.
 
-    Float and double tensors take the compiled wire path (csrc/tfwire.pyx); every
-    other request, and every malformed one, the full protobuf path.
+    Float and double tensors take the compiled wire path (csrc/tfwire.pyx), and
+    unbatched, `serve` runs them from body to body in C; every other request, and
+    every malformed one, the full protobuf path.
     """
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.serve = TFServe(model.signature_name, model.output_names, model.check_feeds,
+                             model.run, super().serve)
 
     def decode(self, body: bytes) -> Call:
         fast = decode_request(body)
