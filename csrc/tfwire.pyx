@@ -294,6 +294,7 @@ cdef class TFServe:
         self.slow = slow
 
     def __call__(self, bytes body):
+        """(answer body, rows run)."""
         fast = decode_request(body)
         if fast is None:
             return self.slow(body)
@@ -307,7 +308,9 @@ cdef class TFServe:
             names = wanted
         else:
             names = self.output_names
-        answer = encode_response(names, self.run(self.check_feeds(feeds), names))
+        feeds = self.check_feeds(feeds)
+        answer = encode_response(names, self.run(feeds, names))
         if answer is None:
             return self.slow(body)
-        return answer
+        first = next(iter((<dict>feeds).values()))
+        return answer, (first.shape[0] if first.ndim else 1)

@@ -87,10 +87,10 @@ class _Pending:
     __slots__ = ("call", "key", "rows", "solo", "future", "arrived", "deadline", "timer",
                  "queued", "finish", "args")
 
-    def __init__(self, call, key, solo, future, arrived, deadline, finish, args):
-        self.call = call
+    def __init__(self, call, key, solo, future, arrived, deadline, finish, args, rows):
+        self.call = call  # None for a request run whole (submit_whole)
         self.key = key
-        self.rows = call.rows
+        self.rows = rows
         self.solo = solo
         self.future = future  # None once it is answered and gone
         self.arrived = arrived
@@ -144,6 +144,14 @@ def _mergeable(call) -> bool:
         if array.ndim == 0 or array.shape[0] != rows:
             return False
     return True
+
+
+def _whole(pending):
+    """(value, rows) of a request run whole, or its exception (on a batch thread)."""
+    try:
+        return pending.finish(*pending.args)
+    except Exception as exc:
+        return exc
 
 
 def _answer(pending, outputs):
@@ -230,6 +238,30 @@ class BatchingRunner:
             self._kick_handle = self._timer = self._deadline_timer = None
             self._deadlines.clear()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running."""
+        return not self.waiting and not self.inflight
+
+    def submit_whole(self, deadline: float, job, *args):
+        """A Future of job(*args), run on a batch thread as a batch of its own.
+
+        For a request on an idle model, which has nothing to merge with: the whole of
+        it (decode, run, encode) goes to the thread, as without batching, instead of
+        being decoded and queued on the loop. `job` returns (value, rows it ran); the
+        rows are counted when it is done.
+        """
+        loop = self._loop
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded()
+        now = loop.time()
+        p = _Pending(None, _Solo(), True, loop.create_future(), now, now + remaining, job, args, 1)
+        self._track_deadline(p)
+        p.queued = False
+        self._start([p], 1)
+        return p.future
+
     def submit(self, call, deadline: float, finish=None, *args):
         """A Future of finish(call, outputs, *args) (of the outputs without `finish`),
         run in some batch; raises QueueFull or DeadlineExceeded when it cannot queue."""
@@ -259,14 +291,9 @@ class BatchingRunner:
         if solo:
             key = _Solo()
         now = loop.time()
-        p = _Pending(call, key, solo, loop.create_future(), now, now + remaining, finish, args)
-        deadlines = self._deadlines
-        if not deadlines or deadlines[-1].deadline <= p.deadline:
-            deadlines.append(p)
-            if self._deadline_timer is None or self._deadline_timer_at > p.deadline:
-                self._arm_deadline(p.deadline)
-        else:
-            p.timer = loop.call_at(p.deadline, self._expire, p)
+        p = _Pending(call, key, solo, loop.create_future(), now, now + remaining, finish, args,
+                     call.rows)
+        self._track_deadline(p)
         if not self.waiting and not self.inflight:
             p.queued = False  # a lone request on an idle model: run it now
             self._start([p], p.rows)
@@ -279,6 +306,15 @@ class BatchingRunner:
         if self._kick_handle is None:
             self._kick_handle = loop.call_soon(self._schedule)
         return p
+
+    def _track_deadline(self, p: _Pending) -> None:
+        deadlines = self._deadlines
+        if not deadlines or deadlines[-1].deadline <= p.deadline:
+            deadlines.append(p)
+            if self._deadline_timer is None or self._deadline_timer_at > p.deadline:
+                self._arm_deadline(p.deadline)
+        else:
+            p.timer = self._loop.call_at(p.deadline, self._expire, p)
 
     def _unqueue(self, p: _Pending) -> None:
         group = self.groups[p.key]
@@ -410,21 +446,24 @@ class BatchingRunner:
         n = len(live)
         self.batches += 1
         self.requests += n
-        self.rows += rows
-        self.padded_rows += padded - rows
         if n > 1:
             self.merged_batches += 1
         self.max_batch_requests = max(self.max_batch_requests, n)
-        self.max_batch_rows = max(self.max_batch_rows, rows)
-        counts = metrics.counts
-        counts["in_flight"] += 1
-        counts["rows"] += rows
-        metrics.BATCH_ROWS.observe(padded)
+        metrics.counts["in_flight"] += 1
         metrics.BATCH_REQUESTS.observe(n)
+        if live[0].call is not None:  # a request run whole counts its rows when done
+            self._count_rows(rows, padded)
         now = self._loop.time()
         wait = metrics.QUEUE_WAIT.observe
         for p in live:
             wait(now - p.arrived)
+
+    def _count_rows(self, rows: int, padded: int) -> None:
+        self.rows += rows
+        self.padded_rows += padded - rows
+        self.max_batch_rows = max(self.max_batch_rows, rows)
+        metrics.counts["rows"] += rows
+        metrics.BATCH_ROWS.observe(padded)
 
     # -- on the batch threads ---------------------------------------------------------------
 
@@ -449,6 +488,8 @@ class BatchingRunner:
         request by request: None, "failed", or "unsplittable" (never merge its key again)."""
         run = self.model.run
         first = live[0].call
+        if first is None:
+            return [_whole(live[0])], None
         if len(live) == 1 and padded == rows:
             return [_answer(live[0], run(first.feeds, first.output_names))], None
         feeds = {}
@@ -503,6 +544,11 @@ class BatchingRunner:
             self.split_reruns += 1
             if split == "unsplittable" and not live[0].solo:
                 self._unmergeable.add(key)
+        if live[0].call is None:  # run whole: (value, rows), or an exception
+            answer = answers[0]
+            if not isinstance(answer, BaseException):
+                answers = [answer[0]]
+                self._count_rows(answer[1], answer[1])
         for p, answer in zip(live, answers):
             if p.timer is not None:
                 p.timer.cancel()

@@ -134,6 +134,8 @@ class WorkerApp:
             return self.runner.submit(deadline, self._run_user, request.body, started)
         if self.batcher is None:
             return self.runner.submit(deadline, self._run, request.body, started)
+        if self.batcher.idle:  # nothing to merge with: run it whole on the batch's thread
+            return self.batcher.submit_whole(deadline, self._run_whole, request.body, started)
         if len(request.body) > LARGE_PAYLOAD:
             return self._predict_large(request.body, deadline, started)
         return self.batcher.submit(self.processor.decode(request.body), deadline,
@@ -142,9 +144,13 @@ class WorkerApp:
     # -- on inference threads --------------------------------------------------------------
 
     def _run(self, body: bytes, started: float) -> Response:
-        response = Response(200, self.processor.serve(body), None, self.processor.content_type)
+        return self._run_whole(body, started)[0]
+
+    def _run_whole(self, body: bytes, started: float) -> tuple[Response, int]:
+        """The response to one request run alone, and the rows it ran."""
+        answer, rows = self.processor.serve(body)
         metrics.observe(200, time.perf_counter() - started)
-        return response
+        return Response(200, answer, None, self.processor.content_type), rows
 
     def _encode(self, call, outputs: list, started: float) -> Response:
         response = Response(200, self.processor.encode(call, outputs), None,

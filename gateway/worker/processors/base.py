@@ -36,10 +36,10 @@ class Processor:
     def encode(self, call: Call, outputs: list) -> bytes:
         raise NotImplementedError
 
-    def serve(self, body: bytes) -> bytes:
-        """The answer body to a request body, unbatched (on an inference thread)."""
+    def serve(self, body: bytes) -> tuple[bytes, int]:
+        """(answer body, rows run) of a request body run alone (on an inference thread)."""
         call = self.decode(body)
-        return self.encode(call, self.model.run(call.feeds, call.output_names))
+        return self.encode(call, self.model.run(call.feeds, call.output_names)), call.rows
 
     def _call(self, feeds: dict, output_names, context=None) -> Call:
         return Call(self.model.check_feeds(feeds), self.model.check_outputs(output_names), context)
