@@ -333,6 +333,7 @@ def test_unit_queue_full_and_cancelled_requests():
             await c
         assert batcher.waiting == 1
         d = infer(xs[3])  # room again
+        await wait_until(lambda: batcher.waiting == 2)  # B and D both queued behind A
         gate.set()
         return await asyncio.gather(a, b, d)
 

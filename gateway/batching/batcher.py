@@ -1,13 +1,25 @@
 """The batcher: merges queued requests along dimension 0 and runs the model once per batch.
 
-Everything below runs on the event loop except `_execute`, which runs on the
-batcher's threads (rpc.worker_threads of them).
+The event loop only queues a request (its body, undecoded) and, later, writes
+the answer; everything else happens on the batcher's threads (rpc.worker_threads
+of them), so a batched request costs the loop no more than an unbatched one.
 
-Queueing. Each request becomes a `_Pending` in the group of its `Call.batch_key`
-(model outputs, input names, dtypes and trailing shapes); only equal keys are
-ever merged. A group's front batch is taken first-in first-out: requests are
-added while their rows fit in rpc.max_batch_size, so a request with more rows
-than that runs on its own, and nothing is reordered inside a group.
+Forming batches. A thread takes the oldest queued request, then every request
+queued behind it (without waiting) while the rows fit in rpc.max_batch_size,
+decodes them, and groups them by `Call.batch_key` (model outputs, input names,
+dtypes and trailing shapes): only equal keys are ever merged. Each group runs
+first-in first-out in runs of at most max_batch_size rows; a request with more
+rows than that runs on its own, and nothing is reordered inside a group.
+
+When a batch starts. On the CPU every inference thread is a core's worth of
+work, so a thread starts its batch at once with whatever has queued (waiting
+for more rows would leave a core idle): under load batches grow by themselves,
+and a lone request on an idle worker never waits; with nothing to merge it with
+and no padding, it runs from body to answer in one call (`whole`), as without
+batching. On an accelerator the threads
+share one device: a thread whose batch is not full waits for more rows while
+another batch runs, until the batch is full or rpc.max_batch_timeout has passed
+since its first request arrived.
 
 Padding. With batch sizes set (`rpc.batch_sizes`; by default the powers of two
 up to max_batch_size when the model runs on an accelerator, none on the CPU), a
@@ -17,36 +29,19 @@ worker/warmup.py). Padded rows are cut off before anything is answered. The
 requests' rows are copied once, on the batch's thread, straight into the batch
 buffer.
 
-When a batch starts. At most rpc.worker_threads batches are in flight. A front
-batch starts as soon as a thread is free if
-  * it is complete: it holds max_batch_size rows, or the next queued request
-    does not fit (it cannot grow any more), or it cannot be merged at all;
-  * its window is over: rpc.max_batch_timeout has passed since its first
-    request arrived; or
-  * the model has capacity to spare: on the CPU every inference thread is a
-    core's worth of work, so a batch starts whenever a thread is free (waiting
-    for more rows would leave a core idle); on an accelerator the threads share
-    one device, so only when no batch is in flight. A lone request on an idle
-    worker thus runs at once, with no window delay, and under load batches grow
-    by themselves with whatever queued while the model was busy.
-Among ready groups the one whose first request is oldest goes first. A lone
-request on an idle model is dispatched from submit() itself; other arrivals are
-looked at once the current loop iteration is done (call_soon), so that
-requests read from the sockets together are considered together.
-
-Answers. `submit(call, deadline, finish, *args)` returns a Future: of
+Answers. `submit(deadline, source, finish, *args)` returns a Future: of
 `finish(call, outputs, *args)` (the worker encodes its response there, on the
-batch's thread, off the loop) or, without `finish`, of the outputs. One
-`call_soon_threadsafe` hands a whole batch's answers back to the loop.
+batch's thread) or, without `finish`, of the outputs. `source` is a request body
+(decoded on the thread by the `decode` the batcher was given) or a `Call`. One
+`call_soon_threadsafe` hands all the answers of a thread's round back to the loop.
 
 Admission and deadlines. `rpc.max_queue_size` bounds the requests waiting in
 the queue (running ones do not count): one more raises QueueFull (450) at once.
-A timer fires at each request's deadline (rpc.keepalive; one timer serves the
-requests whose deadlines come in arrival order): a waiting request is taken out
-of its group and gets DeadlineExceeded (408) right then; a running one gets it
-too and its rows are discarded when the batch ends. A request whose Future is
-cancelled (its client went away) never runs; through `infer()`, it also leaves
-the queue at once.
+A request whose deadline (rpc.keepalive) passes gets DeadlineExceeded (408)
+right then, from the loop's deadline sweep: a waiting one leaves the queue and
+never runs; a running one's rows are discarded when its batch ends. A request
+whose Future is cancelled (its client went away) never runs; through
+`infer()`, it also leaves the queue's count at once.
 
 Safety nets. A model whose declared signature has a scalar or a fixed first
 dimension is never batched. A request whose inputs do not all share the first
@@ -59,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import collections
 import logging
 import queue
 import threading
@@ -67,14 +61,11 @@ import time
 
 import numpy as np
 
+from .._native.deadlines import Deadlines
 from ..worker.runner import DeadlineExceeded, QueueFull
 from . import metrics
 
 log = logging.getLogger("infergate.batching")
-
-# Timers may fire a little early (uvloop rounds them to milliseconds): a window or a
-# deadline this close to its end counts as over.
-_SLACK = 0.001
 
 
 class _Solo:
@@ -83,22 +74,21 @@ class _Solo:
     __slots__ = ()
 
 
-class _Pending:
-    __slots__ = ("call", "key", "rows", "solo", "future", "arrived", "deadline", "timer",
-                 "queued", "finish", "args")
+class _Item:
+    """One claimed, decoded request on a batch thread."""
 
-    def __init__(self, call, key, solo, future, arrived, deadline, finish, args, rows):
-        self.call = call  # None for a request run whole (submit_whole)
-        self.key = key
-        self.rows = rows
-        self.solo = solo
-        self.future = future  # None once it is answered and gone
-        self.arrived = arrived
-        self.deadline = deadline  # loop time
-        self.timer = None  # its own deadline timer, only when deadlines arrive out of order
-        self.queued = True
+    __slots__ = ("result", "slot", "call", "finish", "args", "arrived", "key", "rows", "solo")
+
+    def __init__(self, result, slot, call, finish, args, arrived, key, solo):
+        self.result = result
+        self.slot = slot
+        self.call = call
         self.finish = finish
         self.args = args
+        self.arrived = arrived
+        self.key = key
+        self.rows = call.rows
+        self.solo = solo
 
 
 def model_mergeable(model) -> bool:
@@ -146,72 +136,74 @@ def _mergeable(call) -> bool:
     return True
 
 
-def _whole(pending):
-    """(value, rows) of a request run whole, or its exception (on a batch thread)."""
-    try:
-        return pending.finish(*pending.args)
-    except Exception as exc:
-        return exc
-
-
-def _answer(pending, outputs):
-    """finish(call, outputs, *args) for one request, or its exception (on a batch thread)."""
-    if pending.finish is None:
+def _answer(item, outputs):
+    """finish(call, outputs, *args) for one request, or its exception."""
+    if item.finish is None:
         return outputs
     try:
-        return pending.finish(pending.call, outputs, *pending.args)
+        return item.finish(item.call, outputs, *item.args)
     except Exception as exc:
         return exc
+
+
+def _deliver(answers: list) -> None:
+    """On the loop: resolve the Futures of a thread's round."""
+    for result, slot, answer in answers:
+        slot.discard(result)  # its deadline no longer matters
+        if result.done():  # answered 408 meanwhile, or abandoned
+            continue
+        if isinstance(answer, BaseException):
+            result.set_exception(answer)
+        else:
+            result.set_result(answer)
 
 
 class BatchingRunner:
-    def __init__(self, model, settings):
+    def __init__(self, model, settings, decode=None, whole=None):
         self.model = model
         self.settings = settings
+        self.decode = decode  # request body -> Call, for submit() with a body
+        self.whole = whole    # (body, *args) -> (answer, rows): a lone body run whole
         self.max_rows = max(1, int(settings.max_batch_size))
         self.window = max(0, int(settings.max_batch_timeout)) / 1000.0
         self.max_queue = max(1, int(settings.max_queue_size))
-        self.max_inflight = max(1, int(settings.worker_threads))
-        # Batches that may start without waiting for rows: every thread on the CPU,
-        # one on an accelerator (its threads share the device).
-        self.eager_inflight = 1 if on_accelerator(model) else self.max_inflight
+        self.eager = not on_accelerator(model)
         self.pad_sizes = batch_sizes(settings, model)
         self.batch_sizes = self.pad_sizes or (1,)  # what warm-up runs
-        self.jobs = queue.SimpleQueue()
-        self.threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
-                        for i in range(self.max_inflight)]
-        for thread in self.threads:
-            thread.start()
-        self.groups: dict = {}  # batch key -> deque of _Pending, only non-empty groups
-        self.waiting = 0        # requests queued, not yet in a batch
-        self.inflight = 0       # batches running on the threads
-        self._loop = None
-        self._kick_handle = None
-        self._timer = None
-        self._timer_at = 0.0
-        # Requests by deadline, with one timer for the first: deadlines are arrival time +
-        # rpc.keepalive, so they come in order and this saves a timer per request.
-        self._deadlines: collections.deque = collections.deque()
-        self._deadline_timer = None
-        self._deadline_timer_at = 0.0
-        self._unmergeable: set = set()
         self.mergeable = model_mergeable(model)
         if not self.mergeable:
             log.warning("the model's signature has a scalar, an unknown shape or a fixed first "
                         "dimension: requests will not be merged into batches")
             self.pad_sizes, self.batch_sizes = (), (1,)
-        # Counters, for tests and debugging (the Prometheus metrics are in .metrics).
+        self._unmergeable: set = set()
+        self.jobs = queue.SimpleQueue()
+        # Requests not yet taken by a thread, by their Future. A thread claims one, and
+        # the loop withdraws one, with dict.pop: atomic under the GIL, so exactly one
+        # of them gets it.
+        self.queued: dict = {}
+        self.loop = None
+        self.deadlines = None
+        self.lock = threading.Lock()  # the counters below, and the metrics, from the threads
+        self.inflight = 0             # batches running on the model
         self.batches = 0
         self.requests = 0
         self.rows = 0
-        self.padded_rows = 0         # zero rows added to reach a batch size
-        self.merged_batches = 0      # batches of more than one request
+        self.padded_rows = 0          # zero rows added to reach a batch size
+        self.merged_batches = 0       # batches of more than one request
         self.max_batch_requests = 0
         self.max_batch_rows = 0
-        self.rejected = 0            # QueueFull
-        self.expired_waiting = 0     # 408 while queued
-        self.expired_running = 0     # 408 while its batch ran
-        self.split_reruns = 0        # merged batches re-run one request at a time
+        self.rejected = 0             # QueueFull
+        self.expired_waiting = 0      # 408 while queued
+        self.expired_running = 0      # 408 while its batch ran
+        self.split_reruns = 0         # merged batches re-run one request at a time
+        self.threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
+                        for i in range(max(1, int(settings.worker_threads)))]
+        for thread in self.threads:
+            thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queued)
 
     def stats(self) -> dict:
         return {name: getattr(self, name) for name in (
@@ -226,244 +218,54 @@ class BatchingRunner:
         for thread in self.threads:
             thread.join()
 
-    # -- requests ------------------------------------------------------------------------
+    # -- on the loop -------------------------------------------------------------------------
 
     def bind(self, loop) -> None:
         """Serve submit() on `loop` (taken once: asyncio.get_running_loop() makes a
         getpid() system call each time)."""
-        if self._loop is not loop:
-            if self.waiting or self.inflight:
+        if self.loop is not loop:
+            if self.queued or self.inflight:
                 raise RuntimeError("a BatchingRunner serves one event loop at a time")
-            self._loop = loop
-            self._kick_handle = self._timer = self._deadline_timer = None
-            self._deadlines.clear()
+            self.loop = loop
+            self.deadlines = Deadlines(loop, self._expire)
 
-    @property
-    def idle(self) -> bool:
-        """Nothing queued and nothing running."""
-        return not self.waiting and not self.inflight
-
-    def submit_whole(self, deadline: float, job, *args):
-        """A Future of job(*args), run on a batch thread as a batch of its own.
-
-        For a request on an idle model, which has nothing to merge with: the whole of
-        it (decode, run, encode) goes to the thread, as without batching, instead of
-        being decoded and queued on the loop. `job` returns (value, rows it ran); the
-        rows are counted when it is done.
-        """
-        loop = self._loop
-        remaining = deadline - time.monotonic()
+    def submit(self, deadline: float, source, finish=None, *args):
+        """A Future of finish(call, outputs, *args) (of the outputs without `finish`) for a
+        request body or a Call, run in some batch; raises QueueFull or DeadlineExceeded
+        when it cannot queue."""
+        if len(self.queued) >= self.max_queue:
+            self.rejected += 1
+            raise QueueFull()
+        now = time.monotonic()
+        remaining = deadline - now
         if remaining <= 0:
             raise DeadlineExceeded()
-        now = loop.time()
-        p = _Pending(None, _Solo(), True, loop.create_future(), now, now + remaining, job, args, 1)
-        self._track_deadline(p)
-        p.queued = False
-        self._start([p], 1)
-        return p.future
-
-    def submit(self, call, deadline: float, finish=None, *args):
-        """A Future of finish(call, outputs, *args) (of the outputs without `finish`),
-        run in some batch; raises QueueFull or DeadlineExceeded when it cannot queue."""
-        return self._enqueue(call, deadline, finish, args).future
+        loop = self.loop
+        result = loop.create_future()
+        self.queued[result] = True
+        slot = self.deadlines.add(result, loop.time() + remaining)
+        self.jobs.put((result, slot, source, finish, args, now))
+        return result
 
     async def infer(self, call, deadline: float) -> list:
         """Outputs for `call` on the running loop; if the caller is cancelled, its
         request leaves the queue at once."""
         self.bind(asyncio.get_running_loop())
-        p = self._enqueue(call, deadline, None, ())
+        result = self.submit(deadline, call)
         try:
-            return await p.future
+            return await result
         finally:
-            if p.queued and p.future is not None and p.future.cancelled():
-                self._unqueue(p)
+            if result.cancelled():
+                self.queued.pop(result, None)
 
-    def _enqueue(self, call, deadline: float, finish, args) -> _Pending:
-        loop = self._loop
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded()
-        if self.waiting >= self.max_queue:
-            self.rejected += 1
-            raise QueueFull()
-        key = call.batch_key
-        solo = not self.mergeable or key in self._unmergeable or not _mergeable(call)
-        if solo:
-            key = _Solo()
-        now = loop.time()
-        p = _Pending(call, key, solo, loop.create_future(), now, now + remaining, finish, args,
-                     call.rows)
-        self._track_deadline(p)
-        if not self.waiting and not self.inflight:
-            p.queued = False  # a lone request on an idle model: run it now
-            self._start([p], p.rows)
-            return p
-        group = self.groups.get(key)
-        if group is None:
-            group = self.groups[key] = collections.deque()
-        group.append(p)
-        self.waiting += 1
-        if self._kick_handle is None:
-            self._kick_handle = loop.call_soon(self._schedule)
-        return p
-
-    def _track_deadline(self, p: _Pending) -> None:
-        deadlines = self._deadlines
-        if not deadlines or deadlines[-1].deadline <= p.deadline:
-            deadlines.append(p)
-            if self._deadline_timer is None or self._deadline_timer_at > p.deadline:
-                self._arm_deadline(p.deadline)
-        else:
-            p.timer = self._loop.call_at(p.deadline, self._expire, p)
-
-    def _unqueue(self, p: _Pending) -> None:
-        group = self.groups[p.key]
-        group.remove(p)
-        if not group:
-            del self.groups[p.key]
-        self.waiting -= 1
-        p.queued = False
-
-    def _expire(self, p: _Pending) -> None:
-        future = p.future
-        if future is None or future.done():
+    def _expire(self, result) -> None:
+        if result.done():
             return
-        if p.queued:
-            self._unqueue(p)
+        if self.queued.pop(result, None) is not None:
             self.expired_waiting += 1
         else:
             self.expired_running += 1
-        future.set_exception(DeadlineExceeded())
-
-    def _on_deadline(self) -> None:
-        self._deadline_timer = None
-        deadlines = self._deadlines
-        now = self._loop.time() + _SLACK
-        while deadlines:
-            p = deadlines[0]
-            if p.future is not None and not p.future.done():
-                if p.deadline > now:
-                    break
-                self._expire(p)
-            deadlines.popleft()
-        if deadlines:
-            self._arm_deadline(deadlines[0].deadline)
-
-    def _arm_deadline(self, when: float) -> None:
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-        self._deadline_timer_at = when
-        self._deadline_timer = self._loop.call_at(when, self._on_deadline)
-
-    def _drop_answered(self) -> None:
-        deadlines = self._deadlines
-        while deadlines and (deadlines[0].future is None or deadlines[0].future.done()):
-            deadlines.popleft()
-
-    # -- forming batches -----------------------------------------------------------------
-
-    def _front(self, group) -> tuple[list, int, bool]:
-        """The group's next batch, its rows, and whether it is complete (cannot grow)."""
-        max_rows = self.max_rows
-        batch = []
-        rows = 0
-        for p in group:
-            if p.solo:
-                return [p], p.rows, True
-            if batch and rows + p.rows > max_rows:
-                return batch, rows, True
-            batch.append(p)
-            rows += p.rows
-            if rows >= max_rows:
-                return batch, rows, True
-        return batch, rows, False
-
-    def _schedule(self) -> None:
-        self._kick_handle = None
-        loop = self._loop
-        while self.waiting and self.inflight < self.max_inflight:
-            now = loop.time()
-            eager = self.inflight < self.eager_inflight
-            best = None
-            best_arrived = float("inf")
-            next_close = float("inf")
-            for group in self.groups.values():
-                head = group[0]
-                if head.arrived >= best_arrived:
-                    continue  # an older ready group goes first anyway
-                batch, rows, complete = self._front(group)
-                close = head.arrived + self.window
-                if complete or eager or now + _SLACK >= close:
-                    best, best_arrived = (batch, rows), head.arrived
-                elif close < next_close:
-                    next_close = close
-            if best is None:
-                self._arm(next_close)
-                return
-            self._dispatch(*best)
-
-    def _arm(self, when: float) -> None:
-        if self._timer is not None:
-            if self._timer_at <= when:
-                return
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = self._loop.call_at(when, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._schedule()
-
-    def _padded(self, rows: int) -> int:
-        sizes = self.pad_sizes
-        if not sizes or rows > sizes[-1]:
-            return rows
-        return sizes[bisect.bisect_left(sizes, rows)]
-
-    def _dispatch(self, batch: list, rows: int) -> None:
-        key = batch[0].key
-        group = self.groups[key]
-        for _ in batch:
-            group.popleft()
-        if not group:
-            del self.groups[key]
-        self.waiting -= len(batch)
-        for p in batch:
-            p.queued = False
-        # A cancelled or expired one may not have left the queue yet.
-        live = [p for p in batch if p.future is not None and not p.future.done()]
-        if not live:
-            return
-        if len(live) != len(batch):
-            rows = sum(p.rows for p in live)
-        self._start(live, rows)
-
-    def _start(self, live: list, rows: int) -> None:
-        key = live[0].key
-        padded = rows if live[0].solo else self._padded(rows)
-        self.jobs.put((live, rows, padded, key))
-        self.inflight += 1
-        n = len(live)
-        self.batches += 1
-        self.requests += n
-        if n > 1:
-            self.merged_batches += 1
-        self.max_batch_requests = max(self.max_batch_requests, n)
-        metrics.counts["in_flight"] += 1
-        metrics.BATCH_REQUESTS.observe(n)
-        if live[0].call is not None:  # a request run whole counts its rows when done
-            self._count_rows(rows, padded)
-        now = self._loop.time()
-        wait = metrics.QUEUE_WAIT.observe
-        for p in live:
-            wait(now - p.arrived)
-
-    def _count_rows(self, rows: int, padded: int) -> None:
-        self.rows += rows
-        self.padded_rows += padded - rows
-        self.max_batch_rows = max(self.max_batch_rows, rows)
-        metrics.counts["rows"] += rows
-        metrics.BATCH_ROWS.observe(padded)
+        result.set_exception(DeadlineExceeded())
 
     # -- on the batch threads ---------------------------------------------------------------
 
@@ -473,31 +275,172 @@ class BatchingRunner:
             job = get()
             if job is None:
                 return
-            live, rows, padded, key = job
+            if self.whole is not None and not self.pad_sizes and self.jobs.empty() and \
+                    isinstance(job[2], bytes) and (self.eager or not self.inflight):
+                self._run_whole(job)  # nothing to merge it with, nothing to pad it to
+                continue
+            answers = []
+            items = []
+            rows = self._take(job, items, answers)
+            stop = self._gather(items, rows, answers)
+            if items:
+                self._run_groups(items, answers)
+            if answers:
+                try:
+                    self.loop.call_soon_threadsafe(_deliver, answers)
+                except RuntimeError:  # the loop is closed: the worker has stopped
+                    pass
+            if stop:
+                return
+
+    def _run_whole(self, job) -> None:
+        """A lone request run from body to answer in one call, as without batching."""
+        result, slot, body, _, args, arrived = job
+        if self.queued.pop(result, None) is None or result.cancelled():
+            return
+        started = time.monotonic()
+        with self.lock:
+            self.inflight += 1
+            metrics.counts["in_flight"] += 1
+        try:
+            answer, rows = self.whole(body, *args)
+        except Exception as exc:
+            answer, rows = exc, 0
+        with self.lock:
+            self.inflight -= 1
+            metrics.counts["in_flight"] -= 1
+            self._count([arrived], rows, rows, started)
+        try:
+            self.loop.call_soon_threadsafe(_deliver, [(result, slot, answer)])
+        except RuntimeError:  # the loop is closed: the worker has stopped
+            pass
+
+    def _take(self, job, items: list, answers: list) -> int:
+        """Claim and decode one queued request into `items`; its rows (0 if it is gone)."""
+        result, slot, source, finish, args, arrived = job
+        if self.queued.pop(result, None) is None or result.cancelled():
+            return 0  # expired or abandoned while queued: nobody waits for it
+        try:
+            call = self.decode(source) if isinstance(source, bytes) else source
+            key = call.batch_key
+        except Exception as exc:  # a bad request: answered on its own
+            answers.append((result, slot, exc))
+            return 0
+        solo = not self.mergeable or key in self._unmergeable or not _mergeable(call)
+        items.append(_Item(result, slot, call, finish, args, arrived, _Solo() if solo else key,
+                           solo))
+        return call.rows
+
+    def _gather(self, items: list, rows: int, answers: list) -> bool:
+        """Take what queued behind the first request while its rows fit (on an accelerator,
+        while another batch runs, wait for more until full or the window closes).
+        True when the batcher is closing."""
+        jobs = self.jobs
+        window_end = None
+        while rows < self.max_rows:
             try:
-                answers, split = self._execute(live, rows, padded)
-            except BaseException as exc:  # every request of the batch gets it
-                answers, split = [exc] * len(live), None
-            try:
-                self._loop.call_soon_threadsafe(self._finished, live, answers, key, split)
-            except RuntimeError:  # the loop is closed: the worker has stopped, nobody waits
-                pass
+                if jobs.empty():  # (cheaper than get_nowait's exception)
+                    raise queue.Empty
+                job = jobs.get_nowait()
+            except queue.Empty:
+                if self.eager or not items or not self.inflight:
+                    return False
+                if window_end is None:
+                    window_end = items[0].arrived + self.window
+                remaining = window_end - time.monotonic()
+                if remaining <= 0:
+                    return False
+                try:
+                    job = jobs.get(timeout=remaining)
+                except queue.Empty:
+                    return False
+            if job is None:
+                return True
+            rows += self._take(job, items, answers)
+        return False
+
+    def _run_groups(self, items: list, answers: list) -> None:
+        if len(items) == 1:
+            self._run_batch(items, items[0].rows, answers)
+            return
+        groups: dict = {}
+        for item in items:
+            groups.setdefault(item.key, []).append(item)
+        max_rows = self.max_rows
+        for group in groups.values():
+            run, rows = [], 0
+            for item in group:
+                if run and (item.solo or rows + item.rows > max_rows):
+                    self._run_batch(run, rows, answers)
+                    run, rows = [], 0
+                run.append(item)
+                rows += item.rows
+                if item.solo or rows >= max_rows:
+                    self._run_batch(run, rows, answers)
+                    run, rows = [], 0
+            if run:
+                self._run_batch(run, rows, answers)
+
+    def _padded(self, rows: int) -> int:
+        sizes = self.pad_sizes
+        if not sizes or rows > sizes[-1]:
+            return rows
+        return sizes[bisect.bisect_left(sizes, rows)]
+
+    def _run_batch(self, batch: list, rows: int, answers: list) -> None:
+        live = [item for item in batch if not item.result.done()]  # not answered 408 meanwhile
+        if not live:
+            return
+        if len(live) != len(batch):
+            rows = sum(item.rows for item in live)
+        padded = rows if live[0].solo else self._padded(rows)
+        started = time.monotonic()
+        with self.lock:
+            self.inflight += 1
+            metrics.counts["in_flight"] += 1
+            self._count([item.arrived for item in live], rows, padded, started)
+        try:
+            results, split = self._execute(live, rows, padded)
+        except BaseException as exc:  # every request of the batch gets it
+            results, split = [exc] * len(live), None
+        with self.lock:
+            self.inflight -= 1
+            metrics.counts["in_flight"] -= 1
+            if split is not None:
+                self.split_reruns += 1
+                if split == "unsplittable" and not live[0].solo:
+                    self._unmergeable.add(live[0].key)
+        answers.extend((item.result, item.slot, answer) for item, answer in zip(live, results))
+
+    def _count(self, arrivals: list, rows: int, padded: int, started: float) -> None:
+        n = len(arrivals)
+        self.batches += 1
+        self.requests += n
+        self.rows += rows
+        self.padded_rows += padded - rows
+        if n > 1:
+            self.merged_batches += 1
+        self.max_batch_requests = max(self.max_batch_requests, n)
+        self.max_batch_rows = max(self.max_batch_rows, rows)
+        metrics.counts["rows"] += rows
+        metrics.BATCH_ROWS.observe(padded)
+        metrics.BATCH_REQUESTS.observe(n)
+        for arrived in arrivals:
+            metrics.QUEUE_WAIT.observe(started - arrived)
 
     def _execute(self, live: list, rows: int, padded: int) -> tuple[list, str | None]:
         """Answers (values or exceptions), one per request, and why the batch was re-run
         request by request: None, "failed", or "unsplittable" (never merge its key again)."""
         run = self.model.run
         first = live[0].call
-        if first is None:
-            return [_whole(live[0])], None
         if len(live) == 1 and padded == rows:
             return [_answer(live[0], run(first.feeds, first.output_names))], None
         feeds = {}
         for name, array in first.feeds.items():
             batch = np.empty((padded,) + array.shape[1:], array.dtype)
             at = 0
-            for p in live:
-                part = p.call.feeds[name]
+            for item in live:
+                part = item.call.feeds[name]
                 batch[at:at + part.shape[0]] = part
                 at += part.shape[0]
             if padded > at:
@@ -517,47 +460,21 @@ class BatchingRunner:
                 return self._each(live), "unsplittable"
         answers = []
         start = 0
-        for p in live:
-            end = start + p.rows
-            if p.future.done():  # answered 408 meanwhile: its rows are dropped
+        for item in live:
+            end = start + item.rows
+            if item.result.done():  # answered 408 meanwhile: its rows are dropped
                 answers.append(None)
             else:
-                answers.append(_answer(p, [out[start:end] for out in outputs]))
+                answers.append(_answer(item, [out[start:end] for out in outputs]))
             start = end
         return answers, None
 
     def _each(self, live: list) -> list:
         answers = []
-        for p in live:
+        for item in live:
             try:
-                answers.append(_answer(p, self.model.run(p.call.feeds, p.call.output_names)))
+                answers.append(_answer(item, self.model.run(item.call.feeds,
+                                                             item.call.output_names)))
             except Exception as exc:
                 answers.append(exc)
         return answers
-
-    # -- back on the loop ---------------------------------------------------------------------
-
-    def _finished(self, live: list, answers: list, key, split: str | None) -> None:
-        self.inflight -= 1
-        metrics.counts["in_flight"] -= 1
-        if split is not None:
-            self.split_reruns += 1
-            if split == "unsplittable" and not live[0].solo:
-                self._unmergeable.add(key)
-        if live[0].call is None:  # run whole: (value, rows), or an exception
-            answer = answers[0]
-            if not isinstance(answer, BaseException):
-                answers = [answer[0]]
-                self._count_rows(answer[1], answer[1])
-        for p, answer in zip(live, answers):
-            if p.timer is not None:
-                p.timer.cancel()
-            future = p.future
-            if future is not None and not future.done():
-                if isinstance(answer, BaseException):
-                    future.set_exception(answer)
-                else:
-                    future.set_result(answer)
-            p.future = p.call = p.args = None  # nothing of it stays alive in self._deadlines
-        self._drop_answered()
-        self._schedule()

@@ -1,8 +1,8 @@
 """Prometheus metrics of the batcher: plain counters on the event loop, families at scrape time.
 
-Everything here is updated only on the worker's event loop (when a batch starts
-and when it ends), so no lock is taken per batch, as prometheus-client's metric
-objects would. Mean batch size (padded rows included) =
+Everything here is updated by the batch threads under the batcher's one lock,
+once per batch, instead of a lock per metric and label as prometheus-client's
+metric objects take. Mean batch size (padded rows included) =
 infergate_worker_batch_rows_sum / infergate_worker_batch_rows_count; rows/s of
 requests = rate(infergate_worker_batched_rows_total).
 """

@@ -6,13 +6,12 @@ draining), /metrics.
 
 A predict request costs the event loop only its HTTP work: the handler returns
 the Future of a job, and the inference thread (or, with batching, the batch's
-thread) decodes, runs, encodes and counts it. Errors the runner or the batcher
+thread) decodes, runs, encodes and counts it, big bodies included. Errors the runner or the batcher
 raise (queue full, deadline, bad input) are answered by `answer_error`.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import time
 
@@ -31,9 +30,6 @@ from .warmup import WarmUp
 log = logging.getLogger("infergate.worker")
 
 _HEALTH = json_response({"status": "ok"})
-# Batched bodies above this are decoded on a codec thread: below it the hop costs
-# more than the work it moves.
-LARGE_PAYLOAD = 256 << 10
 
 
 class WorkerApp:
@@ -56,11 +52,10 @@ class WorkerApp:
             self.processor = make_processor(processor, self.model)
             self.signature = json_response(self.model.signature())
         self.batcher = None
-        self.codec_pool = None
         if settings.batching and self.model is not None:
             from ..batching import BatchingRunner
-            self.batcher = BatchingRunner(self.model, settings)
-            self.codec_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="codec")
+            self.batcher = BatchingRunner(self.model, settings, self.processor.decode,
+                                          self._run_whole)
         self.warm_up = WarmUp(self.model, self.batcher.batch_sizes if self.batcher else (1,))
         self._timeout = error_response(408, f"the request took longer than rpc.keepalive "
                                             f"({settings.keepalive} ms)")
@@ -134,12 +129,7 @@ class WorkerApp:
             return self.runner.submit(deadline, self._run_user, request.body, started)
         if self.batcher is None:
             return self.runner.submit(deadline, self._run, request.body, started)
-        if self.batcher.idle:  # nothing to merge with: run it whole on the batch's thread
-            return self.batcher.submit_whole(deadline, self._run_whole, request.body, started)
-        if len(request.body) > LARGE_PAYLOAD:
-            return self._predict_large(request.body, deadline, started)
-        return self.batcher.submit(self.processor.decode(request.body), deadline,
-                                   self._encode, started)
+        return self.batcher.submit(deadline, request.body, self._encode, started)
 
     # -- on inference threads --------------------------------------------------------------
 
@@ -163,12 +153,6 @@ class WorkerApp:
         metrics.observe(status, time.perf_counter() - started)
         return Response(status, answer)
 
-    async def _predict_large(self, body: bytes, deadline: float, started: float) -> Response:
-        # Big bodies take milliseconds to decode: keep the loop answering others meanwhile.
-        loop = asyncio.get_running_loop()
-        call = await loop.run_in_executor(self.codec_pool, self.processor.decode, body)
-        return await self.batcher.submit(call, deadline, self._encode, started)
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -180,4 +164,3 @@ class WorkerApp:
         await asyncio.get_running_loop().run_in_executor(None, self.runner.close)
         if self.batcher is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
-            self.codec_pool.shutdown(wait=False)
