@@ -6,8 +6,9 @@ draining), /metrics.
 
 A predict request costs the event loop only its HTTP work: the handler returns
 the Future of a job, and the inference thread (or, with batching, the batch's
-thread) decodes, runs, encodes and counts it, big bodies included. Errors the runner or the batcher
-raise (queue full, deadline, bad input) are answered by `answer_error`.
+thread) decodes, runs, encodes and counts it, big bodies included. Errors the
+runner or the batcher raise (queue full, deadline, bad input) are answered by
+`answer_error`.
 """
 from __future__ import annotations
 
