@@ -41,9 +41,12 @@ def conv_net(path: str) -> tuple[str, tuple]:
         torch = None
     if torch is not None:
         net = torchvision.models.resnet18(weights=None).eval()
-        torch.onnx.export(net, torch.rand(1, 3, 224, 224), path, input_names=["images"],
-                          output_names=["scores"], opset_version=17,
-                          dynamic_axes={"images": {0: "N"}, "scores": {0: "N"}})
+        export = dict(input_names=["images"], output_names=["scores"], opset_version=17,
+                      dynamic_axes={"images": {0: "N"}, "scores": {0: "N"}})
+        try:  # the TorchScript exporter (newer torch defaults to dynamo, which needs more)
+            torch.onnx.export(net, torch.rand(1, 3, 224, 224), path, dynamo=False, **export)
+        except TypeError:  # a torch too old to know dynamo=
+            torch.onnx.export(net, torch.rand(1, 3, 224, 224), path, **export)
         return "resnet18", (3, 224, 224)
     import onnx
     from onnx import TensorProto, helper, numpy_helper
