@@ -195,3 +195,54 @@ def test_gpu_extra_brings_onnxruntime_gpu_instead_of_onnxruntime():
     assert {"onnxruntime-gpu", "nvidia-ml-py"} <= names("gpu")
     assert "onnxruntime" not in names("gpu") - always
     assert "onnxruntime" in names("cpu") and "onnxruntime-gpu" not in names("cpu")
+
+
+def test_on_an_accelerator_a_partial_batch_waits_for_rows_while_another_runs():
+    """The batching of a model on a GPU, driven on the CPU: the model says it runs on
+    CUDA. A lone request on an idle device starts at once; while it runs, a partial
+    batch gathers rows until its window closes (then runs padded to a batch size), and
+    a full batch starts without waiting for its window."""
+    gate = threading.Event()
+    rec = Recorder(OnnxModel(str(DIGITS_MODEL)), gate)
+    rec.provider = "CUDAExecutionProvider"
+    alone = reference(DIGITS_MODEL)
+    batcher = BatchingRunner(rec, settings(max_batch_size=8, worker_threads=2,
+                                           max_batch_timeout=1500))
+    assert batcher.pad_sizes == (1, 2, 4, 8)  # the default on an accelerator
+    rng = np.random.default_rng(12)
+    x = [rng.random((n, 784), dtype=np.float32) for n in (1, 1, 1, 1, 8)]
+
+    def infer(i):
+        return asyncio.ensure_future(batcher.infer(Call({"images": x[i]}, ("scores",)), soon()))
+
+    async def go():
+        a = infer(0)
+        await wait_until(lambda: batcher.inflight == 1)  # A runs (held), nothing waited
+        started = time.monotonic()
+        b, c = infer(1), infer(2)
+        await asyncio.sleep(0.05)
+        d = infer(3)  # joins B and C: their window is still open
+        await asyncio.sleep(0.05)
+        assert batcher.inflight == 1 and batcher.waiting == 0  # B, C, D taken, waiting
+        await wait_until(lambda: batcher.inflight == 2)  # the window closed: they run
+        waited = time.monotonic() - started
+        gate.set()
+        outs = await asyncio.gather(a, b, c, d)
+        gate.clear()
+        rec.started.clear()
+        first = infer(0)
+        await wait_until(lambda: batcher.inflight == 1)
+        full = infer(4)  # 8 rows: full, so it starts at once beside the running one
+        await wait_until(lambda: batcher.inflight == 2, timeout=0.75)
+        gate.set()
+        return waited, outs + await asyncio.gather(first, full)
+
+    try:
+        waited, outs = run_async(go)
+    finally:
+        gate.set()
+        batcher.close()
+    assert waited >= 1.4  # B's window (1.5 s from its arrival)
+    assert [rows for rows, _, _ in rec.runs] == [1, 4, 1, 8]  # B, C, D: 3 rows padded to 4
+    for i, out in zip((0, 1, 2, 3, 0, 4), outs):
+        np.testing.assert_array_equal(out[0], alone({"images": x[i]})[0])
