@@ -271,3 +271,29 @@ def test_versions_must_speak_the_same_request_format(procs, tmp_path):
     conn.close()
     assert resp.status == 400 and "json" in message and "tensorflow" in message
     admin(gw, "PUT", "/admin/services/tf/traffic", {"tf": 70, "tf2": 30})
+
+
+def test_heartbeats_leave_the_pickers_in_place(procs, tmp_path):
+    """Two registered instances of equal weight take turns (smooth WRR). A heartbeat
+    after every request changes nothing that routes, so the turns go on: were the
+    route table rebuilt on each one, every request would start a new cycle and land
+    on the first instance."""
+    from gateway_helpers import seed_services
+
+    a, b = start_echo_worker(procs, "pair"), start_echo_worker(procs, "pair")
+    state = str(tmp_path / "state")
+    seed_services(state, [{"name": "pair", "config": {"name": "pair"}}])
+    gw = start_gateway(procs, state)
+    for worker in (a, b):
+        admin(gw, "POST", "/admin/instances/pair", {
+            "instance": {"ip": "127.0.0.1", "port": worker.port, "weight": 100}, "ttl": 60})
+    instance_a = f"127.0.0.1:{a.port}"
+    answered = []
+    for _ in range(20):
+        status, body, _ = post(gw.url + "/api/predict/pair", b"x")
+        assert status == 200, body
+        answered.append(answered_by(body))
+        assert admin(gw, "POST", f"/admin/instances/pair/{instance_a}/heartbeat",
+                     {"ttl": 60})["ok"]
+    assert answered.count(a.port) == answered.count(b.port) == 10
+    assert all(x != y for x, y in zip(answered, answered[1:]))  # strictly in turns

@@ -49,7 +49,7 @@ class GatewayApp:
     # --- state -------------------------------------------------------------------------
     async def reload(self) -> None:
         services, instances = await self.store.snapshot()
-        self.table = RouteTable(services, instances, self.table.pools)
+        self.table = RouteTable(services, instances, self.table)
         for name, backend in self.table.backends.items():
             for pool in backend.pools:
                 metrics.instance_up(name, f"{pool.ip}:{pool.port}", pool.healthy)

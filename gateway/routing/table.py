@@ -3,9 +3,14 @@
 Everything a request needs is prepared here, once per change: the token, the
 compiled header rules, a smooth WRR picker over versions (traffic shares) and
 one over each version's instances. The request path only looks things up.
+
+A new table keeps every backend and route of the previous one whose inputs did
+not change (a worker's heartbeat changes none of them): their pickers go on
+with their smooth WRR cycles and the instances they marked down.
 """
 from __future__ import annotations
 
+import json
 import logging
 
 from .._native.picker import SmoothWeightedPicker
@@ -97,23 +102,51 @@ def _health_path(config: dict):
     return None if config.get("endpoints") else "/health"
 
 
+def _backend_inputs(record, instances) -> tuple:
+    """Everything a Backend is built from: equal inputs, equal backend."""
+    return (record.status, record.token, json.dumps(record.config, sort_keys=True, default=str),
+            tuple(_endpoint_list(record, instances)))
+
+
+def _route_inputs(record, backends: dict) -> tuple:
+    """Everything a Route is built from, its backends by identity."""
+    targets = set(record.traffic or {record.name: 100}) | {r.get("target") for r in record.rules}
+    return (record.token, json.dumps([record.traffic, record.rules,
+                                      (record.config.get("metadata") or {}).get("rate_limits")],
+                                     sort_keys=True, default=str),
+            tuple(sorted((t, id(backends.get(t))) for t in targets if isinstance(t, str))))
+
+
 class RouteTable:
-    def __init__(self, services: dict, instances: dict, pools: dict | None = None,
+    def __init__(self, services: dict, instances: dict, previous: "RouteTable | None" = None,
                  max_connections: int = 256):
         """services: name -> ServiceRecord; instances: name -> [InstanceRecord].
 
         Instances of a name without a service record are not routed: a deleted
         service must not come back, without its token, through a worker that
-        still heartbeats. `pools` carries the previous table's connection pools
-        so that a config change keeps the open upstream connections.
+        still heartbeats. `previous`, the table this one replaces, lends its
+        unchanged backends and routes (pickers and all) and its connection pools,
+        so that a change keeps the open upstream connections.
         """
-        old_pools = pools or {}
+        old_pools = previous.pools if previous is not None else {}
+        old_backends = previous.backends if previous is not None else {}
+        old_routes = previous.routes if previous is not None else {}
+        old_inputs = previous.inputs if previous is not None else {}
+        self.inputs: dict[tuple, tuple] = {}  # ("backend" | "route", name) -> its inputs
         self.pools: dict[tuple, InstancePool] = {}
         backends = {}
         for name, record in services.items():
             try:
-                backends[name] = self._backend(record, instances.get(name, []), old_pools,
-                                               max_connections)
+                inputs = _backend_inputs(record, instances.get(name, []))
+                old = old_backends.get(name)
+                if old is not None and old_inputs.get(("backend", name)) == inputs:
+                    backends[name] = old
+                    for pool in old.pools:
+                        self.pools[(pool.ip, pool.port)] = pool
+                else:
+                    backends[name] = self._backend(record, instances.get(name, []), old_pools,
+                                                   max_connections)
+                self.inputs[("backend", name)] = inputs
             except (ValueError, TypeError, AttributeError) as exc:
                 # Config is validated on save; a bad record still never takes others down.
                 log.error("service %s is not routed: %s", name, exc)
@@ -123,7 +156,14 @@ class RouteTable:
             if name not in backends or (record.linked_to and record.released):
                 continue  # a released blue-green service is reached through the original only
             try:
-                self.routes[name] = Route(record, backends)
+                inputs = _route_inputs(record, backends)
+                old = old_routes.get(name)
+                if old is not None and old_inputs.get(("route", name)) == inputs:
+                    old.record = record
+                    self.routes[name] = old
+                else:
+                    self.routes[name] = Route(record, backends)
+                self.inputs[("route", name)] = inputs
             except ValueError as exc:
                 log.error("service %s is not routed: %s", name, exc)
         for key, pool in old_pools.items():
