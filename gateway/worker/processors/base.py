@@ -19,9 +19,13 @@ class Call:
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys may be concatenated along dimension 0 (computed only
-        when batching: dtype.str formats a new string)."""
+        when batching)."""
+        feeds = self.feeds
+        if len(feeds) == 1:
+            for name, a in feeds.items():
+                return self.output_names, name, a.dtype, a.shape[1:]
         return (self.output_names,) + tuple(
-            (name, a.dtype.str, a.shape[1:]) for name, a in self.feeds.items())
+            (name, a.dtype, a.shape[1:]) for name, a in feeds.items())
 
 
 class Processor:
