@@ -1,6 +1,7 @@
 """`infergate worker`: serve one model instance."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -68,11 +69,9 @@ def run(args) -> int:
         device = args.device or ("cpu" if str(metadata.get("gpu", "")).strip() == "0" else "auto")
     except (ConfigError, json.JSONDecodeError) as exc:
         raise CliError(str(exc)) from None
-    try:
-        import onnxruntime  # noqa: F401 -- the worker's model runtime, from an extra
-    except ImportError:
+    if importlib.util.find_spec("onnxruntime") is None:  # the model runtime, from an extra
         raise CliError("onnxruntime is not installed: pip install 'infergate[cpu]', or "
-                       "'infergate[gpu]' for CUDA") from None
+                       "'infergate[gpu]' for CUDA")
     if processor != "python" and not args.model:
         raise CliError("--model is required")
     if args.model and not os.path.exists(args.model):
