@@ -8,6 +8,7 @@ and prints accuracy, latency percentiles and the traffic split observed.
 """
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import socket
@@ -94,9 +95,11 @@ def run(args) -> int:
     gateway = f"http://127.0.0.1:{port}"
     admin_token = secrets.token_urlsafe(16)
     print(f"starting a gateway on {gateway} (embedded store in {state})")
+    # The token goes in the environment: off the command line (which every local user
+    # can read), and a token starting with "-" is not taken for an option.
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli.main", "gateway", "--port",
-                             str(port), "--state-dir", state, "--admin-token", admin_token,
-                             "--log-level", "WARNING"])
+                             str(port), "--state-dir", state, "--log-level", "WARNING"],
+                            env=dict(os.environ, INFERGATE_ADMIN_TOKEN=admin_token))
     try:
         _wait_health(gateway, proc)
         admin = AdminClient(gateway, admin_token)
