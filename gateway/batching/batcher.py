@@ -304,12 +304,13 @@ class BatchingRunner:
             metrics.counts["in_flight"] += 1
         try:
             answer, rows = self.whole(body, *args)
-        except Exception as exc:
-            answer, rows = exc, 0
+        except Exception as exc:  # a bad request (400), or a model failure: no batch ran
+            answer, rows = exc, None
         with self.lock:
             self.inflight -= 1
             metrics.counts["in_flight"] -= 1
-            self._count([arrived], rows, rows, started)
+            if rows is not None:
+                self._count([arrived], rows, rows, started)
         try:
             self.loop.call_soon_threadsafe(_deliver, [(result, slot, answer)])
         except RuntimeError:  # the loop is closed: the worker has stopped
