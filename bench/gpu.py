@@ -1,7 +1,7 @@
 """bench/gpu: served req/s, p50 and p99 of a worker against raw ONNX Runtime on the same
 device, batching off and on, for an MLP and a convolutional net.
 
-    python -m bench gpu [-- --seconds 3 --clients 16,64 --client-procs 8 --threads 4]
+    python -m bench gpu [-- --seconds 3 --clients 16,64 --client-procs 8 --threads 4 --processes 1]
 
 Runs on whatever the worker picks (CUDA with onnxruntime-gpu and a device, the CPU
 otherwise) and says which. The models: MLP 784-2048-10, and resnet18 exported from
@@ -164,6 +164,8 @@ def worker_args(service: str, model: str | None, batching: bool, args) -> list[s
         cmd += ["--processor", "python", "--processor-entry", NULL_PROCESSOR]
     else:
         cmd += ["--model", model, "--processor", "tensorflow"]
+        if args.processes > 1:
+            cmd += ["--processes", str(args.processes)]
     if batching:
         cmd += ["--batching", "--max-batch-size", str(args.max_batch_size),
                 "--max-batch-timeout-ms", str(args.max_batch_timeout_ms)]
@@ -183,6 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", default="16,64")
     parser.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
     parser.add_argument("--threads", type=int, default=4, help="rpc.worker_threads")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="worker processes (--processes), each with its own session")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-batch-timeout-ms", type=int, default=5)
     parser.add_argument("--models", default="mlp,conv")
@@ -209,7 +213,8 @@ def main(argv=None) -> int:
                 stop(null)
             raw1, provider = raw_rate(path, shape, 1, args.seconds)
             raw_batch, _ = raw_rate(path, shape, args.max_batch_size, args.seconds)
-            print(f"{name}: {provider}; raw {raw1:,.0f} rows/s at batch 1, {raw_batch:,.0f} at "
+            print(f"{name}: {provider}, {args.processes} worker process(es); raw {raw1:,.0f} "
+                  f"rows/s at batch 1, {raw_batch:,.0f} at "
                   f"batch {args.max_batch_size}; load generator ceiling ({args.client_procs} "
                   f"processes, {max(clients)} connections, no model): {ceiling['rps']:,.0f} req/s",
                   flush=True)
