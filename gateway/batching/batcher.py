@@ -31,11 +31,12 @@ buffer.
 
 Answers. `submit(deadline, source, finish, *args)` returns a Future: of
 `finish(call, outputs, *args)` (the worker encodes its response there, on the
-batch's thread) or, without `finish`, of the outputs. `source` is a request body
+batch's thread) or, with `finish` None, of the outputs. `source` is a request body
 (decoded on the thread by the `decode` the batcher was given) or a `Call`. One
 `call_soon_threadsafe` hands all the answers of a thread's round back to the loop.
 
-Admission and deadlines. `rpc.max_queue_size` bounds the requests waiting in
+Admission and deadlines (gateway/worker/runner.py's InferenceThreads, as
+without batching). `rpc.max_queue_size` bounds the requests waiting in
 the queue (running ones do not count): one more raises QueueFull (450) at once.
 A request whose deadline (rpc.keepalive) passes gets DeadlineExceeded (408)
 right then, from the loop's deadline sweep: a waiting one leaves the queue and
@@ -61,8 +62,7 @@ import time
 
 import numpy as np
 
-from .._native.deadlines import Deadlines
-from ..worker.runner import DeadlineExceeded, QueueFull
+from ..worker.runner import InferenceThreads, deliver, resolve
 from . import metrics
 
 log = logging.getLogger("infergate.batching")
@@ -146,27 +146,17 @@ def _answer(item, outputs):
         return exc
 
 
-def _deliver(answers: list) -> None:
-    """On the loop: resolve the Futures of a thread's round."""
-    for result, slot, answer in answers:
-        slot.discard(result)  # its deadline no longer matters
-        if result.done():  # answered 408 meanwhile, or abandoned
-            continue
-        if isinstance(answer, BaseException):
-            result.set_exception(answer)
-        else:
-            result.set_result(answer)
+class BatchingRunner(InferenceThreads):
+    thread_name = "batch"
 
-
-class BatchingRunner:
     def __init__(self, model, settings, decode=None, whole=None):
+        super().__init__(settings.max_queue_size, settings.worker_threads)
         self.model = model
         self.settings = settings
         self.decode = decode  # request body -> Call, for submit() with a body
         self.whole = whole    # (body, *args) -> (answer, rows): a lone body run whole
         self.max_rows = max(1, int(settings.max_batch_size))
         self.window = max(0, int(settings.max_batch_timeout)) / 1000.0
-        self.max_queue = max(1, int(settings.max_queue_size))
         self.eager = not on_accelerator(model)
         self.pad_sizes = batch_sizes(settings, model)
         self.batch_sizes = self.pad_sizes or (1,)  # what warm-up runs
@@ -176,13 +166,6 @@ class BatchingRunner:
                         "dimension: requests will not be merged into batches")
             self.pad_sizes, self.batch_sizes = (), (1,)
         self._unmergeable: set = set()
-        self.jobs = queue.SimpleQueue()
-        # Requests not yet taken by a thread, by their Future. A thread claims one, and
-        # the loop withdraws one, with dict.pop: atomic under the GIL, so exactly one
-        # of them gets it.
-        self.queued: dict = {}
-        self.loop = None
-        self.deadlines = None
         self.lock = threading.Lock()  # the counters below, and the metrics, from the threads
         self.inflight = 0             # batches running on the model
         self.batches = 0
@@ -192,18 +175,7 @@ class BatchingRunner:
         self.merged_batches = 0       # batches of more than one request
         self.max_batch_requests = 0
         self.max_batch_rows = 0
-        self.rejected = 0             # QueueFull
-        self.expired_waiting = 0      # 408 while queued
-        self.expired_running = 0      # 408 while its batch ran
         self.split_reruns = 0         # merged batches re-run one request at a time
-        self.threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
-                        for i in range(max(1, int(settings.worker_threads)))]
-        for thread in self.threads:
-            thread.start()
-
-    @property
-    def waiting(self) -> int:
-        return len(self.queued)
 
     def stats(self) -> dict:
         return {name: getattr(self, name) for name in (
@@ -211,61 +183,23 @@ class BatchingRunner:
             "max_batch_requests", "max_batch_rows", "rejected", "expired_waiting",
             "expired_running", "split_reruns", "waiting", "inflight")}
 
-    def close(self) -> None:
-        """Let the threads finish the batches they were given, then stop them."""
-        for _ in self.threads:
-            self.jobs.put(None)
-        for thread in self.threads:
-            thread.join()
-
     # -- on the loop -------------------------------------------------------------------------
 
     def bind(self, loop) -> None:
-        """Serve submit() on `loop` (taken once: asyncio.get_running_loop() makes a
-        getpid() system call each time)."""
-        if self.loop is not loop:
-            if self.queued or self.inflight:
-                raise RuntimeError("a BatchingRunner serves one event loop at a time")
-            self.loop = loop
-            self.deadlines = Deadlines(loop, self._expire)
-
-    def submit(self, deadline: float, source, finish=None, *args):
-        """A Future of finish(call, outputs, *args) (of the outputs without `finish`) for a
-        request body or a Call, run in some batch; raises QueueFull or DeadlineExceeded
-        when it cannot queue."""
-        if len(self.queued) >= self.max_queue:
-            self.rejected += 1
-            raise QueueFull()
-        now = time.monotonic()
-        remaining = deadline - now
-        if remaining <= 0:
-            raise DeadlineExceeded()
-        loop = self.loop
-        result = loop.create_future()
-        self.queued[result] = True
-        slot = self.deadlines.add(result, loop.time() + remaining)
-        self.jobs.put((result, slot, source, finish, args, now))
-        return result
+        if self.loop is not loop and self.inflight:
+            raise RuntimeError("a BatchingRunner serves one event loop at a time")
+        super().bind(loop)
 
     async def infer(self, call, deadline: float) -> list:
         """Outputs for `call` on the running loop; if the caller is cancelled, its
         request leaves the queue at once."""
         self.bind(asyncio.get_running_loop())
-        result = self.submit(deadline, call)
+        result = self.submit(deadline, call, None)
         try:
             return await result
         finally:
             if result.cancelled():
                 self.queued.pop(result, None)
-
-    def _expire(self, result) -> None:
-        if result.done():
-            return
-        if self.queued.pop(result, None) is not None:
-            self.expired_waiting += 1
-        else:
-            self.expired_running += 1
-        result.set_exception(DeadlineExceeded())
 
     # -- on the batch threads ---------------------------------------------------------------
 
@@ -276,7 +210,7 @@ class BatchingRunner:
             if job is None:
                 return
             if self.whole is not None and not self.pad_sizes and self.jobs.empty() and \
-                    isinstance(job[2], bytes) and (self.eager or not self.inflight):
+                    isinstance(job[3][0], bytes) and (self.eager or not self.inflight):
                 self._run_whole(job)  # nothing to merge it with, nothing to pad it to
                 continue
             answers = []
@@ -286,17 +220,14 @@ class BatchingRunner:
             if items:
                 self._run_groups(items, answers)
             if answers:
-                try:
-                    self.loop.call_soon_threadsafe(_deliver, answers)
-                except RuntimeError:  # the loop is closed: the worker has stopped
-                    pass
+                self.post(deliver, answers)
             if stop:
                 return
 
     def _run_whole(self, job) -> None:
         """A lone request run from body to answer in one call, as without batching."""
-        result, slot, body, _, args, arrived = job
-        if self.queued.pop(result, None) is None or result.cancelled():
+        result, slot, arrived, (body, _, *args) = job
+        if not self.claim(result):
             return
         started = time.monotonic()
         with self.lock:
@@ -311,16 +242,13 @@ class BatchingRunner:
             metrics.counts["in_flight"] -= 1
             if rows is not None:
                 self._count([arrived], rows, rows, started)
-        try:
-            self.loop.call_soon_threadsafe(_deliver, [(result, slot, answer)])
-        except RuntimeError:  # the loop is closed: the worker has stopped
-            pass
+        self.post(resolve, result, slot, answer)
 
     def _take(self, job, items: list, answers: list) -> int:
         """Claim and decode one queued request into `items`; its rows (0 if it is gone)."""
-        result, slot, source, finish, args, arrived = job
-        if self.queued.pop(result, None) is None or result.cancelled():
-            return 0  # expired or abandoned while queued: nobody waits for it
+        result, slot, arrived, (source, finish, *args) = job
+        if not self.claim(result):
+            return 0
         try:
             call = self.decode(source) if isinstance(source, bytes) else source
             key = call.batch_key

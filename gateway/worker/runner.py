@@ -11,7 +11,9 @@ Admission control lives here: a job is refused with QueueFull (450) when
 rpc.max_queue_size jobs already wait for a thread, and its Future gets
 DeadlineExceeded (408) when rpc.keepalive passes before its result is ready.
 A job that expires or is abandoned (its Future cancelled) while queued leaves
-the queue's count at once, and no thread runs it.
+the queue's count at once, and no thread runs it. `InferenceThreads` holds all
+of this; the batcher (gateway/batching) runs its jobs differently on the same
+base.
 """
 from __future__ import annotations
 
@@ -31,69 +33,67 @@ class DeadlineExceeded(Exception):
     pass
 
 
-def _resolve(result, slot, value, exc) -> None:
+def resolve(result, slot, answer) -> None:
+    """On the loop: answer a job's Future with its value or exception."""
     slot.discard(result)  # its deadline no longer matters
     if result.done():  # expired or abandoned meanwhile
         return
-    if exc is not None:
-        result.set_exception(exc)
+    if isinstance(answer, BaseException):
+        result.set_exception(answer)
     else:
-        result.set_result(value)
+        result.set_result(answer)
 
 
-class ThreadedRunner:
-    def __init__(self, settings: RpcSettings):
-        self.settings = settings
+def deliver(answers: list) -> None:
+    """On the loop: resolve() each (Future, deadline slot, answer) of a round."""
+    for result, slot, answer in answers:
+        resolve(result, slot, answer)
+
+
+class InferenceThreads:
+    """Jobs for inference threads, with the admission both the runner and the batcher
+    apply: a Future per job, QueueFull and DeadlineExceeded at once, deadlines on
+    the loop's tick sweep, and exactly-once claiming. Subclasses run the jobs
+    (`_work`, on each of `thread_count` threads, started with the first job)."""
+
+    thread_name = "infer"
+
+    def __init__(self, max_queue: int, thread_count: int):
+        self.max_queue = max(1, int(max_queue))
+        self.thread_count = max(1, int(thread_count))
         self.jobs = queue.SimpleQueue()
-        # Jobs not yet taken by a thread, by their result future. A thread claims a
-        # job, and the loop withdraws one, with dict.pop: atomic under the GIL, so
-        # exactly one of them gets it.
+        # Jobs not yet taken by a thread, by their Future. A thread claims a job, and
+        # the loop withdraws one, with dict.pop: atomic under the GIL, so exactly one
+        # of them gets it.
         self.queued: dict = {}
         self.threads: list[threading.Thread] = []
         self.loop = None
         self.deadlines = None  # on the app's event loop, from bind()
+        self.rejected = 0          # QueueFull
+        self.expired_waiting = 0   # 408 while queued
+        self.expired_running = 0   # 408 while it ran
 
     def bind(self, loop) -> None:
-        """Serve calls from `loop` (taken once: asyncio.get_running_loop() makes a
+        """Serve submit() on `loop` (taken once: asyncio.get_running_loop() makes a
         getpid() system call each time)."""
-        self.loop = loop
-        self.deadlines = Deadlines(loop, self._expire)
+        if self.loop is not loop:
+            if self.queued:
+                raise RuntimeError("inference threads serve one event loop at a time")
+            self.loop = loop
+            self.deadlines = Deadlines(loop, self._expire)
 
     @property
     def waiting(self) -> int:
         return len(self.queued)
 
-    def deadline(self) -> float:
-        return time.monotonic() + self.settings.keepalive / 1000.0
-
-    def _expire(self, result) -> None:
-        self.queued.pop(result, None)
-        if not result.done():
-            result.set_exception(DeadlineExceeded())
-
-    def _work(self) -> None:
-        get, claim = self.jobs.get, self.queued.pop
-        while True:
-            job = get()
-            if job is None:
-                return
-            result, slot, fn, args = job
-            # Expired, or abandoned (cancelled) while queued: nobody waits for it.
-            if claim(result, None) is None or result.cancelled():
-                continue
-            try:
-                value = fn(*args)
-            except BaseException as exc:
-                self.loop.call_soon_threadsafe(_resolve, result, slot, None, exc)
-            else:
-                self.loop.call_soon_threadsafe(_resolve, result, slot, value, None)
-
-    def submit(self, deadline: float, fn, *args):
-        """A Future of fn(*args) run on an inference thread; raises QueueFull or
+    def submit(self, deadline: float, *job):
+        """A Future of what the threads make of `job`; raises QueueFull or
         DeadlineExceeded at once when the job cannot be taken."""
-        if len(self.queued) >= self.settings.max_queue_size:
+        if len(self.queued) >= self.max_queue:
+            self.rejected += 1
             raise QueueFull()
-        remaining = deadline - time.monotonic()
+        now = time.monotonic()
+        remaining = deadline - now
         if remaining <= 0:
             raise DeadlineExceeded()
         if not self.threads:
@@ -101,12 +101,37 @@ class ThreadedRunner:
         loop = self.loop
         result = loop.create_future()
         self.queued[result] = True
-        self.jobs.put((result, self.deadlines.add(result, loop.time() + remaining), fn, args))
+        self.jobs.put((result, self.deadlines.add(result, loop.time() + remaining), now, job))
         return result
 
+    def claim(self, result) -> bool:
+        """On a thread: take a queued job; False when it expired or was abandoned
+        (cancelled) while queued, and nobody waits for it."""
+        return self.queued.pop(result, None) is not None and not result.cancelled()
+
+    def post(self, fn, *args) -> None:
+        """On a thread: run fn(*args) on the loop (resolve or deliver)."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the worker has stopped, nobody waits
+            pass
+
+    def _expire(self, result) -> None:
+        if result.done():
+            return
+        if self.queued.pop(result, None) is not None:
+            self.expired_waiting += 1
+        else:
+            self.expired_running += 1
+        result.set_exception(DeadlineExceeded())
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
     def _start_threads(self) -> None:
-        for i in range(max(1, self.settings.worker_threads)):
-            thread = threading.Thread(target=self._work, name=f"infer-{i}", daemon=True)
+        for i in range(self.thread_count):
+            thread = threading.Thread(target=self._work, name=f"{self.thread_name}-{i}",
+                                      daemon=True)
             thread.start()
             self.threads.append(thread)
 
@@ -117,3 +142,29 @@ class ThreadedRunner:
         for thread in self.threads:
             thread.join()
         self.threads.clear()
+
+
+class ThreadedRunner(InferenceThreads):
+    """Runs submit(deadline, fn, *args) as fn(*args) on an inference thread."""
+
+    def __init__(self, settings: RpcSettings):
+        super().__init__(settings.max_queue_size, settings.worker_threads)
+        self.settings = settings
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.settings.keepalive / 1000.0
+
+    def _work(self) -> None:
+        get, claim, post = self.jobs.get, self.claim, self.post
+        while True:
+            item = get()
+            if item is None:
+                return
+            result, slot, _, job = item
+            if not claim(result):
+                continue
+            try:
+                answer = job[0](*job[1:])
+            except BaseException as exc:
+                answer = exc
+            post(resolve, result, slot, answer)
