@@ -102,6 +102,18 @@ def rpc_settings(metadata: dict | None, **overrides) -> RpcSettings:
     return RpcSettings(**values)
 
 
+def gpus_per_instance(metadata: dict | None) -> int | None:
+    """metadata.gpu: devices per instance (0: the CPU only), None when not set."""
+    value = (metadata or {}).get("gpu")
+    return None if value is None else _coerce("gpu", value, int, 0)
+
+
+def worker_processes(metadata: dict | None, override: int | None = None) -> int:
+    """Processes serving one worker's port: `override` (a flag), else metadata.processes."""
+    value = override if override is not None else (metadata or {}).get("processes", 1)
+    return _coerce("processes", value, int, 1)
+
+
 def provider_options(metadata: dict | None) -> dict:
     """metadata.onnxruntime: {"cuda": {option: value}, "tensorrt": {...} or true, "cpu": {...}}."""
     options = (metadata or {}).get("onnxruntime") or {}
@@ -179,8 +191,7 @@ def validate_service(config: dict) -> dict:
     for key in ("instance", "cpu", "gpu", "memory", "workers"):
         if key in metadata:
             _coerce(key, metadata[key], int, 0)
-    if "processes" in metadata:
-        _coerce("processes", metadata["processes"], int, 1)
+    worker_processes(metadata)
     if "onnxruntime" in metadata:
         provider_options(metadata)
     if "instance" in metadata and _coerce("instance", metadata["instance"], int, 0) > MAX_INSTANCES:

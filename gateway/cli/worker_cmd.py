@@ -5,7 +5,8 @@ import importlib.util
 import json
 import os
 
-from ..serviceconfig import ConfigError, processor_kind, provider_options, rpc_settings
+from ..serviceconfig import (ConfigError, gpus_per_instance, processor_kind, provider_options,
+                             rpc_settings, worker_processes)
 from .errors import CliError
 
 
@@ -63,10 +64,8 @@ def run(args) -> int:
                                 worker_threads=args.threads, batch_sizes=args.batch_sizes)
         processor = processor_kind(args.processor)
         options = provider_options(metadata)
-        processes = args.processes or metadata.get("processes", 1)
-        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
-            raise ConfigError(f"processes must be an integer of at least 1, got {processes!r}")
-        device = args.device or ("cpu" if str(metadata.get("gpu", "")).strip() == "0" else "auto")
+        processes = worker_processes(metadata, args.processes)
+        device = args.device or ("cpu" if gpus_per_instance(metadata) == 0 else "auto")
     except (ConfigError, json.JSONDecodeError) as exc:
         raise CliError(str(exc)) from None
     if importlib.util.find_spec("onnxruntime") is None:  # the model runtime, from an extra
@@ -93,14 +92,8 @@ def run(args) -> int:
 
     port_for_all = args.port
     if processes > 1 and not port_for_all:
-        port_for_all = _free_port(args.host)  # every process must listen on the same one
+        from ..control.launcher import free_port
+
+        port_for_all = free_port(args.host)  # every process must listen on the same one
     run_app(make_app, processes)
     return 0
-
-
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

@@ -61,6 +61,7 @@ import time
 
 from ..registry import CREATING, FAILED, RESTARTING, RUNNING, STOPPED, UPDATING, StoreError
 from ..routing.health import probe
+from ..serviceconfig import gpus_per_instance
 from .services import (ServiceError, ServiceOps, cached_model_spec, desired_instances, owner_of)
 
 log = logging.getLogger("infergate.launcher")
@@ -241,8 +242,8 @@ class DeviceAssigner:
     def assign(self, name: str, metadata: dict) -> str | None:
         """CUDA_VISIBLE_DEVICES for the next worker of service `name` ("" hides every
         device; None leaves the environment as it is)."""
-        wanted = metadata.get("gpu")
-        count = 1 if wanted is None else int(wanted)
+        wanted = gpus_per_instance(metadata)
+        count = 1 if wanted is None else wanted
         if count == 0:
             return ""
         if not self.gpus:

@@ -135,19 +135,19 @@ class WorkerApp:
     # -- on inference threads --------------------------------------------------------------
 
     def _run(self, body: bytes, started: float) -> Response:
-        return self._run_whole(body, started)[0]
+        return self._answer(self.processor.serve(body)[0], started)
 
     def _run_whole(self, body: bytes, started: float) -> tuple[Response, int]:
         """The response to one request run alone, and the rows it ran."""
         answer, rows = self.processor.serve(body)
-        metrics.observe(200, time.perf_counter() - started)
-        return Response(200, answer, None, self.processor.content_type), rows
+        return self._answer(answer, started), rows
 
     def _encode(self, call, outputs: list, started: float) -> Response:
-        response = Response(200, self.processor.encode(call, outputs), None,
-                            self.processor.content_type)
+        return self._answer(self.processor.encode(call, outputs), started)
+
+    def _answer(self, body: bytes, started: float) -> Response:
         metrics.observe(200, time.perf_counter() - started)
-        return response
+        return Response(200, body, None, self.processor.content_type)
 
     def _run_user(self, body: bytes, started: float) -> Response:
         answer, status = self.user.process(body)
