@@ -312,5 +312,6 @@ cdef class TFServe:
         answer = encode_response(names, self.run(feeds, names))
         if answer is None:
             return self.slow(body)
-        first = next(iter((<dict>feeds).values()))
-        return answer, (first.shape[0] if first.ndim else 1)
+        for first in (<dict>feeds).values():  # rows as Call counts them
+            return answer, (first.shape[0] if first.ndim else 1)
+        return answer, 1

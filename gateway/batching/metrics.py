@@ -1,4 +1,4 @@
-"""Prometheus metrics of the batcher: plain counters on the event loop, families at scrape time.
+"""Prometheus metrics of the batcher: plain counters, families built at scrape time.
 
 Everything here is updated by the batch threads under the batcher's one lock,
 once per batch, instead of a lock per metric and label as prometheus-client's
@@ -8,36 +8,12 @@ requests = rate(infergate_worker_batched_rows_total).
 """
 from __future__ import annotations
 
-from bisect import bisect_left
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 
-from prometheus_client.core import (REGISTRY, CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
+from ..worker.metrics import Histogram
 
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 WAITS = (.0001, .0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5)
-
-
-class Histogram:
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-
-    def observe(self, value) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
-        cumulative, buckets = 0, []
-        for bound, count in zip(self.bounds + (float("inf"),), self.counts):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
-        family = HistogramMetricFamily(name, documentation)
-        family.add_metric([], buckets, self.total)
-        return family
-
 
 BATCH_ROWS = Histogram(SIZES)
 BATCH_REQUESTS = Histogram(SIZES)
