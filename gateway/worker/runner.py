@@ -155,16 +155,20 @@ class ThreadedRunner(InferenceThreads):
         return time.monotonic() + self.settings.keepalive / 1000.0
 
     def _work(self) -> None:
-        get, claim, post = self.jobs.get, self.claim, self.post
+        # claim() and post() inlined: this loop is every unbatched request's hot path.
+        get, withdraw, loop = self.jobs.get, self.queued.pop, self.loop
         while True:
             item = get()
             if item is None:
                 return
             result, slot, _, job = item
-            if not claim(result):
-                continue
+            if withdraw(result, None) is None or result.cancelled():
+                continue  # expired or abandoned while queued: nobody waits for it
             try:
                 answer = job[0](*job[1:])
             except BaseException as exc:
                 answer = exc
-            post(resolve, result, slot, answer)
+            try:
+                loop.call_soon_threadsafe(resolve, result, slot, answer)
+            except RuntimeError:  # the loop is closed: the worker has stopped
+                pass
