@@ -374,15 +374,23 @@ def test_processes_serve_one_port_each_with_its_model(digits):
             children = [int(pid) for pid in f.read().split()]
         assert len(children) == 2
 
-        def sockets(pid):
-            return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-                       for fd in os.listdir(f"/proc/{pid}/fd"))
+        def owners(want):
+            """The processes holding the server side of the port's TCP sockets that
+            `want(remote port, state)` picks (from /proc/net/tcp and their fds)."""
+            inodes = set()
+            with open("/proc/net/tcp") as f:
+                next(f)
+                for fields in map(str.split, f):
+                    local, remote = (int(x.split(":")[1], 16) for x in fields[1:3])
+                    if local == port and want(remote, fields[3]):
+                        inodes.add(f"socket:[{fields[9]}]")
+            return {pid for pid in children for fd in os.listdir(f"/proc/{pid}/fd")
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes}
 
         deadline = time.monotonic() + 30  # /ready answered from one: wait for both to listen
-        while not all(sockets(pid) for pid in children):
+        while owners(lambda remote, state: state == "0A") != set(children):
             assert time.monotonic() < deadline, "a process never listened"
             time.sleep(0.05)
-        before = {pid: sockets(pid) for pid in children}
         predicted = []
         for i in range(24):  # kept open: each stays with the process that accepted it
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -392,7 +400,8 @@ def test_processes_serve_one_port_each_with_its_model(digits):
             response = conn.getresponse()
             assert response.status == 200
             predicted.append(int(tf_scores(response.read()).argmax()))
-        assert all(sockets(pid) > before[pid] for pid in children)  # both took connections
+        ours = {conn.sock.getsockname()[1] for conn in connections}
+        assert owners(lambda remote, state: remote in ours) == set(children)  # both took some
         assert np.mean(np.array(predicted) == y_test[:24]) >= 0.9
     finally:
         for conn in connections:
