@@ -246,3 +246,28 @@ def test_on_an_accelerator_a_partial_batch_waits_for_rows_while_another_runs():
     assert [rows for rows, _, _ in rec.runs] == [1, 4, 1, 8]  # B, C, D: 3 rows padded to 4
     for i, out in zip((0, 1, 2, 3, 0, 4), outs):
         np.testing.assert_array_equal(out[0], alone({"images": x[i]})[0])
+
+
+def test_on_an_accelerator_each_batch_size_runs_on_a_session_of_its_own():
+    """cuDNN keeps only the last input shape's plans per session, so a batching worker on
+    a GPU gives each padded size its own session (the smallest stays on the first, with
+    every unpadded shape). Driven on the CPU with a model that says it runs on CUDA: the
+    answers at every size equal a one-request run, and each size ran on its session."""
+    model = OnnxModel(str(DIGITS_MODEL))
+    model.provider = "CUDAExecutionProvider"
+    batcher = BatchingRunner(model, settings(max_batch_size=8, worker_threads=1))
+    assert model.batch_sessions == (2, 4, 8)
+    ran = []
+    for rows, run in list(model._run_by_rows.items()):
+        model._run_by_rows[rows] = lambda names, feeds, opts, run=run, rows=rows: (
+            ran.append(rows), run(names, feeds, opts))[1]
+    alone = reference(DIGITS_MODEL)
+    rng = np.random.default_rng(3)
+    try:
+        for rows in (1, 2, 3, 5, 8):
+            x = rng.random((rows, 784), dtype=np.float32)
+            got = run_async(lambda: batcher.infer(Call({"images": x}, ("scores",)), soon()))
+            np.testing.assert_array_equal(got[0], alone({"images": x})[0])
+    finally:
+        batcher.close()
+    assert ran == [2, 4, 8, 8]  # 3 rows padded to 4, 5 to 8; 1 row on the first session

@@ -25,7 +25,8 @@ Padding. With batch sizes set (`rpc.batch_sizes`; by default the powers of two
 up to max_batch_size when the model runs on an accelerator, none on the CPU), a
 batch's rows are padded with zeros up to the next size, so the execution
 provider sees a few shapes only (each compiled and warmed up once: see
-worker/warmup.py). Padded rows are cut off before anything is answered. The
+worker/warmup.py; on an accelerator each size runs on a session of its own,
+since cuDNN keeps only the last shape's plans: see worker/model.py). Padded rows are cut off before anything is answered. The
 requests' rows are copied once, on the batch's thread, straight into the batch
 buffer.
 
@@ -165,6 +166,8 @@ class BatchingRunner(InferenceThreads):
             log.warning("the model's signature has a scalar, an unknown shape or a fixed first "
                         "dimension: requests will not be merged into batches")
             self.pad_sizes, self.batch_sizes = (), (1,)
+        if self.pad_sizes and not self.eager and hasattr(model, "pin_batch_sizes"):
+            model.pin_batch_sizes(self.pad_sizes)  # each size keeps its own plans
         self._unmergeable: set = set()
         self.lock = threading.Lock()  # the counters below, and the metrics, from the threads
         self.inflight = 0             # batches running on the model

@@ -7,6 +7,14 @@ options: `{"cuda": {"cudnn_conv_algo_search": "HEURISTIC", ...}}`, and
 `"tensorrt": {...}` (or true) puts TensorRT first where onnxruntime has it. The
 model's declared inputs and outputs are the signature every request is checked
 against.
+
+On an accelerator a batching worker keeps one session per batch size
+(`pin_batch_sizes`). onnxruntime's CUDA convolutions keep the cuDNN plan of the
+last input shape they saw, per kernel: one session fed batches of 1, 2, 4 and
+8 rows in turn rebuilds every convolution's plan on each change, tens of
+milliseconds a batch (measured on an H200: resnet18 at 130 req/s batched
+against 2,300 unbatched). With a session per size each keeps its one shape,
+for the cost of one copy of the weights per size on the device.
 """
 from __future__ import annotations
 
@@ -104,9 +112,10 @@ class OnnxModel:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = choose_providers(ort.get_available_providers(), device, provider_options)
-        names = [name for name, _ in providers]
-        self.session = ort.InferenceSession(path, options, providers=names,
-                                            provider_options=[opts for _, opts in providers])
+        self.path = path
+        self._session_args = (options, [name for name, _ in providers],
+                              [opts for _, opts in providers])
+        self.session = self._new_session()
         self.provider = self.session.get_providers()[0]
         if device == "cuda" and self.provider == "CPUExecutionProvider":
             log.warning("model %s: CUDA was asked for but onnxruntime has %s; running on the CPU "
@@ -122,10 +131,34 @@ class OnnxModel:
                                      [s.shape for s in self.inputs], self._check_feeds)
         # The binding's run, without InferenceSession.run's Python checks (about 11 us a
         # call, as much as a small model's inference): check_feeds has done them.
-        binding = getattr(self.session, "_sess", None)
-        self._run = binding.run if hasattr(binding, "run") else self.session.run
+        self._run = self._binding_run(self.session)
+        self._run_by_rows: dict = {}  # batch size -> the run of its own session
         meta = self.session.get_modelmeta().custom_metadata_map
         self.signature_name = meta.get("signature_name", "serving_default")
+
+    def _new_session(self):
+        options, names, provider_options = self._session_args
+        return ort.InferenceSession(self.path, options, providers=names,
+                                    provider_options=provider_options)
+
+    @staticmethod
+    def _binding_run(session):
+        binding = getattr(session, "_sess", None)
+        return binding.run if hasattr(binding, "run") else session.run
+
+    def pin_batch_sizes(self, sizes) -> None:
+        """A session of its own for each batch size but the smallest (which, with every
+        other shape, stays on the first session): see the module's docstring."""
+        for rows in sorted(sizes)[1:]:
+            self._run_by_rows[rows] = self._binding_run(self._new_session())
+        if self._run_by_rows:
+            log.info("model %s: one session per batch size (%s) on %s", self.path,
+                     ",".join(map(str, sorted(sizes))), self.provider)
+
+    @property
+    def batch_sessions(self) -> tuple:
+        """The batch sizes that run on a session of their own."""
+        return tuple(self._run_by_rows)
 
     def signature(self) -> dict:
         return {"signature_name": self.signature_name,
@@ -172,7 +205,13 @@ class OnnxModel:
         return tuple(names) or self.output_names
 
     def run(self, feeds: dict, output_names: tuple) -> list:
+        run = self._run
+        if self._run_by_rows:
+            for array in feeds.values():
+                if array.ndim:
+                    run = self._run_by_rows.get(array.shape[0], run)
+                break
         try:
-            return self._run(list(output_names), feeds, None)
+            return run(list(output_names), feeds, None)
         except InvalidArgument as exc:  # shapes the declared signature let through
             raise BadInput(f"the model refused the input: {exc}") from None
