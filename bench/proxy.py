@@ -19,7 +19,7 @@ import tempfile
 
 from bench.procs import free_port, start, stop, wait_port
 from bench.worker import tf_body
-from bench.wrk import nanmedian, run_wrk, table
+from bench.wrk import nanmedian, rotated, run_wrk, table
 
 TOKEN = "bench-token"
 
@@ -110,8 +110,9 @@ def main(argv=None) -> None:
         results = {name: [] for name in cases}
         for url, headers in cases.values():  # warm-up
             run_wrk(url, body, args.connections, 1, headers=headers, cpu=1)
-        for _ in range(args.rounds):
-            for name, (url, headers) in cases.items():
+        for round_no in range(args.rounds):
+            for name in rotated(list(cases), round_no):
+                url, headers = cases[name]
                 results[name].append(run_wrk(url, body, args.connections, args.seconds,
                                              headers=headers, cpu=1))
     finally:

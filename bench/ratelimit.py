@@ -15,7 +15,8 @@ and, from a second gateway process started with
 INFERGATE_RATELIMIT_REDIS_CLIENT=redis-py, the global limit through
 redis.asyncio (the client Redis Cluster URLs use) against its own "plain".
 
-Cases run interleaved, round by round (wrk, 32 connections, a 1x784 TF body).
+Cases run interleaved, round by round, each round starting one case later
+(wrk, 32 connections, a 1x784 TF body).
 Gateways on CPU 0; wrk, nginx and redis-server on CPU 1. Two measures of
 the limiter's cost per request, from the medians over rounds:
 
@@ -39,7 +40,7 @@ import tempfile
 from bench.procs import free_port, start, stop, wait_port
 from bench.proxy import nginx_conf, start_nginx
 from bench.worker import tf_body
-from bench.wrk import nanmedian, run_wrk, table
+from bench.wrk import nanmedian, rotated, run_wrk, table
 
 HIGH = 1e9
 TICK = os.sysconf("SC_CLK_TCK")
@@ -125,8 +126,9 @@ def main(argv=None) -> None:
         results = {name: [] for name in cases}
         for target, _, _ in cases.values():  # warm-up: connections, script load, buckets
             run_wrk(target, body, args.connections, 1, cpu=1)
-        for _ in range(args.rounds):
-            for name, (target, pid, _) in cases.items():
+        for round_no in range(args.rounds):
+            for name in rotated(list(cases), round_no):
+                target, pid, _ = cases[name]
                 before = cpu_seconds(pid)
                 result = run_wrk(target, body, args.connections, args.seconds, cpu=1)
                 used = cpu_seconds(pid) - before

@@ -67,3 +67,10 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
     return "\n".join(lines)
+
+
+def rotated(names: list, round_no: int) -> list:
+    """The cases of one round, starting one later each round: no case always runs first,
+    or always right after the same other one (on a noisy machine both bias a ratio)."""
+    k = round_no % len(names)
+    return names[k:] + names[:k]

@@ -215,6 +215,31 @@ def test_redis_script_is_gcra_all_or_nothing(redis_server):
     asyncio.run(scenario())
 
 
+def test_redis_lease_takes_what_the_bucket_has(redis_server):
+    """A lease takes up to the tokens asked for in one step, as many as the GCRA state
+    has (at least one), and moves it exactly as that many single decisions would."""
+    import redis
+    from gateway.ratelimit.redis_limiter import GlobalLimiter
+
+    client = redis.Redis.from_url(redis_server.url)
+
+    async def scenario():
+        limiter = GlobalLimiter(redis_server.url)
+        slow = ("60000000.000000", "10.000000")   # 1/min, burst 10: no refill meanwhile
+        assert await limiter.lease("l:a", slow, 4) == [4, 6]
+        tat = float(client.get("l:a"))
+        assert await limiter.lease("l:a", slow, 4) == [4, 2]
+        assert float(client.get("l:a")) == pytest.approx(tat + 4 * 60e6, abs=1e6)
+        assert await limiter.lease("l:a", slow, 4) == [2, 0]  # what is left
+        refused = await limiter.lease("l:a", slow, 4)
+        assert refused[0] == 0 and 55e6 < refused[1] <= 60e6  # a minute to the next token
+        # The single-decision script sees the same state: nothing left.
+        assert (await limiter.decide(["l:a"], [slow]))[0] == 0
+        await limiter.close()
+
+    asyncio.run(scenario())
+
+
 def test_stalled_redis_is_skipped_then_used_again(redis_server):
     """A Redis that accepts but does not answer costs one short timeout, then is skipped."""
     import redis
@@ -380,6 +405,43 @@ def test_global_limit_accuracy_one_and_two_gateways(procs, redis_server):
     assert_about_600(results, "global, two gateways")
     for gw in (gw1, gw2):
         assert "unreachable" not in gw.output()  # decided on Redis, never by the fallback
+
+
+def test_fast_global_limit_is_leased_and_stays_accurate_across_gateways(procs, redis_server):
+    """A limit fast enough for leases (400/s: up to 4 tokens per lease) is taken from
+    Redis several tokens at a time: under the limit, two gateways ask Redis far less often
+    than requests pass; over it, together they still pass burst + rate * t within 5%."""
+    import redis
+
+    w = start_echo_worker(procs)
+    fast = {"key": "service", "rate": 400, "burst": 400, "scope": "global"}
+    seed_redis(redis_server.url, [service("fast", w, [fast])])
+    gw1 = start_redis_gateway(procs, redis_server.url)
+    gw2 = start_redis_gateway(procs, redis_server.url)
+    client = redis.Redis.from_url(redis_server.url)
+    for gw in (gw1, gw2):
+        wait_for_route(gw, "/api/predict/fast")
+
+    def script_calls():
+        stats = client.info("commandstats")
+        return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0)
+                   for name in ("evalsha", "eval"))
+
+    before = script_calls()
+    under = load([(gw1.port, "/api/predict/fast", None), (gw2.port, "/api/predict/fast", None)],
+                 2.0, per_thread_rps=120)
+    calls = script_calls() - before
+    assert {status for _, status in under} == {200} and len(under) > 300, len(under)
+    assert calls < len(under) / 2, (calls, len(under))  # several passes per round trip
+    time.sleep(1.2)  # the bucket is full again
+    over = load([(gw1.port, "/api/predict/fast", None), (gw2.port, "/api/predict/fast", None)]
+                * 2, 5.0)
+    ok = accepted(over, 5.0)
+    assert {status for _, status in over} <= {200, 429}
+    assert len(over) > 3000, len(over)  # well over the limit
+    print(f"leased global: {calls} round trips for {len(under)} passes under the limit; "
+          f"{ok} accepted of {len(over)} in 5 s over it")
+    assert 2280 <= ok <= 2520, f"{ok} accepted in 5 s, want 400 + 400 * 5 = 2400 +- 5%"
 
 
 def test_per_key_isolation_and_headers(procs, tmp_path):

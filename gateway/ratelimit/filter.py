@@ -35,6 +35,17 @@ Redis script decides all global limits of a request at once). Refused: 429,
 carry ``X-RateLimit-Limit`` / ``X-RateLimit-Remaining`` of their tightest
 limit (Remaining: whole requests that could be sent at once right now).
 
+Global limits in leases. A global limit fast enough (rate * 10 ms >= 2 tokens)
+is not asked of Redis per request: each gateway takes a lease of several tokens
+of a key at once (one script call: up to rate * 10 ms of tokens, as many as the
+GCRA state has) and hands them out locally, asking for the next lease when half
+is gone, so a request waits for Redis only when its gateway's lease is empty.
+A lease grows while it runs dry and shrinks when it lapses (1 s unused).
+Accuracy: every token passed was taken from Redis first, so the limit is never
+exceeded by more than what the leases hold (at most 1.5 * rate * 10 ms per
+gateway); the tokens a gateway holds and does not use are refused to the
+others, as little. Slower limits keep one decision per request, exact.
+
 Why 503 and not 429 when Redis is down and a limit fails closed: 429 says
 *the client* went over its quota, which is not known; the gateway cannot
 decide, a server-side fault, and 503 (with ``Retry-After: 1``, the time the
@@ -43,6 +54,7 @@ already treat as "temporarily unavailable, try again".
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -51,13 +63,15 @@ import re
 from dataclasses import dataclass
 
 from ..server import error_response
-from .local import DEFAULT_MAX_KEYS, TokenBuckets, retry_after
+from .local import DEFAULT_MAX_KEYS, TokenBuckets, monotonic, retry_after
 from .redis_limiter import GlobalLimiter, RedisUnavailable
 
 log = logging.getLogger("infergate.ratelimit")
 
 MAX_RATE = 1e9
 MAX_KEY_CHARS = 64  # longer header values are tracked by their digest
+LEASE_S = 0.01      # a lease holds at most this much of a limit's rate (rate * 10 ms) ...
+LEASE_TTL_S = 1.0   # ... and lapses this long after its last grant if unused
 SCOPES = ("local", "global")
 ON_REDIS_ERROR = ("open", "closed")
 FIELDS = ("key", "rate", "burst", "scope", "on_redis_error")
@@ -179,7 +193,7 @@ class Limit:
     """One limit of one service, with its bucket state (kept while the spec does not change)."""
 
     __slots__ = ("service", "spec", "kind", "header", "rate", "buckets", "limit_text",
-                 "redis_base", "redis_args", "what", "_token")
+                 "redis_base", "redis_args", "what", "_token", "lease_cap", "leases", "max_keys")
 
     def __init__(self, service: str, spec: LimitSpec, max_keys: int, redis_prefix: str | None):
         self.service = service
@@ -190,11 +204,14 @@ class Limit:
         # Local scope: the buckets. Global scope: the fallback while Redis is unreachable
         # (or the limit itself where there is no Redis).
         self.buckets = TokenBuckets(spec.rate, spec.burst, max_keys)
+        self.max_keys = max_keys
         self.limit_text = f"{spec.rate:g}"
         self.what = f"{spec.rate:g} requests/s"
         self.redis_base = None
         self.redis_args = None
         self._token = (None, "")
+        self.lease_cap = 0   # the most tokens one lease takes; 0: every request asks Redis
+        self.leases: dict = {}
         if redis_prefix is not None:
             tag = service.replace("{", "_").replace("}", "_")
             ident = f"header:{self.header}" if self.header else spec.key
@@ -203,6 +220,16 @@ class Limit:
             # as local ones do, and the old keys expire by themselves.
             self.redis_base = f"{redis_prefix}rl:{{{tag}}}:{spec.rate:g}:{spec.burst:g}:{ident}:"
             self.redis_args = (f"{1e6 / spec.rate:.6f}", f"{spec.burst:.6f}")
+            cap = int(min(spec.rate * LEASE_S, spec.burst))
+            self.lease_cap = cap if cap >= 2 else 0
+
+    def lease_of(self, key: str) -> "Lease":
+        lease = self.leases.get(key)
+        if lease is None:
+            if len(self.leases) >= self.max_keys:  # forget the oldest key
+                del self.leases[next(iter(self.leases))]
+            lease = self.leases[key] = Lease()
+        return lease
 
     def key_of(self, ex) -> str:
         kind = self.kind
@@ -244,20 +271,40 @@ class Limit:
         return self.redis_base + key
 
 
+class Lease:
+    """Tokens of one key of a global limit, taken from Redis ahead of the requests."""
+
+    __slots__ = ("tokens", "expires", "want", "remaining", "refill", "wait", "error")
+
+    def __init__(self):
+        self.tokens = 0          # left to hand out, until `expires`
+        self.expires = 0.0
+        self.want = 1            # the size of the next ask (doubles while leases run dry)
+        self.remaining = 0       # what Redis had left after the last grant
+        self.refill = None       # the Task asking Redis for more, while one is out
+        self.wait = 0.0          # Redis refused the last ask: seconds to its next token
+        self.error = None        # RedisUnavailable from the last ask
+
+    def refund(self, key) -> None:
+        self.tokens += 1
+
+
 class Compiled:
-    __slots__ = ("route", "local", "remote", "closed")
+    __slots__ = ("route", "local", "remote", "leased", "direct", "closed")
 
     def __init__(self, route, local, remote):
         self.route = route
         self.local = local        # limits decided in this process
-        self.remote = remote      # global limits decided by the Redis script
+        self.remote = remote      # global limits, decided on Redis:
+        self.leased = [lim for lim in remote if lim.lease_cap]      # from leases
+        self.direct = [lim for lim in remote if not lim.lease_cap]  # one script per request
         self.closed = [lim for lim in remote if lim.spec.on_redis_error == "closed"]
 
 
 def _refund(taken) -> None:
     """Give back the tokens a refused request took from other limits."""
-    for lim, key in taken:
-        lim.buckets.refund(key)
+    for holder, key in taken:
+        holder.refund(key)
 
 
 def _take_local(ex, limits, taken, best):
@@ -268,7 +315,7 @@ def _take_local(ex, limits, taken, best):
         if left < 0:
             _refund(taken)
             return _too_many(*lim.refuse(key, -left), ex), best
-        taken.append((lim, key))
+        taken.append((lim.buckets, key))
         if best is None or left < best[0]:
             best = (left, lim)
     return None, best
@@ -378,39 +425,109 @@ class RateLimitFilter:
         if refused is not None:
             return refused
         if c.remote:
-            if self.redis.available():
-                return self._remote(ex, c, taken, best)
-            return self._redis_down(ex, c, taken, best)
+            if not self.redis.available():
+                return self._redis_down(ex, c, taken)
+            short = None
+            if c.leased:
+                now = monotonic()
+                for lim in c.leased:
+                    key = lim.key_of(ex)
+                    lease = lim.lease_of(key)
+                    if lease.tokens > 0 and now < lease.expires:
+                        lease.tokens -= 1
+                        taken.append((lease, key))
+                        if lease.tokens * 2 < lease.want and lease.refill is None:
+                            self._ask(lim, key, lease, now)  # ahead of need
+                        left = lease.remaining + lease.tokens
+                        if best is None or left < best[0]:
+                            best = (left, lim)
+                    elif short is None:
+                        short = [(lim, key, lease)]
+                    else:
+                        short.append((lim, key, lease))
+            if short is not None or c.direct:
+                return self._remote(ex, c, taken, best, short)
         if best is not None:
             _announce(ex, best)
         return None
 
-    async def _remote(self, ex, c: Compiled, taken, best):
-        keys = [lim.key_of(ex) for lim in c.remote]
+    def _ask(self, lim: Limit, key: str, lease: Lease, now: float) -> None:
+        """Ask Redis for the next lease of `key`, sized by how fast the last one went."""
+        if now < lease.expires:       # ran low before it lapsed: ask for more
+            lease.want = min(lim.lease_cap, lease.want * 2)
+        elif lease.tokens:            # lapsed with tokens unused: ask for fewer
+            lease.want = max(1, lease.want // 2)
+            lease.tokens = 0
+        lease.wait = 0.0
+        lease.refill = asyncio.get_running_loop().create_task(self._refill(lim, key, lease))
+
+    async def _refill(self, lim: Limit, key: str, lease: Lease) -> None:
         try:
-            reply = await self.redis.decide([lim.redis_key(k) for lim, k in zip(c.remote, keys)],
-                                            [lim.redis_args for lim in c.remote])
-        except RedisUnavailable:
-            return self._redis_down(ex, c, taken, best)
-        if reply[0] != 1:
-            _refund(taken)
-            index = reply[1] - 1
-            return _too_many(*c.remote[index].refuse(keys[index], reply[2] / 1e6), ex)
-        for lim, left in zip(c.remote, reply[1:]):
-            if best is None or left < best[0]:
-                best = (left, lim)
+            reply = await self.redis.lease(lim.redis_key(key), lim.redis_args, lease.want)
+        except RedisUnavailable as exc:
+            lease.error = exc
+            return
+        finally:
+            lease.refill = None
+        lease.error = None
+        if reply[0] > 0:
+            now = monotonic()
+            if now >= lease.expires:
+                lease.tokens = 0
+            lease.tokens += reply[0]
+            lease.expires = now + LEASE_TTL_S
+            lease.remaining = reply[1]
+        else:
+            lease.wait = reply[1] / 1e6
+
+    async def _remote(self, ex, c: Compiled, taken, best, short):
+        for lim, key, lease in short or ():
+            for _ in range(3):  # tokens granted to others waiting alongside: ask again
+                if lease.refill is None:
+                    self._ask(lim, key, lease, monotonic())
+                await asyncio.shield(lease.refill)
+                if lease.error is not None:
+                    return self._redis_down(ex, c, taken)
+                if lease.tokens > 0 and monotonic() < lease.expires:
+                    lease.tokens -= 1
+                    taken.append((lease, key))
+                    left = lease.remaining + lease.tokens
+                    if best is None or left < best[0]:
+                        best = (left, lim)
+                    break
+                if lease.wait > 0:
+                    _refund(taken)
+                    return _too_many(*lim.refuse(key, lease.wait), ex)
+            else:
+                _refund(taken)
+                return _too_many(*lim.refuse(key, 1.0 / lim.rate), ex)
+        if c.direct:
+            keys = [lim.key_of(ex) for lim in c.direct]
+            try:
+                reply = await self.redis.decide(
+                    [lim.redis_key(k) for lim, k in zip(c.direct, keys)],
+                    [lim.redis_args for lim in c.direct])
+            except RedisUnavailable:
+                return self._redis_down(ex, c, taken)
+            if reply[0] != 1:
+                _refund(taken)
+                index = reply[1] - 1
+                return _too_many(*c.direct[index].refuse(keys[index], reply[2] / 1e6), ex)
+            for lim, left in zip(c.direct, reply[1:]):
+                if best is None or left < best[0]:
+                    best = (left, lim)
         _announce(ex, best)
         return None
 
-    def _redis_down(self, ex, c: Compiled, taken, best):
+    def _redis_down(self, ex, c: Compiled, taken):
+        _refund(taken)  # decided again, here and now
         if c.closed:
-            _refund(taken)
             return error_response(
                 503, f"rate limits of service {ex.service!r} cannot be checked: their Redis "
                      f"({self.redis.where}) is unreachable and the limit is set to fail closed "
                      f"(on_redis_error: closed)", [("Retry-After", "1")])
         # Fail open: each gateway applies the limits with its own buckets until Redis is back.
-        refused, best = _take_local(ex, c.remote, taken, best)
+        refused, best = _take_local(ex, c.local + c.remote, [], None)
         if refused is not None:
             return refused
         _announce(ex, best)

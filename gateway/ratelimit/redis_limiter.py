@@ -5,8 +5,10 @@ The script is GCRA (the generic cell rate algorithm: one number per key, the
 same rate and burst accepts; time is Redis's own clock (``TIME``), so gateways
 with skewed clocks agree. Every global limit of a request is decided by one
 EVALSHA, all or nothing: a request refused by one limit takes nothing from
-the others. One round trip per request; the script is loaded with a pipelined
-SCRIPT LOAD when a connection opens (EVAL if Redis lost it meanwhile).
+the others. A limit fast enough to be worth it is taken from Redis in leases
+instead (``lease``: several tokens of one key at once, see filter.py), so
+most requests never wait for Redis. The scripts are loaded with a pipelined
+SCRIPT LOAD when a connection opens (EVAL if Redis lost them meanwhile).
 
 Keys: ``<prefix>rl:{<service>}:<rate>:<burst>:<key kind>:<value>`` (prefix
 ``infergate:`` or the registry URL's ``?prefix=``); the hash tag keeps one
@@ -78,6 +80,25 @@ return out
 """
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 
+# A lease: up to ARGV[3] tokens of one limit at once (as many as it has, at least one).
+# KEYS[1], ARGV[1], ARGV[2] as above -> {granted, remaining} | {0, wait_us}
+LEASE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local room = math.floor((now + burst * interval - tat + 0.001) / interval)
+if room < 1 then return {0, math.ceil(tat + interval - burst * interval - now)} end
+local n = math.min(tonumber(ARGV[3]), room)
+tat = tat + n * interval
+redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+return {n, math.floor(burst - (tat - now) / interval + 1e-6)}
+"""
+LEASE_SHA = hashlib.sha1(LEASE_SCRIPT.encode()).hexdigest()
+_SOURCES = {SHA: SCRIPT, LEASE_SHA: LEASE_SCRIPT}
+
 
 class RedisUnavailable(Exception):
     """Redis could not decide (down, slow, refusing): apply on_redis_error."""
@@ -123,8 +144,15 @@ class GlobalLimiter:
 
     async def decide(self, keys: list[str], args: list[tuple[str, str]]) -> list[int]:
         """The script's reply for these keys and (interval_us, burst) pairs."""
+        return await self._eval(SHA, keys, args)
+
+    async def lease(self, key: str, args: tuple[str, str], want: int) -> list[int]:
+        """Up to `want` tokens of one limit: [granted, remaining] or [0, wait_us]."""
+        return await self._eval(LEASE_SHA, [key], [args + (str(want),)])
+
+    async def _eval(self, sha: str, keys: list[str], args: list[tuple]) -> list[int]:
         try:
-            reply = await self._backend.evalsha(keys, args)
+            reply = await self._backend.evalsha(keys, args, sha)
         except RedisUnavailable as exc:
             self._failed(exc)
             raise
@@ -197,8 +225,9 @@ class PipelinedRedis:
         if int(params.get("db") or 0):
             handshake.append(command("SELECT", int(params["db"])))
         handshake.append(command("SCRIPT", "LOAD", SCRIPT))
+        handshake.append(command("SCRIPT", "LOAD", LEASE_SCRIPT))
         self._handshake = handshake
-        self._heads: dict[int, bytes] = {}
+        self._heads: dict[tuple, bytes] = {}
         self._args: dict[tuple, bytes] = {}
         self._proto: _Protocol | None = None
         self._opening: asyncio.Future | None = None
@@ -211,12 +240,13 @@ class PipelinedRedis:
         self._closed = False
 
     # --- requests -----------------------------------------------------------------------
-    def _encode(self, keys, args) -> bytes:
+    def _encode(self, keys, args, sha) -> bytes:
         n = len(keys)
-        head = self._heads.get(n)
+        head = self._heads.get((sha, n))
         if head is None:
-            head = self._heads[n] = (b"*%d\r\n" % (3 + 3 * n) + _bulk(b"EVALSHA") +
-                                     _bulk(SHA.encode()) + _bulk(str(n).encode()))
+            width = 3 + n + sum(len(pair) for pair in args)
+            head = self._heads[(sha, n)] = (b"*%d\r\n" % width + _bulk(b"EVALSHA") +
+                                            _bulk(sha.encode()) + _bulk(str(n).encode()))
         parts = [head]
         for key in keys:
             kb = key.encode("utf-8", "surrogateescape")
@@ -228,14 +258,14 @@ class PipelinedRedis:
             parts.append(blob)
         return b"".join(parts)
 
-    async def evalsha(self, keys, args):
+    async def evalsha(self, keys, args, sha=SHA):
         if self._proto is None:
             if self._closed:
                 raise RedisUnavailable("the limiter is closed")
             await self._open()
             if self._proto is None:
                 raise RedisUnavailable("connection setup failed")
-        reply = await self._send(self._encode(keys, args))
+        reply = await self._send(self._encode(keys, args, sha))
         if type(reply) is list:
             return reply
         if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
@@ -243,7 +273,7 @@ class PipelinedRedis:
             if self._proto is None:
                 raise RedisUnavailable("connection lost")
             flat = [a for pair in args for a in pair]
-            reply = await self._send(command("EVAL", SCRIPT, len(keys), *keys, *flat))
+            reply = await self._send(command("EVAL", _SOURCES[sha], len(keys), *keys, *flat))
             if type(reply) is list:
                 return reply
         why = f"redis answered {reply!r}"
@@ -387,13 +417,13 @@ class RedisPyBackend:
         else:
             self.client = aredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **common)
 
-    async def evalsha(self, keys, args):
+    async def evalsha(self, keys, args, sha=SHA):
         flat = [a for pair in args for a in pair]
         try:
             try:
-                return await self.client.evalsha(SHA, len(keys), *keys, *flat)
+                return await self.client.evalsha(sha, len(keys), *keys, *flat)
             except self._noscript:
-                return await self.client.eval(SCRIPT, len(keys), *keys, *flat)
+                return await self.client.eval(_SOURCES[sha], len(keys), *keys, *flat)
         except self._errors as exc:
             raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from None
 
