@@ -1,20 +1,23 @@
 # cython: language_level=3
 """The gateway's filter chain, compiled: one Exchange per request, filters over it.
 
-A filter is a callable taking the Exchange and returning None (go on), a
-Response (answer now) or an awaitable (a filter that must wait, such as a
-global rate limit; the chain's Python side finishes those). The last step
-forwards to an instance (csrc/forward.pyx). Route, auth and version choice are
-compiled here; other filters (rate limits) are plain Python callables.
+A filter (the contract: gateway/proxy/filter.py) takes the Exchange and
+returns None (go on), a Response (answer now) or an awaitable (a filter that
+must wait, such as a global rate limit when its lease is empty). The chain
+owns the iteration: on an awaitable it pauses, and resumes with the next
+filter once the awaitable gives None (Envoy's filter manager does the same).
+The last step forwards to an instance (csrc/forward.pyx). Route, auth and
+version choice are compiled here; other filters (rate limits) are Python.
+
+This module imports nothing above the compiled core: what it needs from the
+Python side (checking a token, recording metrics) is handed in.
 """
 import asyncio
 import os
 import time
 
-from gateway import auth
 from gateway._native.forward import Forwarding, forwarding_deadlines
 from gateway._native.httpcore import Response, error_response
-from gateway.proxy import metrics
 
 cdef str PREDICT = "/api/predict/"
 # Request ids: a random per-process prefix and a counter (uuid4 costs more per request).
@@ -22,7 +25,6 @@ cdef str _ID_PREFIX = os.urandom(8).hex()
 cdef unsigned long long _id_counter = 0
 cdef object _perf_counter = time.perf_counter
 cdef object _get_running_loop = asyncio.get_running_loop
-cdef object _observe = metrics.observe
 
 
 cdef class Exchange:
@@ -69,14 +71,20 @@ cdef class RouteFilter:
 
 
 cdef class AuthFilter:
-    """The service's token, raw or as an EAS signature."""
+    """The service's token, raw or as an EAS signature: `verify(headers, method, path, body,
+    token, service)` gives the reason to refuse, or None."""
+
+    cdef object verify
+
+    def __init__(self, verify):
+        self.verify = verify
 
     def __call__(self, Exchange ex):
         token = ex.route.token
         if not token:
             return None
         request = ex.request
-        reason = auth.verify(request.headers, request.method, request.path, request.body,
+        reason = self.verify(request.headers, request.method, request.path, request.body,
                              token, ex.service)
         return error_response(401, reason) if reason else None
 
@@ -94,47 +102,22 @@ cdef class VersionFilter:
         return None
 
 
-cpdef object finish_exchange(Exchange ex, response):
-    """Last touch on every answer: the request id (and filters' headers), and metrics."""
-    cdef list lines = ["X-Request-Id: ", ex.request_id, "\r\n"]
-    for name, value in ex.response_headers:
-        lines += [name, ": ", value, "\r\n"]
-    cdef bytes added = "".join(lines).encode("latin-1")
-    headers = response.headers
-    if headers is None:
-        response.headers = added
-    elif isinstance(headers, bytes):
-        response.headers = headers + added
-    else:
-        response.headers = b"".join(
-            [f"{n}: {v}\r\n".encode("latin-1") for n, v in headers]) + added
-    _observe(ex.service if ex.route is not None else "_unknown",
-             ex.backend.name if ex.backend is not None else "", response.status,
-             _perf_counter() - ex.started, len(ex.request.body), len(response.body))
-    return response
-
-
-cpdef object forward(Exchange ex, deadlines):
-    """The upstream's answer as a Future, or a Response at once when nothing can take it."""
-    backend = ex.backend
-    if not backend.pools:
-        state = "stopped" if backend.status == "Stopped" else "has no instances"
-        return finish_exchange(ex, error_response(503, f"service {backend.name!r} {state}"))
-    return Forwarding(ex, deadlines, finish_exchange).start()
-
-
 cdef class Chain:
-    """Runs the filters in order over a new Exchange; the first answer wins."""
+    """Runs the filters in order over a new Exchange; the first answer wins.
+
+    `observe(service, version, status, seconds, bytes_in, bytes_out)` records each
+    answer; `retried(service, reason)` each retry on another instance."""
 
     cdef readonly list filters
-    cdef object resume  # (ex, awaitable, position) -> coroutine: the chain after a wait
+    cdef object observe, retried
     # The deadlines of its forwardings, on the loop the chain runs on, made on the first
     # request: asyncio.get_running_loop() makes a getpid() system call each time.
     cdef readonly object deadlines
 
-    def __init__(self, list filters, resume):
+    def __init__(self, list filters, observe, retried):
         self.filters = filters
-        self.resume = resume
+        self.observe = observe
+        self.retried = retried
         self.deadlines = None
 
     cpdef object run(self, request):
@@ -150,6 +133,51 @@ cdef class Chain:
             response = self.filters[position](ex)
             if response is not None:
                 if isinstance(response, Response):
-                    return finish_exchange(ex, response)
-                return self.resume(ex, response, position)
-        return forward(ex, self.deadlines)
+                    return self.finish(ex, response)
+                return _resume(self, ex, response, position)
+        return self.forward(ex)
+
+    cpdef object finish(self, Exchange ex, response):
+        """Last touch on every answer: the request id (and filters' headers), and metrics."""
+        cdef list lines = ["X-Request-Id: ", ex.request_id, "\r\n"]
+        for name, value in ex.response_headers:
+            lines += [name, ": ", value, "\r\n"]
+        cdef bytes added = "".join(lines).encode("latin-1")
+        headers = response.headers
+        if headers is None:
+            response.headers = added
+        elif isinstance(headers, bytes):
+            response.headers = headers + added
+        else:
+            response.headers = b"".join(
+                [f"{n}: {v}\r\n".encode("latin-1") for n, v in headers]) + added
+        self.observe(ex.service if ex.route is not None else "_unknown",
+                     ex.backend.name if ex.backend is not None else "", response.status,
+                     _perf_counter() - ex.started, len(ex.request.body), len(response.body))
+        return response
+
+    cpdef object forward(self, Exchange ex):
+        """The upstream's answer as a Future, or a Response at once when nothing can take it."""
+        backend = ex.backend
+        if not backend.pools:
+            state = "stopped" if backend.status == "Stopped" else "has no instances"
+            return self.finish(ex, error_response(503, f"service {backend.name!r} {state}"))
+        return Forwarding(ex, self.deadlines, self.finish, self.retried).start()
+
+
+async def _resume(Chain chain, Exchange ex, pending, Py_ssize_t position):
+    """The rest of the chain after a filter paused it: from the next filter on, once the
+    paused one lets the request go on."""
+    response = await pending
+    cdef list filters = chain.filters
+    while response is None:
+        position += 1
+        if position == len(filters):
+            break
+        response = filters[position](ex)
+        if response is not None and not isinstance(response, Response):
+            response = await response
+    if response is not None:
+        return chain.finish(ex, response)
+    result = chain.forward(ex)
+    return result if isinstance(result, Response) else await result

@@ -11,7 +11,6 @@ import asyncio
 from gateway._native.deadlines import Deadlines
 from gateway._native.httpcore import Response, error_response
 from gateway._native.proxy_head import finish_request, request_head, response_headers
-from gateway.proxy import metrics
 
 cdef int MAX_TRIES = 3
 
@@ -26,15 +25,16 @@ def forwarding_deadlines(loop):
 
 
 cdef class Forwarding:
-    cdef object ex, backend, picker, head, future, conn, pool, loop, on_finish
+    cdef object ex, backend, picker, head, future, conn, pool, loop, on_finish, on_retry
     cdef set deadline_slot  # where the deadline sweep finds this request until it is done
     cdef object failed_answer, failed_transport  # an instance's own 5xx beats a connect error
     cdef tuple tried  # indexes already tried: a retry never repeats one
     cdef int tries_left, index
 
-    def __init__(self, ex, deadlines, on_finish):
+    def __init__(self, ex, deadlines, on_finish, on_retry):
         self.ex = ex
         self.on_finish = on_finish  # (ex, response) -> response, before the client gets it
+        self.on_retry = on_retry    # (service, reason): each retry on another instance
         backend = self.backend = ex.backend
         self.picker = backend.picker
         loop = self.loop = deadlines.loop
@@ -110,7 +110,7 @@ cdef class Forwarding:
         if status >= 500 or status == 450:
             if status != 450:  # a full queue is momentary: retry elsewhere, no penalty
                 self.picker.report_failure(self.index)
-            metrics.retried(self.ex.service, str(status))
+            self.on_retry(self.ex.service, str(status))
             self.failed_answer = response
             self._attempt()
             return
@@ -118,7 +118,7 @@ cdef class Forwarding:
 
     cdef void _failed(self, error):
         self.picker.report_failure(self.index)
-        metrics.retried(self.ex.service, "connect")
+        self.on_retry(self.ex.service, "connect")
         pool = self.pool
         self.failed_transport = error_response(
             502, f"upstream {pool.ip}:{pool.port} failed: {error}")

@@ -327,3 +327,55 @@ def test_an_upstream_that_never_answers_gets_504_at_its_deadline(procs, tmp_path
     # The gateway itself stays responsive.
     assert post(gw.url + "/api/predict/nope", b"x")[0] == 404
     silent.close()
+
+
+# --- the filter chain on its own -----------------------------------------------------------
+
+def test_chain_pauses_at_a_waiting_filter_and_resumes_with_the_next():
+    """A filter that must wait returns an awaitable: the chain pauses the request there
+    and, when it gives None, goes on with the next filter (which answers here); a filter
+    that answers at once stops the chain. Every answer gets its request id and is
+    recorded once, by the observer handed to the chain."""
+    import asyncio
+
+    from gateway._native.chain import AuthFilter, Chain, RouteFilter, VersionFilter
+    from gateway.proxy.filter import Filter
+    from gateway.ratelimit import RateLimitFilter
+    from gateway.server import Request, Response
+
+    calls, observed = [], []
+
+    def waits(ex):
+        calls.append("waits")
+
+        async def later():
+            await asyncio.sleep(0.01)
+            calls.append("waited")
+            return None
+        return later()
+
+    def answers(ex):
+        calls.append("answers")
+        return Response(200, b"from the filter", None, "text/plain")
+
+    def never(ex):
+        calls.append("never")
+
+    chain = Chain([waits, answers, never], lambda *a: observed.append(a),
+                  lambda *a: None)
+    request = Request("POST", "/api/predict/svc/sub", "", {"x-request-id": "r-1"}, [], b"abc",
+                      ("127.0.0.1", 1), True)
+
+    async def go():
+        pending = chain.run(request)
+        assert not isinstance(pending, Response)  # paused
+        return await pending
+
+    response = asyncio.run(go())
+    assert calls == ["waits", "waited", "answers"]
+    assert response.body == b"from the filter" and b"X-Request-Id: r-1" in response.headers
+    assert len(observed) == 1 and observed[0][0] == "_unknown" and observed[0][2] == 200
+    # Every filter of the gateway's chain is a Filter (gateway/proxy/filter.py).
+    for f in (RouteFilter(None), AuthFilter(lambda *a: None), VersionFilter(),
+              RateLimitFilter().check, waits):
+        assert isinstance(f, Filter)

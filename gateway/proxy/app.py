@@ -14,9 +14,10 @@ from ..ratelimit import RateLimitFilter
 from ..routing.health import HealthChecker
 from ..routing.table import RouteTable
 from ..server import HttpServer, Request, Response, error_response, json_response
-from .._native.chain import AuthFilter, Chain, RouteFilter, VersionFilter, finish_exchange, \
-    forward
+from .. import auth
+from .._native.chain import AuthFilter, Chain, RouteFilter, VersionFilter
 from . import metrics
+from .filter import Filter
 
 log = logging.getLogger("infergate.gateway")
 
@@ -36,9 +37,11 @@ class GatewayApp:
         self.health = HealthChecker(lambda: self.table, self._health_changed, health_interval)
         # Rate limits (gateway/ratelimit): global ones on the store's Redis when it is one.
         self.rate_limits = RateLimitFilter.for_store(store)
-        # Filters run in order over each request's Exchange; each may answer early.
-        self.chain = Chain([RouteFilter(self), AuthFilter(), self.rate_limits.check,
-                            VersionFilter()], self._predict_async)
+        # Filters run in order over each request's Exchange; each may answer early, or
+        # pause the chain (filter.py).
+        filters: list[Filter] = [RouteFilter(self), AuthFilter(auth.verify),
+                                 self.rate_limits.check, VersionFilter()]
+        self.chain = Chain(filters, metrics.observe, metrics.retried)
         self.admin = None  # the control plane mounts its handler here (/admin/...)
         self._rebuild_pending = False
         self._address = None
@@ -119,21 +122,6 @@ class GatewayApp:
         if path.startswith("/admin/") and self.admin is not None:
             return self.admin.handle(request)
         return error_response(404, f"no route for {path}")
-
-    async def _predict_async(self, ex, pending, position: int):
-        """The rest of the chain after a filter that had to wait (global rate limits)."""
-        response = await pending
-        if response is None:
-            for step in self.chain.filters[position + 1:]:
-                response = step(ex)
-                if response is not None and not isinstance(response, Response):
-                    response = await response
-                if response is not None:
-                    break
-        if response is not None:
-            return finish_exchange(ex, response)
-        result = forward(ex, self.chain.deadlines)
-        return result if isinstance(result, Response) else await result
 
     def discovery(self, service: str) -> Response:
         items = self.table.discovery(service)
