@@ -1,6 +1,7 @@
 """Build glue: Cython hot path from csrc/ and protobuf modules from protos/.
 
-Every csrc/NAME.pyx becomes the extension module gateway._native.NAME, and
+Every csrc/PART/NAME.pyx becomes the extension module gateway._native.NAME (PART
+names the part of gateway/ it serves), and
 every protos/NAME.proto becomes gateway/protos/NAME_pb2.py, so adding a file
 is all it takes to add a module.
 """
@@ -47,7 +48,7 @@ def extensions():
                   [os.path.relpath(pyx, ROOT)],
                   include_dirs=[numpy.get_include()],
                   extra_compile_args=["-O3"])
-        for pyx in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.pyx")))
+        for pyx in sorted(glob.glob(os.path.join(ROOT, "csrc", "*", "*.pyx")))
     ]
     return cythonize(modules, language_level=3, include_path=[os.path.join(ROOT, "csrc")],
                      compiler_directives={"boundscheck": False, "wraparound": False})

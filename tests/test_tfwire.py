@@ -1,4 +1,4 @@
-"""The compiled TF wire path (csrc/tfwire.pyx) against the protobuf library's own reading.
+"""The compiled TF wire path (csrc/worker/tfwire.pyx) against the protobuf library's own reading.
 
 Whatever the fast path accepts it must read exactly as protobuf does; whatever
 it cannot read exactly it must hand back (None) to the full path.

@@ -1,7 +1,7 @@
 """The contract of a gateway filter, declared once.
 
 A filter is one concern applied to one request (auth, a rate limit, the
-version choice), called with the request's Exchange (csrc/chain.pyx: the
+version choice), called with the request's Exchange (csrc/proxy/chain.pyx: the
 request, the route and backend chosen so far, headers to add upstream and to
 the client's answer). It returns:
 

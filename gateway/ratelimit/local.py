@@ -1,4 +1,4 @@
-"""Local rate limits: token buckets per key in this gateway process (compiled: csrc/ratelimit.pyx).
+"""Local rate limits: token buckets per key in this gateway process (compiled: csrc/ratelimit/ratelimit.pyx).
 
 `TokenBuckets(rate, burst, max_keys)` keeps one bucket per key, at most
 `max_keys` keys (least recently used forgotten). `take(key)` -> tokens left

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-# The connection itself is compiled (csrc/upstream.pyx).
+# The connection itself is compiled (csrc/routing/upstream.pyx).
 from .._native.upstream import UpstreamConnection, UpstreamError
 
 

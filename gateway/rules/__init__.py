@@ -8,7 +8,7 @@
     rules.match(headers, builtins)                 # index of the first rule that holds, or -1
 
 Conditions are parsed (gateway.rules.parser), type-checked and compiled to a
-flat program (gateway.rules.compiler) that csrc/rules.pyx evaluates.
+flat program (gateway.rules.compiler) that csrc/rules/rules.pyx evaluates.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The program is a tuple of (opcode, argument) pairs in postfix order with
 forward jumps for the short-circuit 'and'/'or', plus three constant tables:
 strings (header keys already lower-cased, built-in names, literals), compiled
-regexes (their bound `fullmatch`), nothing else. csrc/rules.pyx runs it with a
+regexes (their bound `fullmatch`), nothing else. csrc/rules/rules.pyx runs it with a
 C value stack; no Python AST is touched per request.
 
 Static checks done here (all raise RuleSyntaxError with a position): operand

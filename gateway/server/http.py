@@ -11,7 +11,7 @@ import asyncio
 import socket
 from typing import Awaitable, Callable, Optional, Union
 
-# The per-connection work is compiled (csrc/httpcore.pyx); this module wires it up.
+# The per-connection work is compiled (csrc/server/httpcore.pyx); this module wires it up.
 from .._native.httpcore import HttpConnection, Request, Response, error_response, json_response
 
 __all__ = ["HttpServer", "Request", "Response", "error_response", "json_response"]

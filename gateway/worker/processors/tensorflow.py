@@ -9,7 +9,7 @@ from .base import BadInput, Call, Processor, parse_message
 class TFProcessor(Processor):
     """EAS TensorFlow format: named inputs, `output_filter` by name.
 
-    Float and double tensors take the compiled wire path (csrc/tfwire.pyx), and
+    Float and double tensors take the compiled wire path (csrc/worker/tfwire.pyx), and
     unbatched, `serve` runs them from body to body in C; every other request, and
     every malformed one, the full protobuf path.
     """

@@ -6,7 +6,7 @@ returns None (go on), a Response (answer now) or an awaitable (a filter that
 must wait, such as a global rate limit when its lease is empty). The chain
 owns the iteration: on an awaitable it pauses, and resumes with the next
 filter once the awaitable gives None (Envoy's filter manager does the same).
-The last step forwards to an instance (csrc/forward.pyx). Route, auth and
+The last step forwards to an instance (csrc/proxy/forward.pyx). Route, auth and
 version choice are compiled here; other filters (rate limits) are Python.
 
 This module imports nothing above the compiled core: what it needs from the
