@@ -39,6 +39,23 @@ class BuildExt(build_ext):
         super().run()
 
 
+def pxd_include_tree() -> str:
+    """`cimport gateway._native.NAME` looks for gateway/_native/NAME.pxd on the include
+    path, while the declarations sit beside their source (csrc/PART/NAME.pxd): copy them
+    into such a tree under build/ (only when changed, so nothing rebuilds needlessly)."""
+    tree = os.path.join(ROOT, "build", "pxd")
+    target = os.path.join(tree, "gateway", "_native")
+    os.makedirs(target, exist_ok=True)
+    for pxd in glob.glob(os.path.join(ROOT, "csrc", "*", "*.pxd")):
+        copy = os.path.join(target, os.path.basename(pxd))
+        with open(pxd, "rb") as f:
+            text = f.read()
+        if not os.path.exists(copy) or open(copy, "rb").read() != text:
+            with open(copy, "wb") as f:
+                f.write(text)
+    return tree
+
+
 def extensions():
     from Cython.Build import cythonize
     import numpy
@@ -50,7 +67,7 @@ def extensions():
                   extra_compile_args=["-O3"])
         for pyx in sorted(glob.glob(os.path.join(ROOT, "csrc", "*", "*.pyx")))
     ]
-    return cythonize(modules, language_level=3, include_path=[os.path.join(ROOT, "csrc")],
+    return cythonize(modules, language_level=3, include_path=[pxd_include_tree()],
                      compiler_directives={"boundscheck": False, "wraparound": False})
 
 

@@ -16,8 +16,9 @@ import asyncio
 import os
 import time
 
-from gateway._native.forward import Forwarding, forwarding_deadlines
-from gateway._native.httpcore import Response, error_response
+from gateway._native.forward cimport Forwarding
+from gateway._native.forward import forwarding_deadlines
+from gateway._native.httpcore cimport Response, error_response
 
 cdef str PREDICT = "/api/predict/"
 # Request ids: a random per-process prefix and a counter (uuid4 costs more per request).
@@ -29,12 +30,6 @@ cdef object _get_running_loop = asyncio.get_running_loop
 
 cdef class Exchange:
     """The one object every filter of the chain reads and annotates."""
-
-    cdef public object request, route, backend
-    cdef public str service, subpath, request_id
-    cdef public list extra             # (bytes, bytes) headers added to the upstream request
-    cdef public list response_headers  # (str, str) headers added to the client's response
-    cdef public double started
 
     def __init__(self, request, str service, str subpath, double started):
         global _id_counter
@@ -57,8 +52,6 @@ cdef class RouteFilter:
     """Finds the service's route in the current table (read per request: it is swapped
     whole when the configuration changes)."""
 
-    cdef object app
-
     def __init__(self, app):
         self.app = app
 
@@ -73,8 +66,6 @@ cdef class RouteFilter:
 cdef class AuthFilter:
     """The service's token, raw or as an EAS signature: `verify(headers, method, path, body,
     token, service)` gives the reason to refuse, or None."""
-
-    cdef object verify
 
     def __init__(self, verify):
         self.verify = verify
@@ -106,13 +97,9 @@ cdef class Chain:
     """Runs the filters in order over a new Exchange; the first answer wins.
 
     `observe(service, version, status, seconds, bytes_in, bytes_out)` records each
-    answer; `retried(service, reason)` each retry on another instance."""
-
-    cdef readonly list filters
-    cdef object observe, retried
-    # The deadlines of its forwardings, on the loop the chain runs on, made on the first
-    # request: asyncio.get_running_loop() makes a getpid() system call each time.
-    cdef readonly object deadlines
+    answer; `retried(service, reason)` each retry on another instance. The deadlines of
+    its forwardings, on the loop the chain runs on, are made on the first request:
+    asyncio.get_running_loop() makes a getpid() system call each time."""
 
     def __init__(self, list filters, observe, retried):
         self.filters = filters

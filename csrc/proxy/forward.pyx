@@ -8,9 +8,10 @@ the upstream connection's callbacks; resolves one Future.
 """
 import asyncio
 
-from gateway._native.deadlines import Deadlines
-from gateway._native.httpcore import Response, error_response
-from gateway._native.proxy_head import finish_request, request_head, response_headers
+from gateway._native.deadlines cimport Deadlines
+from gateway._native.httpcore cimport Response, error_response
+from gateway._native.proxy_head cimport finish_request, request_head, response_headers
+from gateway._native.upstream cimport UpstreamResponse
 
 cdef int MAX_TRIES = 3
 
@@ -25,13 +26,7 @@ def forwarding_deadlines(loop):
 
 
 cdef class Forwarding:
-    cdef object ex, backend, picker, head, future, conn, pool, loop, on_finish, on_retry
-    cdef set deadline_slot  # where the deadline sweep finds this request until it is done
-    cdef object failed_answer, failed_transport  # an instance's own 5xx beats a connect error
-    cdef tuple tried  # indexes already tried: a retry never repeats one
-    cdef int tries_left, index
-
-    def __init__(self, ex, deadlines, on_finish, on_retry):
+    def __init__(self, ex, Deadlines deadlines, on_finish, on_retry):
         self.ex = ex
         self.on_finish = on_finish  # (ex, response) -> response, before the client gets it
         self.on_retry = on_retry    # (service, reason): each retry on another instance
@@ -92,12 +87,12 @@ cdef class Forwarding:
         else:
             self._send(task.result())
 
-    cdef void _send(self, conn):
+    cdef void _send(self, UpstreamConnection conn):
         self.conn = conn
         conn.send(finish_request(self.head, self.pool.host_line, self.ex.request.body),
                   self._answered)
 
-    def _answered(self, conn, upstream, error):
+    def _answered(self, UpstreamConnection conn, UpstreamResponse upstream, error):
         self.conn = None
         if error is not None:
             self.pool.release(conn, False)

@@ -12,18 +12,8 @@ prove itself again).
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
-cdef struct Peer:
-    int weight
-    int effective
-    long current
-    bint down
-
 cdef class SmoothWeightedPicker:
     """Picks among peers by index; the caller keeps the peer objects."""
-
-    cdef Peer* peers
-    cdef readonly int size
-    cdef readonly list items
 
     def __cinit__(self, items, weights):
         weights = list(weights)

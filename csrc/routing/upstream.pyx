@@ -15,10 +15,6 @@ class UpstreamError(Exception):
 
 
 cdef class UpstreamResponse:
-    cdef public int status
-    cdef public list headers  # (bytes name, bytes value)
-    cdef public bytes body
-    cdef public bint keep_alive
 
     def __init__(self, int status, list headers, bytes body, bint keep_alive):
         self.status = status
@@ -28,12 +24,6 @@ cdef class UpstreamResponse:
 
 
 cdef class UpstreamConnection:
-    cdef public object transport
-    cdef public object on_done  # callback(conn, response, error) of the exchange in flight
-    cdef public bint closed
-    cdef object parser
-    cdef list headers, body
-    cdef bint headers_done, framed  # framed: Content-Length or chunked says where it ends
 
     def __init__(self):
         self.transport = None

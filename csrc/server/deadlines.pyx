@@ -9,11 +9,6 @@ its deadline and at most one tick after it.
 
 
 cdef class Deadlines:
-    cdef dict slots  # tick number -> set of entries
-    cdef readonly object loop
-    cdef object on_expire, timer
-    cdef double tick
-    cdef long long next_tick  # the tick the timer is set for (0: no timer)
 
     def __init__(self, loop, on_expire, double tick=0.05):
         self.loop = loop

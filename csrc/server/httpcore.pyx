@@ -39,13 +39,6 @@ cpdef bytes status_line(int status):
 cdef class Request:
     """One parsed request. Header names are lower-cased str, values str."""
 
-    cdef public str method, path, query
-    cdef public dict headers
-    cdef public list raw_headers  # (bytes name, bytes value) as received
-    cdef public bytes body
-    cdef public object peer
-    cdef public bint keep_alive
-
     def __init__(self, method, path, query, headers, raw_headers, body, peer, keep_alive):
         self.method = method
         self.path = path
@@ -58,10 +51,6 @@ cdef class Request:
 
 
 cdef class Response:
-    cdef public int status
-    cdef public bytes body
-    cdef public object headers  # [(str, str)], b"Name: value\r\n" lines, or None
-    cdef public str content_type
 
     def __init__(self, int status=200, bytes body=b"", headers=None,
                  str content_type="application/octet-stream"):
