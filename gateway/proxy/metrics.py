@@ -8,44 +8,29 @@ rates by the `code` label, traffic in/out = rate(infergate_*_bytes_total).
 """
 from __future__ import annotations
 
-from bisect import bisect_left
-
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, \
     HistogramMetricFamily
 
-BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1.0, 2.0, 5.0, 10.0)
+from .._native.counters import BUCKETS, Series
+
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
-
-class _Series:
-    """Counters of one (service, version)."""
-
-    __slots__ = ("codes", "buckets", "latency_sum", "bytes_in", "bytes_out")
-
-    def __init__(self):
-        self.codes = [0] * 6  # index status // 100
-        self.buckets = [0] * (len(BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.bytes_in = 0
-        self.bytes_out = 0
-
-
-_series: dict[tuple, _Series] = {}
+_series: dict[tuple, Series] = {}
 _retries: dict[tuple, int] = {}
 _instances: dict[tuple, int] = {}
 
 
+def series(service: str, version: str) -> Series:
+    """The counters of (service, version); callers on the hot path keep them."""
+    found = _series.get((service, version))
+    if found is None:
+        found = _series[(service, version)] = Series()
+    return found
+
+
 def observe(service: str, version: str, status: int, seconds: float, bytes_in: int,
             bytes_out: int) -> None:
-    key = (service, version)
-    series = _series.get(key)
-    if series is None:
-        series = _series[key] = _Series()
-    series.codes[min(status // 100, 5)] += 1
-    series.buckets[bisect_left(BUCKETS, seconds)] += 1
-    series.latency_sum += seconds
-    series.bytes_in += bytes_in
-    series.bytes_out += bytes_out
+    series(service, version).observe(status, seconds, bytes_in, bytes_out)
 
 
 def retried(service: str, reason: str) -> None:
@@ -68,11 +53,11 @@ class _Collector:
         bytes_out = CounterMetricFamily("infergate_response_bytes", "Response body bytes sent",
                                         labels=["service", "version"])
         for (service, version), s in list(_series.items()):
-            for index, count in enumerate(s.codes[1:], start=1):
+            for index, count in enumerate(s.codes_by_class[1:], start=1):
                 if count:
                     requests.add_metric([service, version, _CLASSES[index - 1]], count)
             cumulative, buckets = 0, []
-            for bound, count in zip(BUCKETS + (float("inf"),), s.buckets):
+            for bound, count in zip(BUCKETS + (float("inf"),), s.bucket_counts):
                 cumulative += count
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             latency.add_metric([service, version], buckets, s.latency_sum)

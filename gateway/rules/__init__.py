@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from gateway._native.rules import Condition, ConditionSet, java_hash
+from gateway._native.rules import OP_HEADER, Condition, ConditionSet, java_hash
 from gateway.rules.compiler import compile_condition, disassemble
 from gateway.rules.parser import BUILTINS, RuleSyntaxError, parse
 
@@ -61,6 +61,13 @@ class RuleSet(ConditionSet):
         self._targets = tuple(r["target"] for r in normalized)
         self.conditions = tuple(conditions)
         self._set_conditions(conditions)
+        names = []
+        for cond in conditions:
+            code = cond.code
+            for i in range(0, len(code), 2):
+                if code[i] == OP_HEADER and cond.constants[code[i + 1]] not in names:
+                    names.append(cond.constants[code[i + 1]])
+        self.header_names = tuple(names)  # lower-cased: the headers the conditions read
 
     @property
     def rules(self) -> list[dict]:

@@ -1,0 +1,1224 @@
+# cython: language_level=3
+"""The gateway's data plane in C: sockets, HTTP framing and plain forwarding, no interpreter.
+
+Why: under asyncio every request costs the interpreter about 45 us on this
+machine (protocol callbacks, httptools callbacks per header, Request,
+Exchange, Future and Response objects, bytes joins): infergate ran at about
+half of nginx. A featureless 60-line uvloop + httptools proxy reached only
+0.85x nginx, so the protocol layer itself is the bound; a featureless C epoll
+proxy reached 1.28x (bench/proxy numbers in README.md).
+
+How: one epoll set of its own, polled from the gateway's event loop
+(`loop.add_reader` on the epoll fd): a batch of socket events costs one Python
+call, and everything in it runs here. Client connections are accepted,
+read, parsed and written here. A request for a service whose route needs
+nothing but a raw-token check, header rules and version and instance choice
+(no rate limits) is forwarded here too, on keep-alive upstream connections of
+its own, with the same retries, deadlines, headers and metrics as the Python
+forwarder. Every other request (admin API, discovery, metrics, signatures,
+rate limits, anything unusual) becomes a `Request` for the gateway's Python
+handler, exactly as gateway/server/http.py would make it, on the same loop:
+control stays in Python and runs when configuration changes, not per request.
+
+Requests on one connection are answered in order, one at a time (a pipelined
+request is parsed once the one before it is answered).
+"""
+import logging
+import os
+import time
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdlib cimport free, malloc, realloc, strtoll
+from libc.string cimport memchr, memcmp, memcpy, memmove
+
+from gateway._native.counters cimport Series
+from gateway._native.httpcore cimport Request, Response, error_response, status_line
+from gateway._native.picker cimport SmoothWeightedPicker
+
+cdef extern from "string.h" nogil:
+    void* memmem(const void*, size_t, const void*, size_t)
+    int strncasecmp(const char*, const char*, size_t)
+cdef extern from "stdio.h" nogil:
+    int snprintf(char*, size_t, const char*, ...)
+cdef extern from "unistd.h" nogil:
+    ssize_t read(int, void*, size_t)
+    int close(int)
+cdef extern from "errno.h" nogil:
+    int errno
+    enum: EAGAIN, EINPROGRESS, EINTR
+cdef extern from "sys/socket.h" nogil:
+    ssize_t send(int, const void*, size_t, int)
+    int socket(int, int, int)
+    int accept4(int, void*, void*, int)
+    int connect(int, const void*, unsigned int)
+    int setsockopt(int, int, int, const void*, unsigned int)
+    int getsockopt(int, int, int, void*, unsigned int*)
+    enum: AF_INET, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC, MSG_NOSIGNAL, SOL_SOCKET, SO_ERROR
+cdef extern from "netinet/in.h" nogil:
+    struct in_addr:
+        unsigned int s_addr
+    struct sockaddr_in:
+        unsigned short sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    enum: IPPROTO_TCP
+    unsigned short htons(unsigned short)
+    unsigned short ntohs(unsigned short)
+cdef extern from "arpa/inet.h" nogil:
+    int inet_pton(int, const char*, void*)
+    const char* inet_ntop(int, const void*, char*, unsigned int)
+cdef extern from "netinet/tcp.h" nogil:
+    enum: TCP_NODELAY
+cdef extern from "sys/epoll.h" nogil:
+    union epoll_data_t:
+        void* ptr
+        int fd
+    struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int)
+    int epoll_ctl(int, int, int, epoll_event*)
+    int epoll_wait(int, epoll_event*, int, int)
+    enum: EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL
+    enum: EPOLL_CLOEXEC
+
+log = logging.getLogger("infergate.dataplane")
+
+DEF MAX_HEADERS = 100
+DEF MAX_HEAD = 65536
+DEF READ_CHUNK = 65536
+DEF MAX_TRIES = 3
+
+cdef bytes PREDICT = b"/api/predict/"
+cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+cdef bytes _ID_PREFIX = os.urandom(8).hex().encode()  # as the chain's request ids
+cdef unsigned long long _id_counter = 0
+cdef object _perf_counter = time.perf_counter
+
+
+# --- buffers and header spans ------------------------------------------------------------
+
+cdef struct Buf:
+    char* p
+    size_t n, cap
+
+cdef inline int buf_need(Buf* b, size_t extra) except -1:
+    cdef size_t cap
+    cdef char* grown
+    if b.n + extra > b.cap:
+        cap = max(b.n + extra, b.cap * 2, <size_t>4096)
+        grown = <char*>realloc(b.p, cap)
+        if grown == NULL:
+            raise MemoryError()
+        b.p = grown
+        b.cap = cap
+    return 0
+
+cdef inline int buf_add(Buf* b, const char* s, size_t n) except -1:
+    buf_need(b, n)
+    memcpy(b.p + b.n, s, n)
+    b.n += n
+    return 0
+
+cdef inline int buf_bytes(Buf* b, bytes s) except -1:
+    return buf_add(b, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
+
+cdef inline void buf_consume(Buf* b, size_t n) noexcept:
+    if n >= b.n:
+        b.n = 0
+    else:
+        memmove(b.p, b.p + n, b.n - n)
+        b.n -= n
+
+cdef struct Span:
+    const char* p
+    size_t n
+
+cdef struct Head:
+    Span method, target, reason
+    int minor            # HTTP/1.<minor>
+    int status           # responses
+    int count
+    Span names[MAX_HEADERS]
+    Span values[MAX_HEADERS]
+    long long content_length   # -1: none
+    bint chunked, conn_close, conn_keep_alive, expect_continue
+    size_t size          # bytes of the head, blank line included
+
+cdef inline bint span_is(Span s, const char* lower, size_t n) noexcept:
+    return s.n == n and strncasecmp(s.p, lower, n) == 0
+
+cdef inline bint has_token(Span s, const char* token, size_t n) noexcept:
+    """A comma-separated header value holds `token` (case-insensitive)."""
+    cdef size_t i = 0, start
+    while i < s.n:
+        while i < s.n and (s.p[i] == b' ' or s.p[i] == b','):
+            i += 1
+        start = i
+        while i < s.n and s.p[i] != b',':
+            i += 1
+        end = i
+        while end > start and s.p[end - 1] == b' ':
+            end -= 1
+        if end - start == n and strncasecmp(s.p + start, token, n) == 0:
+            return True
+    return False
+
+
+cdef int parse_head(const char* p, size_t n, Head* h, bint response) noexcept:
+    """1: a complete head parsed into h; 0: more bytes needed; -1: malformed; -2: too big."""
+    cdef const char* end = <const char*>memmem(p, n, b"\r\n\r\n", 4)
+    if end == NULL:
+        return -2 if n > MAX_HEAD else 0
+    h.size = end - p + 4
+    if h.size > MAX_HEAD:
+        return -2
+    cdef const char* line_end = <const char*>memmem(p, end - p + 2, b"\r\n", 2)
+    cdef const char* sp1 = <const char*>memchr(p, b' ', line_end - p)
+    if sp1 == NULL:
+        return -1
+    cdef const char* sp2 = <const char*>memchr(sp1 + 1, b' ', line_end - sp1 - 1)
+    cdef const char* version
+    if response:
+        # HTTP/1.x SSS reason
+        if sp1 - p != 8 or line_end - sp1 < 4:
+            return -1
+        version = p
+        h.status = (sp1[1] - 48) * 100 + (sp1[2] - 48) * 10 + (sp1[3] - 48)
+        if not 100 <= h.status <= 999:
+            return -1
+    else:
+        if sp2 == NULL or line_end - sp2 != 9:
+            return -1
+        h.method.p = p
+        h.method.n = sp1 - p
+        h.target.p = sp1 + 1
+        h.target.n = sp2 - sp1 - 1
+        version = sp2 + 1
+        if h.method.n == 0 or h.target.n == 0 or h.target.p[0] != b'/':
+            return -1
+    if strncasecmp(version, b"HTTP/1.", 7) != 0 or not (b'0' <= version[7] <= b'1'):
+        return -1
+    h.minor = version[7] - 48
+    h.count = 0
+    h.content_length = -1
+    h.chunked = h.conn_close = h.conn_keep_alive = h.expect_continue = False
+    cdef const char* line = line_end + 2
+    cdef const char* colon
+    cdef const char* v
+    cdef const char* ve
+    cdef char* num_end
+    while line < end + 2:
+        line_end = <const char*>memmem(line, end + 2 - line, b"\r\n", 2)
+        colon = <const char*>memchr(line, b':', line_end - line)
+        if colon == NULL or colon == line or h.count == MAX_HEADERS:
+            return -1
+        if line[0] == b' ' or line[0] == b'\t' or colon[-1] == b' ':
+            return -1  # obsolete line folding, or space before the colon
+        v = colon + 1
+        while v < line_end and (v[0] == b' ' or v[0] == b'\t'):
+            v += 1
+        ve = line_end
+        while ve > v and (ve[-1] == b' ' or ve[-1] == b'\t'):
+            ve -= 1
+        h.names[h.count].p = line
+        h.names[h.count].n = colon - line
+        h.values[h.count].p = v
+        h.values[h.count].n = ve - v
+        if span_is(h.names[h.count], b"content-length", 14):
+            if ve == v or not (b'0' <= v[0] <= b'9'):
+                return -1
+            cl = strtoll(v, &num_end, 10)
+            if num_end != ve or cl < 0 or (h.content_length >= 0 and cl != h.content_length):
+                return -1
+            h.content_length = cl
+        elif span_is(h.names[h.count], b"transfer-encoding", 17):
+            if not has_token(h.values[h.count], b"chunked", 7):
+                return -1  # only chunked is spoken
+            h.chunked = True
+        elif span_is(h.names[h.count], b"connection", 10):
+            if has_token(h.values[h.count], b"close", 5):
+                h.conn_close = True
+            if has_token(h.values[h.count], b"keep-alive", 10):
+                h.conn_keep_alive = True
+            if has_token(h.values[h.count], b"upgrade", 7) and not response:
+                return -3
+        elif not response and span_is(h.names[h.count], b"expect", 6):
+            h.expect_continue = span_is(h.values[h.count], b"100-continue", 12)
+        h.count += 1
+        line = line_end + 2
+    if h.chunked and h.content_length >= 0:
+        return -1  # both framings: refused (request smuggling)
+    return 1
+
+
+cdef long long dechunk(const char* p, size_t n, Buf* out) except -2:
+    """Decode a complete chunked body at p[0:n] into out: bytes consumed, or -1 if incomplete."""
+    cdef size_t at = 0
+    cdef const char* eol
+    cdef char* num_end
+    cdef long long size
+    out.n = 0
+    while True:
+        eol = <const char*>memmem(p + at, n - at, b"\r\n", 2)
+        if eol == NULL:
+            return -1
+        size = strtoll(p + at, &num_end, 16)
+        if num_end == p + at or size < 0 or (num_end[0] != b'\r' and num_end[0] != b';'):
+            raise ValueError("malformed chunk size")
+        at = eol - p + 2
+        if size == 0:
+            # trailers, up to the blank line
+            while True:
+                eol = <const char*>memmem(p + at, n - at, b"\r\n", 2)
+                if eol == NULL:
+                    return -1
+                if eol == p + at:
+                    return at + 2
+                at = eol - p + 2
+        if at + size + 2 > n:
+            return -1
+        buf_add(out, p + at, size)
+        at += size
+        if p[at] != b'\r' or p[at + 1] != b'\n':
+            raise ValueError("malformed chunk")
+        at += 2
+
+
+# --- connections --------------------------------------------------------------------------
+
+cdef class Conn:
+    cdef int fd
+    cdef Buf inb, outb
+    cdef bint closed, want_out
+
+    def __dealloc__(self):
+        free(self.inb.p)
+        free(self.outb.p)
+
+
+cdef class Client(Conn):
+    cdef DataPlane plane
+    cdef object peer
+    cdef object working          # the Python handler's Future while it works, or a Flight
+    cdef bint in_message, closing
+    cdef bint dispatching        # _serve is handing a request on (answers may come at once)
+    cdef double last_activity, message_started
+
+
+cdef class Upstream(Conn):
+    cdef Instance instance
+    cdef Flight flight
+    cdef bint connecting, head_done
+    cdef Head head
+
+
+cdef class Instance:
+    """One ip:port a fast route forwards to, with its idle keep-alive connections."""
+    cdef bytes host_line
+    cdef sockaddr_in addr
+    cdef list idle
+    cdef str where
+    cdef bint retired    # left the route table: its connections close when done
+
+    def __init__(self, str ip, int port):
+        self.host_line = f"Host: {ip}:{port}\r\n".encode()
+        self.addr.sin_family = AF_INET
+        self.addr.sin_port = htons(port)
+        if inet_pton(AF_INET, ip.encode(), &self.addr.sin_addr) != 1:
+            raise ValueError(f"not an IPv4 address: {ip}")
+        self.idle = []
+        self.where = f"{ip}:{port}"
+
+
+cdef class FastRoute:
+    """What the data plane needs of a route it may forward by itself."""
+    cdef object route          # gateway.routing.table.Route
+    cdef str name
+    cdef bytes token           # b"" when the service has none
+    cdef object ruleset        # the route's RuleSet, or None
+    cdef tuple rule_headers    # (lower-cased name bytes, str) of the headers the rules read
+    cdef dict instances        # backend -> [Instance], one per pool
+    cdef dict series           # backend -> the metrics Series of (service, version)
+
+
+cdef class Flight:
+    """One request forwarded by the data plane: the C twin of csrc/proxy/forward.pyx."""
+    cdef Client client
+    cdef Series series
+    cdef object backend
+    cdef SmoothWeightedPicker picker
+    cdef list instances
+    cdef bytes head, body
+    cdef str service
+    cdef bytes request_id
+    cdef tuple tried
+    cdef int tries_left, index
+    cdef double deadline, started
+    cdef bint keep_alive
+    cdef Upstream conn
+    cdef object failed_answer, failed_transport
+
+
+cdef class DataPlane:
+    """Serves a listening socket: fast routes here, everything else through `handler`."""
+
+    cdef int ep
+    cdef object listener, loop, handler, answer_error, series_for, retried
+    cdef list by_fd                 # fd -> Conn
+    cdef dict fast                  # service bytes -> FastRoute
+    cdef dict instances             # (ip, port) -> Instance
+    cdef set flights
+    cdef readonly set clients
+    cdef Py_ssize_t max_body_size
+    cdef double idle_timeout, read_timeout
+    cdef readonly int inflight
+    cdef readonly bint draining
+    cdef object sweeper
+    cdef long sweeps
+    cdef Head head                  # scratch for request heads
+    cdef Buf scratch
+    cdef Buf out                    # a fast answer, built whole before it is sent
+    cdef epoll_event events[256]
+
+    def __init__(self, listener, handler, series_for, retried, answer_error=None,
+                 Py_ssize_t max_body_size=64 << 20, double idle_timeout=75.0,
+                 double read_timeout=30.0):
+        self.listener = listener  # a listening socket.socket (kept: it owns the fd)
+        listener.setblocking(False)
+        self.handler = handler
+        self.series_for = series_for  # (service, version) -> its metrics Series
+        self.retried = retried
+        self.answer_error = answer_error
+        self.max_body_size = max_body_size
+        self.idle_timeout = idle_timeout
+        self.read_timeout = read_timeout
+        self.by_fd = []
+        self.fast = {}
+        self.instances = {}
+        self.flights = set()
+        self.clients = set()
+        self.inflight = 0
+        self.draining = False
+        self.ep = epoll_create1(EPOLL_CLOEXEC)
+        if self.ep < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self._watch(listener.fileno(), None, EPOLLIN)
+
+    def __dealloc__(self):
+        if self.ep >= 0:
+            close(self.ep)
+        free(self.scratch.p)
+        free(self.out.p)
+
+    def start(self, loop):
+        self.loop = loop
+        loop.add_reader(self.ep, self._ready)
+        self.sweeper = loop.call_later(0.05, self._sweep)
+
+    # --- configuration (Python, on table changes) ----------------------------------------
+    def set_routes(self, routes):
+        """The route table changed: which services the data plane forwards by itself."""
+        fast = {}
+        keep = set()
+        for name, route in routes.items():
+            if route.rate_limits:
+                continue
+            backends = [b for b, _ in route.traffic] + [b for b, _ in route.rule_choices if b]
+            try:
+                for backend in backends:
+                    for pool in backend.pools:
+                        self._instance(pool)
+                        keep.add((pool.ip, pool.port))
+            except (ValueError, UnicodeError):  # not IPv4: the Python forwarder's
+                continue
+            entry = FastRoute()
+            entry.route = route
+            entry.name = name
+            entry.token = route.token.encode("latin-1") if route.token else b""
+            entry.ruleset = route.ruleset
+            entry.rule_headers = tuple((n.encode("latin-1"), n) for n in
+                                       route.ruleset.header_names) if route.ruleset else ()
+            entry.instances = {b: [self._instance(pool) for pool in b.pools] for b in backends}
+            entry.series = {b: self.series_for(name, b.name) for b in backends}
+            fast[name.encode("latin-1")] = entry
+        self.fast = fast
+        for key in list(self.instances):
+            if key not in keep:
+                inst = <Instance>self.instances.pop(key)
+                inst.retired = True
+                for conn in inst.idle:
+                    self._close(conn)
+
+    cdef Instance _instance(self, pool):
+        key = (pool.ip, pool.port)
+        inst = self.instances.get(key)
+        if inst is None:
+            inst = self.instances[key] = Instance(pool.ip, pool.port)
+        return inst
+
+    # --- the loop ------------------------------------------------------------------------
+    cdef void _watch(self, int fd, Conn conn, unsigned int events) except *:
+        cdef epoll_event ev
+        ev.events = events
+        ev.data.fd = fd
+        if conn is not None:
+            while len(self.by_fd) <= fd:
+                self.by_fd.append(None)
+            self.by_fd[fd] = conn
+        if epoll_ctl(self.ep, EPOLL_CTL_ADD, fd, &ev) != 0:
+            raise OSError(errno, "epoll_ctl failed")
+
+    cdef void _rewatch(self, Conn conn, bint out) noexcept:
+        cdef epoll_event ev
+        if conn.want_out == out:
+            return
+        conn.want_out = out
+        ev.events = EPOLLIN | EPOLLOUT if out else EPOLLIN
+        ev.data.fd = conn.fd
+        epoll_ctl(self.ep, EPOLL_CTL_MOD, conn.fd, &ev)
+
+    def _ready(self):
+        cdef int n, i, fd
+        cdef Conn conn
+        cdef int lfd = self.listener.fileno() if not self.draining else -1
+        while True:
+            n = epoll_wait(self.ep, self.events, 256, 0)
+            if n <= 0:
+                return
+            for i in range(n):
+                fd = self.events[i].data.fd
+                if fd == lfd:
+                    self._accept(lfd)
+                    continue
+                if fd >= len(self.by_fd):
+                    continue
+                conn = self.by_fd[fd]
+                if conn is None or conn.closed:
+                    continue
+                try:
+                    if self.events[i].events & EPOLLOUT:
+                        self._writable(conn)
+                    if not conn.closed and self.events[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP):
+                        self._readable(conn)
+                except Exception:
+                    log.exception("data plane: a connection failed")
+                    self._close(conn)
+            if n < 256:
+                return
+
+    cdef void _accept(self, int lfd) except *:
+        cdef int fd, one = 1
+        cdef Client c
+        cdef sockaddr_in addr
+        cdef unsigned int addr_len
+        cdef char ip[64]
+        cdef double now = self.loop.time()
+        while True:
+            addr_len = sizeof(sockaddr_in)
+            fd = accept4(lfd, &addr, &addr_len, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                return
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
+            c = Client()
+            c.fd = fd
+            c.plane = self
+            c.last_activity = now
+            if addr.sin_family == AF_INET and inet_ntop(AF_INET, &addr.sin_addr, ip, 64) != NULL:
+                c.peer = ((<bytes>ip).decode(), ntohs(addr.sin_port))
+            else:
+                c.peer = None
+            self.clients.add(c)
+            self._watch(fd, c, EPOLLIN)
+
+    cdef void _readable(self, Conn conn) except *:
+        cdef ssize_t got
+        cdef size_t room
+        while True:
+            buf_need(&conn.inb, READ_CHUNK)
+            room = conn.inb.cap - conn.inb.n
+            got = read(conn.fd, conn.inb.p + conn.inb.n, room)
+            if got > 0:
+                conn.inb.n += got
+                if <size_t>got < room:
+                    break  # drained for now
+                continue
+            if got < 0 and (errno == EAGAIN or errno == EINTR):
+                break
+            # EOF or error
+            if type(conn) is Client:
+                self._close(conn)
+            else:
+                self._upstream_eof(<Upstream>conn, got < 0)
+            return
+        if type(conn) is Client:
+            (<Client>conn).last_activity = self.loop.time()
+            self._serve(<Client>conn)
+        else:
+            self._upstream_data(<Upstream>conn)
+
+    cdef void _writable(self, Conn conn) except *:
+        cdef ssize_t sent
+        cdef int err = 0
+        cdef unsigned int size = sizeof(int)
+        if type(conn) is Upstream and (<Upstream>conn).connecting:
+            getsockopt(conn.fd, SOL_SOCKET, SO_ERROR, &err, &size)
+            (<Upstream>conn).connecting = False
+            if err != 0:
+                self._upstream_failed(<Upstream>conn, f"connect failed: {os.strerror(err)}")
+                return
+        if conn.outb.n:
+            sent = send(conn.fd, conn.outb.p, conn.outb.n, MSG_NOSIGNAL)
+            if sent < 0 and errno != EAGAIN and errno != EINTR:
+                if type(conn) is Client:
+                    self._close(conn)
+                else:
+                    self._upstream_failed(<Upstream>conn, f"send failed: {os.strerror(errno)}")
+                return
+            if sent > 0:
+                buf_consume(&conn.outb, sent)
+        if conn.outb.n == 0:
+            self._rewatch(conn, False)
+            if type(conn) is Client:
+                client = <Client>conn
+                if client.closing:
+                    self._close(conn)
+                else:
+                    self._serve(client)
+
+    cdef void _send(self, Conn conn, const char* p, size_t n) except *:
+        """Write now what the socket takes; keep the rest for EPOLLOUT."""
+        cdef ssize_t sent = 0
+        if conn.outb.n == 0:
+            sent = send(conn.fd, p, n, MSG_NOSIGNAL)
+            if sent < 0:
+                if errno != EAGAIN and errno != EINTR:
+                    return  # the connection is gone: its read side tells
+                sent = 0
+        if <size_t>sent < n:
+            buf_add(&conn.outb, p + sent, n - sent)
+            self._rewatch(conn, True)
+
+    cdef void _close(self, Conn conn) except *:
+        if conn.closed:
+            return
+        conn.closed = True
+        epoll_ctl(self.ep, EPOLL_CTL_DEL, conn.fd, NULL)
+        close(conn.fd)
+        if conn.fd < len(self.by_fd) and self.by_fd[conn.fd] is conn:
+            self.by_fd[conn.fd] = None
+        if type(conn) is Client:
+            client = <Client>conn
+            self.clients.discard(client)
+            working = client.working
+            client.working = None
+            if working is not None and not isinstance(working, Flight):
+                working.cancel()  # the handler's work, for a client that left
+            elif working is not None:
+                self._abandon(<Flight>working)
+
+    # --- client requests -----------------------------------------------------------------
+    cdef void _serve(self, Client c) except *:
+        """Parse and answer the next request of `c`, if it has one and nothing is in flight."""
+        cdef Head* h = &self.head
+        cdef int rc
+        cdef long long body_at, body_end
+        if c.dispatching:
+            return  # the _serve below us goes on once the request is consumed
+        while c.working is None and not c.closing and c.outb.n == 0 and c.inb.n and \
+                not c.closed:
+            if not c.in_message:
+                c.in_message = True
+                c.message_started = self.loop.time()
+            rc = parse_head(c.inb.p, c.inb.n, h, False)
+            if rc == 0:
+                return
+            if rc == -2:
+                self._answer(c, error_response(431, "request head is too large"), False)
+                return
+            if rc == -3:
+                self._answer(c, error_response(400, "protocol upgrades are not supported"), False)
+                return
+            if rc < 0:
+                self._answer(c, error_response(400, "malformed HTTP request"), False)
+                return
+            if h.content_length > self.max_body_size:
+                self._answer(c, error_response(
+                    413, f"request body is larger than the limit of {self.max_body_size} bytes"),
+                    False)
+                return
+            body_at = h.size
+            if h.chunked:
+                try:
+                    body_end = dechunk(c.inb.p + body_at, c.inb.n - body_at, &self.scratch)
+                except ValueError as exc:
+                    self._answer(c, error_response(400, f"malformed HTTP request: {exc}"), False)
+                    return
+                if self.scratch.n > <size_t>self.max_body_size:
+                    self._answer(c, error_response(
+                        413, f"request body is larger than the limit of {self.max_body_size} "
+                             "bytes"), False)
+                    return
+                if body_end < 0:
+                    self._maybe_continue(c, h)
+                    return
+                body = PyBytes_FromStringAndSize(self.scratch.p, self.scratch.n)
+                body_end += body_at
+            else:
+                body_end = body_at + max(h.content_length, 0)
+                if <size_t>body_end > c.inb.n:
+                    self._maybe_continue(c, h)
+                    return
+                body = PyBytes_FromStringAndSize(c.inb.p + body_at, body_end - body_at)
+            keep_alive = (not h.conn_close if h.minor == 1 else h.conn_keep_alive) and \
+                not self.draining
+            c.in_message = False
+            c.dispatching = True
+            try:
+                if h.method.n == 4 and strncasecmp(h.method.p, b"HEAD", 4) == 0 or \
+                        not self._forward(c, h, body, keep_alive):
+                    self._hand_over(c, h, body, keep_alive)
+            finally:
+                c.dispatching = False
+                buf_consume(&c.inb, body_end)
+
+    cdef void _maybe_continue(self, Client c, Head* h) except *:
+        if h.expect_continue and c.inb.n == h.size:
+            self._send(c, PyBytes_AS_STRING(CONTINUE_100), PyBytes_GET_SIZE(CONTINUE_100))
+
+    cdef void _answer(self, Client c, Response response, bint keep_alive) except *:
+        if c.closed:
+            return
+        if self.draining:
+            keep_alive = False  # say so, rather than closing under a client that reuses it
+        cdef bytes head = response.head(keep_alive)
+        cdef bytes body = response.body
+        if PyBytes_GET_SIZE(body) < 65536:  # one write, one syscall
+            self.scratch.n = 0
+            buf_bytes(&self.scratch, head)
+            buf_bytes(&self.scratch, body)
+            self._send(c, self.scratch.p, self.scratch.n)
+        else:
+            self._send(c, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
+            self._send(c, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+        if not keep_alive:
+            c.closing = True
+            if c.outb.n == 0:
+                self._close(c)
+
+    # --- the Python handler (everything the data plane does not forward itself) ----------
+    cdef void _hand_over(self, Client c, Head* h, bytes body, bint keep_alive) except *:
+        cdef dict headers = {}
+        cdef list raw = []
+        cdef int i
+        for i in range(h.count):
+            name = PyBytes_FromStringAndSize(h.names[i].p, h.names[i].n)
+            value = PyBytes_FromStringAndSize(h.values[i].p, h.values[i].n)
+            raw.append((name, value))
+            headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        url = PyBytes_FromStringAndSize(h.target.p, h.target.n).decode("latin-1")
+        path, _, query = url.partition("?")
+        method = PyBytes_FromStringAndSize(h.method.p, h.method.n).decode("latin-1")
+        request = Request(method, path, query, headers, raw, body, c.peer, keep_alive)
+        self.inflight += 1
+        try:
+            response = self.handler(request)
+        except Exception as exc:
+            response = self._error(exc, request)
+        if isinstance(response, Response):
+            self.inflight -= 1
+            self._answer(c, response, keep_alive)
+            return
+        if not hasattr(response, "add_done_callback"):
+            response = self.loop.create_task(response)
+        c.working = response
+        response.add_done_callback(_Parked(self, c, request, keep_alive))
+
+    cdef void _parked_done(self, Client c, done, request, bint keep_alive) except *:
+        self.inflight -= 1
+        if c.working is done:
+            c.working = None
+        if done.cancelled() or c.closed:
+            return
+        exc = done.exception()
+        response = self._error(exc, request) if exc is not None else done.result()
+        self._answer(c, response, keep_alive)
+        if not c.closed:
+            self._serve(c)
+
+    cdef Response _error(self, exc, request):
+        if self.answer_error is not None:
+            try:
+                response = self.answer_error(exc)
+            except Exception:
+                log.exception("answer_error failed on %r", exc)
+                response = None
+            if response is not None:
+                return response
+        log.error("handler failed on %s %s", request.method, request.path, exc_info=exc)
+        return error_response(500, "internal error")
+
+    # --- forwarding (fast routes) ----------------------------------------------------------
+    cdef bint _forward(self, Client c, Head* h, bytes body, bint keep_alive) except *:
+        """Forward the request here; False: the Python handler must take it."""
+        global _id_counter
+        cdef Span target = h.target
+        cdef size_t plen = PyBytes_GET_SIZE(PREDICT)
+        if target.n <= plen or memcmp(target.p, PyBytes_AS_STRING(PREDICT), plen) != 0:
+            return False
+        cdef const char* svc = target.p + plen
+        cdef const char* stop = svc
+        cdef const char* tend = target.p + target.n
+        while stop < tend and stop[0] != b'/' and stop[0] != b'?':
+            stop += 1
+        entry = self.fast.get(PyBytes_FromStringAndSize(svc, stop - svc))
+        if entry is None:
+            return False
+        cdef FastRoute fast = <FastRoute>entry
+        cdef int i
+        cdef int auth = -1, request_id = -1
+        for i in range(h.count):
+            if span_is(h.names[i], b"authorization", 13):
+                auth = i
+            elif span_is(h.names[i], b"x-request-id", 12):
+                request_id = i
+        if fast.token:
+            if auth < 0 or h.values[auth].n != <size_t>PyBytes_GET_SIZE(fast.token) or \
+                    memcmp_ct(h.values[auth].p, PyBytes_AS_STRING(fast.token),
+                              h.values[auth].n) != 0:
+                return False  # a signature, or no token: the Python chain answers
+        route = fast.route
+        extra = None
+        backend = None
+        cdef bytes wanted
+        if fast.ruleset is not None:  # Route.choose, reading only the headers the rules read
+            headers = {}
+            for wanted, key in fast.rule_headers:
+                for i in range(h.count):
+                    if h.names[i].n == <size_t>PyBytes_GET_SIZE(wanted) and strncasecmp(
+                            h.names[i].p, PyBytes_AS_STRING(wanted), h.names[i].n) == 0:
+                        headers[key] = PyBytes_FromStringAndSize(
+                            h.values[i].p, h.values[i].n).decode("latin-1")
+            index = fast.ruleset.match(headers)
+            if index >= 0:
+                backend, extra = route.rule_choices[index]
+        if backend is None:
+            backend = route.traffic_picker.pick()
+            extra = None
+        if backend is None or not backend.pools:
+            return False  # 503s are the Python chain's
+        cdef char id_buf[40]
+        if request_id >= 0 and h.values[request_id].n:
+            rid = PyBytes_FromStringAndSize(h.values[request_id].p, h.values[request_id].n)
+        else:
+            _id_counter += 1
+            snprintf(id_buf, 40, b"%s%016llx", PyBytes_AS_STRING(_ID_PREFIX), _id_counter)
+            rid = PyBytes_FromStringAndSize(id_buf, 32)
+        # The upstream request head, as csrc/proxy/proxy_head.pyx builds it.
+        cdef Buf* s = &self.scratch
+        s.n = 0
+        buf_add(s, h.method.p, h.method.n)
+        buf_add(s, b" ", 1)
+        buf_bytes(s, backend.prefix)
+        # The subpath after the service (not a lone "/"), and the query when not empty.
+        cdef const char* query = <const char*>memchr(stop, b'?', tend - stop) \
+            if stop < tend else NULL
+        cdef const char* path_end = query if query != NULL else tend
+        if path_end - stop > 1:
+            buf_add(s, stop, path_end - stop)
+        if query != NULL and tend - query > 1:
+            buf_add(s, query, tend - query)
+        buf_add(s, b" HTTP/1.1\r\n", 11)
+        cdef bytes extra_name = (<tuple>extra)[0].lower() if extra is not None else None
+        for i in range(h.count):
+            if skip_request_header(h.names[i]):
+                continue
+            if extra_name is not None and h.names[i].n == <size_t>len(extra_name) and \
+                    strncasecmp(h.names[i].p, PyBytes_AS_STRING(extra_name),
+                                h.names[i].n) == 0:
+                continue
+            buf_add(s, h.names[i].p, h.names[i].n)
+            buf_add(s, b": ", 2)
+            buf_add(s, h.values[i].p, h.values[i].n)
+            buf_add(s, b"\r\n", 2)
+        if extra is not None:
+            buf_bytes(s, (<tuple>extra)[0])
+            buf_add(s, b": ", 2)
+            buf_bytes(s, (<tuple>extra)[1])
+            buf_add(s, b"\r\n", 2)
+        buf_add(s, b"X-Request-Id: ", 14)
+        buf_bytes(s, rid)
+        buf_add(s, b"\r\n", 2)
+        auth_header = backend.auth_header
+        if auth_header is not None:
+            buf_bytes(s, (<tuple>auth_header)[0])
+            buf_add(s, b": ", 2)
+            buf_bytes(s, (<tuple>auth_header)[1])
+            buf_add(s, b"\r\n", 2)
+        instances = fast.instances.get(backend)
+        if instances is None:
+            return False  # a backend the table did not show when the plane was configured
+        f = Flight()
+        f.client = c
+        f.backend = backend
+        f.picker = backend.picker
+        f.instances = instances
+        f.series = fast.series[backend]
+        f.head = PyBytes_FromStringAndSize(s.p, s.n)
+        f.body = body
+        f.service = fast.name
+        f.request_id = rid
+        f.tried = ()
+        f.tries_left = min(MAX_TRIES, len(backend.pools))
+        f.index = -1
+        f.started = _perf_counter()
+        f.deadline = self.loop.time() + backend.timeout
+        f.keep_alive = keep_alive
+        c.working = f
+        self.flights.add(f)
+        self._attempt(f)
+        return True
+
+    cdef void _attempt(self, Flight f) except *:
+        cdef int index = f.picker.pick_index(f.tried) if f.tries_left > 0 else -1
+        if index < 0:
+            self._finish(f, f.failed_answer or f.failed_transport or error_response(
+                503, f"service {f.backend.name!r} has no healthy instance"))
+            return
+        f.tries_left -= 1
+        f.tried += (index,)
+        f.index = index
+        cdef Instance inst = f.instances[index]
+        cdef Upstream u
+        while inst.idle:
+            u = inst.idle.pop()
+            if not u.closed:
+                self._send_upstream(f, u)
+                return
+        u = Upstream()
+        u.instance = inst
+        u.fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        cdef int one = 1
+        setsockopt(u.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
+        if connect(u.fd, &inst.addr, sizeof(sockaddr_in)) != 0 and errno != EINPROGRESS:
+            close(u.fd)
+            u.closed = True
+            self._failed(f, f"connect failed: {os.strerror(errno)}")
+            return
+        u.connecting = True
+        self._watch(u.fd, u, EPOLLIN | EPOLLOUT)
+        u.want_out = True
+        self._send_upstream(f, u)
+
+    cdef void _send_upstream(self, Flight f, Upstream u) except *:
+        f.conn = u
+        u.flight = f
+        u.head_done = False
+        u.inb.n = 0
+        cdef Buf* s = &self.scratch
+        s.n = 0
+        buf_bytes(s, f.head)
+        buf_bytes(s, u.instance.host_line)
+        cdef char length[48]
+        buf_add(s, length, snprintf(length, 48, b"Content-Length: %zd\r\n\r\n",
+                                    PyBytes_GET_SIZE(f.body)))
+        buf_bytes(s, f.body)
+        if u.connecting:
+            buf_add(&u.outb, s.p, s.n)  # sent once connected
+        else:
+            self._send(u, s.p, s.n)
+
+    cdef void _upstream_data(self, Upstream u) except *:
+        cdef Flight f = u.flight
+        if f is None:  # an idle connection spoke: not HTTP we understand
+            self._close(u)
+            return
+        cdef Head* h = &u.head
+        cdef int rc = parse_head(u.inb.p, u.inb.n, h, True)
+        if rc == 0:
+            return
+        if rc < 0:
+            self._upstream_failed(u, "malformed response")
+            return
+        if h.status < 200:  # 1xx: skip it, the real answer follows
+            buf_consume(&u.inb, h.size)
+            self._upstream_data(u)
+            return
+        cdef long long end
+        if h.chunked:
+            try:
+                end = dechunk(u.inb.p + h.size, u.inb.n - h.size, &self.scratch)
+            except ValueError as exc:
+                self._upstream_failed(u, str(exc))
+                return
+            if end < 0:
+                return
+            body = self.scratch.p
+            length = self.scratch.n
+        elif h.content_length >= 0:
+            if u.inb.n < h.size + <size_t>h.content_length:
+                return
+            body = u.inb.p + h.size
+            length = h.content_length
+        elif h.status == 204 or h.status == 304:
+            body = u.inb.p
+            length = 0
+        else:
+            return  # delimited by the connection's end: _upstream_eof finishes it
+        keep = not h.conn_close if h.minor == 1 else h.conn_keep_alive
+        self._answered(u, h, body, length, keep)
+
+    cdef void _upstream_eof(self, Upstream u, bint error) except *:
+        cdef Flight f = u.flight
+        cdef Head* h = &u.head
+        if f is not None and not error and parse_head(u.inb.p, u.inb.n, h, True) == 1 and \
+                not h.chunked and h.content_length < 0:
+            self._answered(u, h, u.inb.p + h.size, u.inb.n - h.size, False)
+            return
+        self._upstream_failed(u, "connection closed by the instance")
+
+    cdef void _answered(self, Upstream u, Head* h, const char* body, size_t length,
+                        bint keep) except *:
+        cdef Flight f = u.flight
+        u.flight = None
+        f.conn = None
+        cdef int status = h.status
+        cdef int i
+        cdef Buf* o = &self.out
+        cdef char line[64]
+        if status >= 500 or status == 450:
+            response = self._as_response(h, body, length)
+            self._release(u, keep)
+            if status != 450:  # a full queue is momentary: retry elsewhere, no penalty
+                f.picker.report_failure(f.index)
+            self.retried(f.service, str(status))
+            f.failed_answer = response
+            self._attempt(f)
+            return
+        # The answer, as the Python forwarder and Response.head write it, built in one buffer.
+        cdef bint keep_client = f.keep_alive and not self.draining
+        o.n = 0
+        buf_bytes(o, status_line(status))
+        buf_add(o, b"Content-Type: ", 14)
+        cdef int ct = -1
+        for i in range(h.count):
+            if span_is(h.names[i], b"content-type", 12):
+                ct = i
+                break
+        if ct >= 0:
+            buf_add(o, h.values[ct].p, h.values[ct].n)
+        else:
+            buf_add(o, b"application/octet-stream", 24)
+        buf_add(o, line, snprintf(line, 64, b"\r\nContent-Length: %zu\r\n", length))
+        for i in range(h.count):
+            if not skip_response_header(h.names[i]):
+                buf_add(o, h.names[i].p, h.names[i].n)
+                buf_add(o, b": ", 2)
+                buf_add(o, h.values[i].p, h.values[i].n)
+                buf_add(o, b"\r\n", 2)
+        buf_add(o, b"X-Request-Id: ", 14)
+        buf_bytes(o, f.request_id)
+        buf_add(o, b"\r\n", 2)
+        if not keep_client:
+            buf_add(o, b"Connection: close\r\n", 19)
+        buf_add(o, b"\r\n", 2)
+        buf_add(o, body, length)
+        self._release(u, keep)
+        self.flights.discard(f)
+        f.series.observe(status, _perf_counter() - f.started, PyBytes_GET_SIZE(f.body), length)
+        c = f.client
+        f.client = None
+        if c is None or c.closed:
+            return
+        c.working = None
+        self._send(c, o.p, o.n)
+        if not keep_client:
+            c.closing = True
+            if c.outb.n == 0:
+                self._close(c)
+            return
+        self._serve(c)
+
+    cdef Response _as_response(self, Head* h, const char* body, size_t length):
+        """An upstream's answer as a Response (kept as the answer if no retry does better)."""
+        content_type = "application/octet-stream"
+        cdef Buf* s = &self.scratch
+        cdef int i
+        cdef bytes content = PyBytes_FromStringAndSize(body, length)
+        s.n = 0
+        for i in range(h.count):
+            if span_is(h.names[i], b"content-type", 12):
+                content_type = PyBytes_FromStringAndSize(h.values[i].p, h.values[i].n) \
+                    .decode("latin-1")
+            elif not skip_response_header(h.names[i]):
+                buf_add(s, h.names[i].p, h.names[i].n)
+                buf_add(s, b": ", 2)
+                buf_add(s, h.values[i].p, h.values[i].n)
+                buf_add(s, b"\r\n", 2)
+        return Response(h.status, content, PyBytes_FromStringAndSize(s.p, s.n), content_type)
+
+    cdef void _release(self, Upstream u, bint keep) except *:
+        """Back to its instance's idle connections, or closed."""
+        if keep and not u.closed and not u.instance.retired:
+            u.inb.n = 0
+            u.instance.idle.append(u)
+        else:
+            self._close(u)
+
+    cdef void _upstream_failed(self, Upstream u, str why) except *:
+        cdef Flight f = u.flight
+        u.flight = None
+        self._close(u)
+        if f is not None and f.conn is u:
+            f.conn = None
+            self._failed(f, why)
+
+    cdef void _failed(self, Flight f, str why) except *:
+        f.picker.report_failure(f.index)
+        self.retried(f.service, "connect")
+        cdef Instance inst = f.instances[f.index]
+        f.failed_transport = error_response(502, f"upstream {inst.where} failed: {why}")
+        self._attempt(f)
+
+    cdef void _finish(self, Flight f, Response response) except *:
+        self.flights.discard(f)
+        c = f.client
+        f.client = None
+        if c is None:
+            return
+        line = b"X-Request-Id: " + f.request_id + b"\r\n"
+        headers = response.headers
+        if headers is None:
+            response.headers = line
+        elif isinstance(headers, bytes):
+            response.headers = headers + line
+        else:
+            response.headers = b"".join(
+                [f"{n}: {v}\r\n".encode("latin-1") for n, v in headers]) + line
+        f.series.observe(response.status, _perf_counter() - f.started, len(f.body),
+                         len(response.body))
+        c.working = None
+        if c.closed:
+            return
+        self._answer(c, response, f.keep_alive)
+        if not c.closed:
+            self._serve(c)
+
+    cdef void _abandon(self, Flight f) except *:
+        """The client left: its upstream exchange cannot be reused mid-stream."""
+        self.flights.discard(f)
+        f.client = None
+        if f.conn is not None:
+            u = f.conn
+            f.conn = None
+            u.flight = None
+            self._close(u)
+
+    # --- time ----------------------------------------------------------------------------
+    def _sweep(self):
+        now = self.loop.time()
+        for f in [f for f in self.flights if (<Flight>f).deadline <= now]:
+            self._timed_out(f)
+        self.sweeps += 1
+        if self.sweeps % 20 == 0:  # connection timeouts are seconds long: once a second
+            for c in list(self.clients):
+                self._expire(c, now)
+        self.sweeper = self.loop.call_later(0.05, self._sweep)
+
+    cdef void _timed_out(self, Flight f) except *:
+        if f.index >= 0:
+            f.picker.report_failure(f.index)
+        where = f"upstream {(<Instance>f.instances[f.index]).where}" if f.index >= 0 \
+            else "no upstream"
+        if f.conn is not None:
+            u = f.conn
+            f.conn = None
+            u.flight = None
+            self._close(u)
+        self._finish(f, error_response(504, f"{where} did not answer within "
+                                            f"{f.backend.timeout:.1f}s"))
+
+    cdef void _expire(self, Client c, double now) except *:
+        if c.working is not None or c.closed:
+            return
+        if c.in_message or c.inb.n:
+            if now - c.message_started > self.read_timeout:
+                c.inb.n = 0
+                c.in_message = False
+                self._answer(c, error_response(408, "request not received in time"), False)
+        elif now - c.last_activity > self.idle_timeout:
+            self._close(c)
+
+    # --- shutdown ------------------------------------------------------------------------
+    async def drain(self, double timeout=30.0):
+        """Stop accepting, let every accepted request finish, close idle connections."""
+        import asyncio
+        self.draining = True
+        try:
+            epoll_ctl(self.ep, EPOLL_CTL_DEL, self.listener.fileno(), NULL)
+        except OSError:
+            pass
+        self.listener.close()
+        deadline = self.loop.time() + timeout
+        while True:
+            for c in list(self.clients):
+                if (<Client>c).working is None and not (<Client>c).in_message and \
+                        not (<Client>c).inb.n and not (<Client>c).outb.n:
+                    self._close(c)
+            if not self.clients or self.loop.time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+
+    def close(self):
+        if self.loop is not None:
+            self.loop.remove_reader(self.ep)
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+        for c in list(self.clients):
+            self._close(c)
+        for inst in self.instances.values():
+            for u in (<Instance>inst).idle:
+                self._close(u)
+
+
+cdef class _Parked:
+    cdef DataPlane plane
+    cdef Client client
+    cdef object request
+    cdef bint keep_alive
+
+    def __init__(self, DataPlane plane, Client client, request, bint keep_alive):
+        self.plane = plane
+        self.client = client
+        self.request = request
+        self.keep_alive = keep_alive
+
+    def __call__(self, done):
+        self.plane._parked_done(self.client, done, self.request, self.keep_alive)
+
+
+cdef inline int memcmp_ct(const char* a, const char* b, size_t n) noexcept:
+    """Compare in constant time (a token check must not leak where it differs)."""
+    cdef unsigned char diff = 0
+    cdef size_t i
+    for i in range(n):
+        diff |= <unsigned char>a[i] ^ <unsigned char>b[i]
+    return diff
+
+
+cdef inline bint skip_request_header(Span name) noexcept:
+    """Hop-by-hop and gateway-set request headers (proxy_head.pyx's _REQUEST_SKIP)."""
+    return span_is(name, b"connection", 10) or span_is(name, b"keep-alive", 10) or \
+        span_is(name, b"proxy-connection", 16) or span_is(name, b"transfer-encoding", 17) or \
+        span_is(name, b"te", 2) or span_is(name, b"upgrade", 7) or \
+        span_is(name, b"host", 4) or span_is(name, b"content-length", 14) or \
+        span_is(name, b"authorization", 13) or span_is(name, b"expect", 6) or \
+        span_is(name, b"trailer", 7) or span_is(name, b"x-request-id", 12)
+
+
+cdef inline bint skip_response_header(Span name) noexcept:
+    """proxy_head.pyx's _RESPONSE_SKIP."""
+    return span_is(name, b"connection", 10) or span_is(name, b"keep-alive", 10) or \
+        span_is(name, b"transfer-encoding", 17) or span_is(name, b"content-length", 14) or \
+        span_is(name, b"content-type", 12) or span_is(name, b"x-request-id", 12) or \
+        span_is(name, b"date", 4) or span_is(name, b"server", 6)
