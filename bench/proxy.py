@@ -2,8 +2,7 @@
 
 Upstream: two nginx servers answering a fixed body (weights 3:1 behind each
 proxy). Cases, interleaved round by round, each round starting one case later:
-(a) infergate, one process, with the compiled data plane (--dataplane c) and
-with the asyncio one; (b) nginx from Debian's packages, one worker, keep-alive
+(a) infergate, one process; (b) nginx from Debian's packages, one worker, keep-alive
 upstream pool; (c) nothing (wrk straight at one upstream). wrk: 32
 connections, a 1x784 TF request POSTed. infergate runs with auth and one
 header rule off and on.
@@ -102,17 +101,14 @@ def main(argv=None) -> None:
             "direct to upstream (no proxy)": (f"http://127.0.0.1:{up[0][0]}/", {}),
             "nginx, 1 worker, keepalive pool": (f"http://127.0.0.1:{front}/", {}),
         }
-        for dataplane in ("c", "asyncio"):
-            gw_port = free_port()
-            procs.append(start(["gateway", "--port", str(gw_port), "--state-dir",
-                                os.path.join(tmp, "state"), "--log-level", "WARNING",
-                                "--health-interval", "60", "--dataplane", dataplane],
-                               gw_port, cpu=0))
-            cases[f"infergate ({dataplane}), 1 process"] = (
-                f"http://127.0.0.1:{gw_port}/api/predict/plain", {})
-            cases[f"infergate ({dataplane}), auth + header rule"] = (
-                f"http://127.0.0.1:{gw_port}/api/predict/guarded",
-                {"Authorization": TOKEN, "X-User": "bench"})
+        gw_port = free_port()
+        procs.append(start(["gateway", "--port", str(gw_port), "--state-dir",
+                            os.path.join(tmp, "state"), "--log-level", "WARNING",
+                            "--health-interval", "60"], gw_port, cpu=0))
+        cases["infergate, 1 process"] = (f"http://127.0.0.1:{gw_port}/api/predict/plain", {})
+        cases["infergate, auth + header rule"] = (
+            f"http://127.0.0.1:{gw_port}/api/predict/guarded",
+            {"Authorization": TOKEN, "X-User": "bench"})
         results = {name: [] for name in cases}
         for url, headers in cases.values():  # warm-up
             run_wrk(url, body, args.connections, 1, headers=headers, cpu=1)

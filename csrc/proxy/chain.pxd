@@ -20,8 +20,7 @@ cdef class VersionFilter:
 
 cdef class Chain:
     cdef readonly list filters
-    cdef object observe, retried
-    cdef readonly object deadlines
+    cdef object observe, forwarder
 
     cpdef object run(self, request)
     cpdef object finish(self, Exchange ex, response)

@@ -6,18 +6,19 @@ returns None (go on), a Response (answer now) or an awaitable (a filter that
 must wait, such as a global rate limit when its lease is empty). The chain
 owns the iteration: on an awaitable it pauses, and resumes with the next
 filter once the awaitable gives None (Envoy's filter manager does the same).
-The last step forwards to an instance (csrc/proxy/forward.pyx). Route, auth and
-version choice are compiled here; other filters (rate limits) are Python.
+The last step hands the request to the data plane, which forwards it
+(csrc/proxy/dataplane.pyx). Route, auth and version choice are compiled
+here; other filters (rate limits) are Python.
+
+The data plane runs this chain for the requests it does not forward by itself
+(a route with rate limits, an EAS signature, anything unusual).
 
 This module imports nothing above the compiled core: what it needs from the
-Python side (checking a token, recording metrics) is handed in.
+Python side (checking a token, recording metrics, forwarding) is handed in.
 """
-import asyncio
 import os
 import time
 
-from gateway._native.forward cimport Forwarding
-from gateway._native.forward import forwarding_deadlines
 from gateway._native.httpcore cimport Response, error_response
 
 cdef str PREDICT = "/api/predict/"
@@ -25,7 +26,6 @@ cdef str PREDICT = "/api/predict/"
 cdef str _ID_PREFIX = os.urandom(8).hex()
 cdef unsigned long long _id_counter = 0
 cdef object _perf_counter = time.perf_counter
-cdef object _get_running_loop = asyncio.get_running_loop
 
 
 cdef class Exchange:
@@ -97,15 +97,13 @@ cdef class Chain:
     """Runs the filters in order over a new Exchange; the first answer wins.
 
     `observe(service, version, status, seconds, bytes_in, bytes_out)` records each
-    answer; `retried(service, reason)` each retry on another instance. The deadlines of
-    its forwardings, on the loop the chain runs on, are made on the first request:
-    asyncio.get_running_loop() makes a getpid() system call each time."""
+    answer; `forwarder(ex, finish)` forwards a request the filters let through and
+    gives a Future of finish(ex, the answer)."""
 
-    def __init__(self, list filters, observe, retried):
+    def __init__(self, list filters, observe, forwarder):
         self.filters = filters
         self.observe = observe
-        self.retried = retried
-        self.deadlines = None
+        self.forwarder = forwarder
 
     cpdef object run(self, request):
         """A Response, a Future of one (forwarded), or a coroutine (a filter waited)."""
@@ -114,8 +112,6 @@ cdef class Chain:
         service, _, subpath = path[len(PREDICT):].partition("/")
         cdef Exchange ex = Exchange(request, service, "/" + subpath if subpath else "", started)
         cdef Py_ssize_t position
-        if self.deadlines is None:
-            self.deadlines = forwarding_deadlines(_get_running_loop())
         for position in range(len(self.filters)):
             response = self.filters[position](ex)
             if response is not None:
@@ -149,7 +145,7 @@ cdef class Chain:
         if not backend.pools:
             state = "stopped" if backend.status == "Stopped" else "has no instances"
             return self.finish(ex, error_response(503, f"service {backend.name!r} {state}"))
-        return Forwarding(ex, self.deadlines, self.finish, self.retried).start()
+        return self.forwarder(ex, self.finish)
 
 
 async def _resume(Chain chain, Exchange ex, pending, Py_ssize_t position):

@@ -25,6 +25,8 @@ request is parsed once the one before it is answered).
 """
 import logging
 import os
+import socket as _socket
+import struct as _struct
 import time
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -310,25 +312,48 @@ cdef class Upstream(Conn):
     cdef Instance instance
     cdef Flight flight
     cdef bint connecting, head_done
+    cdef double connect_by
     cdef Head head
 
 
 cdef class Instance:
-    """One ip:port a fast route forwards to, with its idle keep-alive connections."""
+    """One ip:port the data plane forwards to, with its idle keep-alive connections."""
     cdef bytes host_line
-    cdef sockaddr_in addr
+    cdef bytes sockaddr  # a struct sockaddr_in or sockaddr_in6, as connect() takes it
+    cdef int family
+    cdef str unresolved  # why the address could not be resolved, or None
     cdef list idle
+    cdef list waiting    # Flights waiting for a connection (max_connections are open)
+    cdef int open, max_connections
+    cdef double connect_timeout
     cdef str where
     cdef bint retired    # left the route table: its connections close when done
 
-    def __init__(self, str ip, int port):
+    def __init__(self, str ip, int port, int max_connections=256, double connect_timeout=2.0):
         self.host_line = f"Host: {ip}:{port}\r\n".encode()
-        self.addr.sin_family = AF_INET
-        self.addr.sin_port = htons(port)
-        if inet_pton(AF_INET, ip.encode(), &self.addr.sin_addr) != 1:
-            raise ValueError(f"not an IPv4 address: {ip}")
         self.idle = []
+        self.waiting = []
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
         self.where = f"{ip}:{port}"
+        self.resolve(ip, port)
+
+    cdef void resolve(self, str ip, int port) except *:
+        """The address to connect to (a host name is resolved now, when configured)."""
+        try:
+            family, _, _, _, address = _socket.getaddrinfo(ip, port, type=_socket.SOCK_STREAM)[0]
+        except (OSError, UnicodeError) as exc:
+            self.unresolved = f"cannot resolve {ip}: {exc}"
+            return
+        if family == _socket.AF_INET6:
+            self.sockaddr = (_struct.pack("=H", family) + _struct.pack(">HI", port, address[2]) +
+                             _socket.inet_pton(family, address[0]) +
+                             _struct.pack("=I", address[3]))
+        else:
+            self.sockaddr = (_struct.pack("=H", family) + _struct.pack(">H", port) +
+                             _socket.inet_pton(family, address[0]) + bytes(8))
+        self.family = family
+        self.unresolved = None
 
 
 cdef class FastRoute:
@@ -338,7 +363,6 @@ cdef class FastRoute:
     cdef bytes token           # b"" when the service has none
     cdef object ruleset        # the route's RuleSet, or None
     cdef tuple rule_headers    # (lower-cased name bytes, str) of the headers the rules read
-    cdef dict instances        # backend -> [Instance], one per pool
     cdef dict series           # backend -> the metrics Series of (service, version)
 
 
@@ -356,8 +380,10 @@ cdef class Flight:
     cdef int tries_left, index
     cdef double deadline, started
     cdef bint keep_alive
+    cdef bint no_body    # a HEAD request: the answer has no body, whatever its length says
     cdef Upstream conn
     cdef object failed_answer, failed_transport
+    cdef object exchange, on_finish, future  # a request of the Python chain
 
 
 cdef class DataPlane:
@@ -368,6 +394,7 @@ cdef class DataPlane:
     cdef list by_fd                 # fd -> Conn
     cdef dict fast                  # service bytes -> FastRoute
     cdef dict instances             # (ip, port) -> Instance
+    cdef dict backend_instances     # backend -> [Instance], one per pool
     cdef set flights
     cdef readonly set clients
     cdef Py_ssize_t max_body_size
@@ -381,11 +408,10 @@ cdef class DataPlane:
     cdef Buf out                    # a fast answer, built whole before it is sent
     cdef epoll_event events[256]
 
-    def __init__(self, listener, handler, series_for, retried, answer_error=None,
+    def __init__(self, handler, series_for, retried, answer_error=None,
                  Py_ssize_t max_body_size=64 << 20, double idle_timeout=75.0,
                  double read_timeout=30.0):
-        self.listener = listener  # a listening socket.socket (kept: it owns the fd)
-        listener.setblocking(False)
+        self.listener = None
         self.handler = handler
         self.series_for = series_for  # (service, version) -> its metrics Series
         self.retried = retried
@@ -400,9 +426,15 @@ cdef class DataPlane:
         self.clients = set()
         self.inflight = 0
         self.draining = False
+        self.backend_instances = {}
         self.ep = epoll_create1(EPOLL_CLOEXEC)
         if self.ep < 0:
             raise OSError(errno, "epoll_create1 failed")
+
+    def listen(self, listener):
+        """Serve clients on a listening socket.socket (kept: it owns the fd)."""
+        listener.setblocking(False)
+        self.listener = listener
         self._watch(listener.fileno(), None, EPOLLIN)
 
     def __dealloc__(self):
@@ -421,17 +453,14 @@ cdef class DataPlane:
         """The route table changed: which services the data plane forwards by itself."""
         fast = {}
         keep = set()
+        by_backend = {}
         for name, route in routes.items():
-            if route.rate_limits:
-                continue
             backends = [b for b, _ in route.traffic] + [b for b, _ in route.rule_choices if b]
-            try:
-                for backend in backends:
-                    for pool in backend.pools:
-                        self._instance(pool)
-                        keep.add((pool.ip, pool.port))
-            except (ValueError, UnicodeError):  # not IPv4: the Python forwarder's
-                continue
+            for backend in backends:
+                by_backend[backend] = [self._instance(pool) for pool in backend.pools]
+                keep.update((pool.ip, pool.port) for pool in backend.pools)
+            if route.rate_limits:
+                continue  # the Python chain decides those, then hands them back here
             entry = FastRoute()
             entry.route = route
             entry.name = name
@@ -439,10 +468,10 @@ cdef class DataPlane:
             entry.ruleset = route.ruleset
             entry.rule_headers = tuple((n.encode("latin-1"), n) for n in
                                        route.ruleset.header_names) if route.ruleset else ()
-            entry.instances = {b: [self._instance(pool) for pool in b.pools] for b in backends}
             entry.series = {b: self.series_for(name, b.name) for b in backends}
             fast[name.encode("latin-1")] = entry
         self.fast = fast
+        self.backend_instances = by_backend
         for key in list(self.instances):
             if key not in keep:
                 inst = <Instance>self.instances.pop(key)
@@ -454,7 +483,10 @@ cdef class DataPlane:
         key = (pool.ip, pool.port)
         inst = self.instances.get(key)
         if inst is None:
-            inst = self.instances[key] = Instance(pool.ip, pool.port)
+            inst = self.instances[key] = Instance(pool.ip, pool.port, pool.max_connections,
+                                                  pool.connect_timeout)
+        elif (<Instance>inst).unresolved is not None:
+            (<Instance>inst).resolve(pool.ip, pool.port)
         return inst
 
     # --- the loop ------------------------------------------------------------------------
@@ -481,7 +513,7 @@ cdef class DataPlane:
     def _ready(self):
         cdef int n, i, fd
         cdef Conn conn
-        cdef int lfd = self.listener.fileno() if not self.draining else -1
+        cdef int lfd = self.listener.fileno() if self.listener is not None else -1
         while True:
             n = epoll_wait(self.ep, self.events, 256, 0)
             if n <= 0:
@@ -607,7 +639,11 @@ cdef class DataPlane:
         close(conn.fd)
         if conn.fd < len(self.by_fd) and self.by_fd[conn.fd] is conn:
             self.by_fd[conn.fd] = None
-        if type(conn) is Client:
+        if type(conn) is Upstream:
+            inst = (<Upstream>conn).instance
+            inst.open -= 1
+            self._next_waiting(inst, None)
+        elif type(conn) is Client:
             client = <Client>conn
             self.clients.discard(client)
             working = client.working
@@ -758,9 +794,9 @@ cdef class DataPlane:
         log.error("handler failed on %s %s", request.method, request.path, exc_info=exc)
         return error_response(500, "internal error")
 
-    # --- forwarding (fast routes) ----------------------------------------------------------
+    # --- forwarding ------------------------------------------------------------------------
     cdef bint _forward(self, Client c, Head* h, bytes body, bint keep_alive) except *:
-        """Forward the request here; False: the Python handler must take it."""
+        """Forward a request of a fast route from here; False: the Python handler takes it."""
         global _id_counter
         cdef Span target = h.target
         cdef size_t plen = PyBytes_GET_SIZE(PREDICT)
@@ -807,6 +843,9 @@ cdef class DataPlane:
             extra = None
         if backend is None or not backend.pools:
             return False  # 503s are the Python chain's
+        instances = self.backend_instances.get(backend)
+        if instances is None:
+            return False
         cdef char id_buf[40]
         if request_id >= 0 and h.values[request_id].n:
             rid = PyBytes_FromStringAndSize(h.values[request_id].p, h.values[request_id].n)
@@ -814,7 +853,6 @@ cdef class DataPlane:
             _id_counter += 1
             snprintf(id_buf, 40, b"%s%016llx", PyBytes_AS_STRING(_ID_PREFIX), _id_counter)
             rid = PyBytes_FromStringAndSize(id_buf, 32)
-        # The upstream request head, as csrc/proxy/proxy_head.pyx builds it.
         cdef Buf* s = &self.scratch
         s.n = 0
         buf_add(s, h.method.p, h.method.n)
@@ -828,20 +866,77 @@ cdef class DataPlane:
             buf_add(s, stop, path_end - stop)
         if query != NULL and tend - query > 1:
             buf_add(s, query, tend - query)
+        extras = [extra] if extra is not None else []
+        self._head_rest(s, h.names, h.values, h.count, extras, rid, backend)
+        f = self._flight(backend, instances, body, fast.name, rid)
+        f.client = c
+        f.series = fast.series[backend]
+        f.keep_alive = keep_alive
+        c.working = f
+        self._attempt(f)
+        return True
+
+    cpdef object forward_exchange(self, ex, on_finish):
+        """Forward an Exchange the Python chain let through (csrc/proxy/chain.pyx): a Future
+        of on_finish(ex, the answer)."""
+        backend = ex.backend
+        request = ex.request
+        instances = self.backend_instances.get(backend)
+        if instances is None:  # a table newer than this plane's: rare, and brief
+            instances = self.backend_instances[backend] = [self._instance(p)
+                                                           for p in backend.pools]
+        rid = (<str>ex.request_id).encode("latin-1")
+        cdef Buf* s = &self.scratch
+        s.n = 0
+        buf_bytes(s, (<str>request.method).encode("latin-1"))
+        buf_add(s, b" ", 1)
+        buf_bytes(s, backend.prefix)
+        buf_bytes(s, (<str>ex.subpath).encode("latin-1"))
+        if request.query:
+            buf_add(s, b"?", 1)
+            buf_bytes(s, (<str>request.query).encode("latin-1"))
+        cdef list raw = request.raw_headers
+        cdef int count = min(len(raw), MAX_HEADERS), i
+        cdef Span names[MAX_HEADERS]
+        cdef Span values[MAX_HEADERS]
+        for i in range(count):  # spans over the bytes in `raw`, alive through this call
+            pair = raw[i]
+            names[i].p = PyBytes_AS_STRING(pair[0])
+            names[i].n = PyBytes_GET_SIZE(pair[0])
+            values[i].p = PyBytes_AS_STRING(pair[1])
+            values[i].n = PyBytes_GET_SIZE(pair[1])
+        self._head_rest(s, names, values, count, ex.extra, rid, backend)
+        f = self._flight(backend, instances, request.body, ex.service, rid)
+        f.no_body = request.method == "HEAD"
+        f.exchange = ex
+        f.on_finish = on_finish
+        f.future = self.loop.create_future()
+        f.future.add_done_callback(_Abandoned(self, f))
+        self._attempt(f)
+        return f.future
+
+    cdef void _head_rest(self, Buf* s, Span* names, Span* values, int count, list extras,
+                         bytes rid, backend) except *:
+        """The upstream request head after the target, without Host and Content-Length:
+        the client's headers but hop-by-hop ones and those the gateway sets, then the
+        gateway's (a rule's header, the request id, the instance's token)."""
+        cdef int i, k
+        cdef bytes extra_name
         buf_add(s, b" HTTP/1.1\r\n", 11)
-        cdef bytes extra_name = (<tuple>extra)[0].lower() if extra is not None else None
-        for i in range(h.count):
-            if skip_request_header(h.names[i]):
+        for i in range(count):
+            if skip_request_header(names[i]):
                 continue
-            if extra_name is not None and h.names[i].n == <size_t>len(extra_name) and \
-                    strncasecmp(h.names[i].p, PyBytes_AS_STRING(extra_name),
-                                h.names[i].n) == 0:
-                continue
-            buf_add(s, h.names[i].p, h.names[i].n)
-            buf_add(s, b": ", 2)
-            buf_add(s, h.values[i].p, h.values[i].n)
-            buf_add(s, b"\r\n", 2)
-        if extra is not None:
+            for k in range(len(extras)):
+                extra_name = (<tuple>extras[k])[0]
+                if names[i].n == <size_t>PyBytes_GET_SIZE(extra_name) and strncasecmp(
+                        names[i].p, PyBytes_AS_STRING(extra_name), names[i].n) == 0:
+                    break
+            else:
+                buf_add(s, names[i].p, names[i].n)
+                buf_add(s, b": ", 2)
+                buf_add(s, values[i].p, values[i].n)
+                buf_add(s, b"\r\n", 2)
+        for extra in extras:
             buf_bytes(s, (<tuple>extra)[0])
             buf_add(s, b": ", 2)
             buf_bytes(s, (<tuple>extra)[1])
@@ -855,29 +950,23 @@ cdef class DataPlane:
             buf_add(s, b": ", 2)
             buf_bytes(s, (<tuple>auth_header)[1])
             buf_add(s, b"\r\n", 2)
-        instances = fast.instances.get(backend)
-        if instances is None:
-            return False  # a backend the table did not show when the plane was configured
+
+    cdef Flight _flight(self, backend, list instances, bytes body, str service, bytes rid):
         f = Flight()
-        f.client = c
         f.backend = backend
         f.picker = backend.picker
         f.instances = instances
-        f.series = fast.series[backend]
-        f.head = PyBytes_FromStringAndSize(s.p, s.n)
+        f.head = PyBytes_FromStringAndSize(self.scratch.p, self.scratch.n)
         f.body = body
-        f.service = fast.name
+        f.service = service
         f.request_id = rid
         f.tried = ()
         f.tries_left = min(MAX_TRIES, len(backend.pools))
         f.index = -1
         f.started = _perf_counter()
         f.deadline = self.loop.time() + backend.timeout
-        f.keep_alive = keep_alive
-        c.working = f
         self.flights.add(f)
-        self._attempt(f)
-        return True
+        return f
 
     cdef void _attempt(self, Flight f) except *:
         cdef int index = f.picker.pick_index(f.tried) if f.tries_left > 0 else -1
@@ -895,14 +984,29 @@ cdef class DataPlane:
             if not u.closed:
                 self._send_upstream(f, u)
                 return
+        if inst.open >= inst.max_connections:
+            inst.waiting.append(f)  # the next connection freed on it goes to f
+            return
+        self._connect(f, inst)
+
+    cdef void _connect(self, Flight f, Instance inst) except *:
+        cdef Upstream u
+        if inst.unresolved is not None:
+            self._failed(f, inst.unresolved)
+            return
         u = Upstream()
         u.instance = inst
-        u.fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        u.connect_by = self.loop.time() + inst.connect_timeout
+        inst.open += 1
+        u.fd = socket(inst.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
         cdef int one = 1
         setsockopt(u.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
-        if connect(u.fd, &inst.addr, sizeof(sockaddr_in)) != 0 and errno != EINPROGRESS:
+        if connect(u.fd, <const sockaddr_in*>PyBytes_AS_STRING(inst.sockaddr),
+                   PyBytes_GET_SIZE(inst.sockaddr)) != 0 \
+                and errno != EINPROGRESS:
             close(u.fd)
             u.closed = True
+            inst.open -= 1
             self._failed(f, f"connect failed: {os.strerror(errno)}")
             return
         u.connecting = True
@@ -945,7 +1049,10 @@ cdef class DataPlane:
             self._upstream_data(u)
             return
         cdef long long end
-        if h.chunked:
+        if f.no_body:
+            body = u.inb.p
+            length = 0
+        elif h.chunked:
             try:
                 end = dechunk(u.inb.p + h.size, u.inb.n - h.size, &self.scratch)
             except ValueError as exc:
@@ -995,7 +1102,12 @@ cdef class DataPlane:
             f.failed_answer = response
             self._attempt(f)
             return
-        # The answer, as the Python forwarder and Response.head write it, built in one buffer.
+        if f.client is None:  # the chain's: it finishes the answer
+            response = self._as_response(h, body, length)
+            self._release(u, keep)
+            self._finish(f, response)
+            return
+        # The answer, as the chain and Response.head would write it, built in one buffer.
         cdef bint keep_client = f.keep_alive and not self.draining
         o.n = 0
         buf_bytes(o, status_line(status))
@@ -1058,12 +1170,29 @@ cdef class DataPlane:
         return Response(h.status, content, PyBytes_FromStringAndSize(s.p, s.n), content_type)
 
     cdef void _release(self, Upstream u, bint keep) except *:
-        """Back to its instance's idle connections, or closed."""
+        """To a request waiting for a connection to its instance, else back to the idle
+        ones; or closed."""
         if keep and not u.closed and not u.instance.retired:
             u.inb.n = 0
-            u.instance.idle.append(u)
+            if not self._next_waiting(u.instance, u):
+                u.instance.idle.append(u)
         else:
             self._close(u)
+
+    cdef bint _next_waiting(self, Instance inst, Upstream u) except -1:
+        """Give a freed connection (or, with u None, a freed slot) to the oldest request
+        still waiting for one on `inst`."""
+        cdef Flight f
+        while inst.waiting:
+            f = inst.waiting.pop(0)
+            if f.client is None and f.future is None or f.future is not None and f.future.done():
+                continue  # gone meanwhile
+            if u is not None:
+                self._send_upstream(f, u)
+            else:
+                self._connect(f, inst)
+            return True
+        return False
 
     cdef void _upstream_failed(self, Upstream u, str why) except *:
         cdef Flight f = u.flight
@@ -1082,6 +1211,10 @@ cdef class DataPlane:
 
     cdef void _finish(self, Flight f, Response response) except *:
         self.flights.discard(f)
+        if f.future is not None:
+            if not f.future.done():
+                f.future.set_result(f.on_finish(f.exchange, response))
+            return
         c = f.client
         f.client = None
         if c is None:
@@ -1119,6 +1252,9 @@ cdef class DataPlane:
         now = self.loop.time()
         for f in [f for f in self.flights if (<Flight>f).deadline <= now]:
             self._timed_out(f)
+        for f in [f for f in self.flights if (<Flight>f).conn is not None and
+                  (<Flight>f).conn.connecting and (<Flight>f).conn.connect_by <= now]:
+            self._upstream_failed((<Flight>f).conn, "connect timed out")
         self.sweeps += 1
         if self.sweeps % 20 == 0:  # connection timeouts are seconds long: once a second
             for c in list(self.clients):
@@ -1154,11 +1290,10 @@ cdef class DataPlane:
         """Stop accepting, let every accepted request finish, close idle connections."""
         import asyncio
         self.draining = True
-        try:
+        if self.listener is not None:
             epoll_ctl(self.ep, EPOLL_CTL_DEL, self.listener.fileno(), NULL)
-        except OSError:
-            pass
-        self.listener.close()
+            self.listener.close()
+            self.listener = None
         deadline = self.loop.time() + timeout
         while True:
             for c in list(self.clients):
@@ -1179,6 +1314,20 @@ cdef class DataPlane:
         for inst in self.instances.values():
             for u in (<Instance>inst).idle:
                 self._close(u)
+
+
+cdef class _Abandoned:
+    """A chain's request whose client left (its Future cancelled): drop the exchange."""
+    cdef DataPlane plane
+    cdef Flight flight
+
+    def __init__(self, DataPlane plane, Flight flight):
+        self.plane = plane
+        self.flight = flight
+
+    def __call__(self, future):
+        if future.cancelled():
+            self.plane._abandon(self.flight)
 
 
 cdef class _Parked:

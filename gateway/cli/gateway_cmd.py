@@ -27,10 +27,6 @@ def register(sub) -> None:
     p.add_argument("--health-interval", type=float, default=2.0,
                    help="seconds between active health checks of each instance")
     p.add_argument("--max-body-mb", type=int, default=64)
-    p.add_argument("--dataplane", choices=("asyncio", "c"),
-                   default=os.environ.get("INFERGATE_DATAPLANE", "asyncio"),
-                   help="c: the compiled data plane owns the port and forwards plain routes "
-                        "itself (experimental); asyncio: the Python server does everything")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(run=run)
 
@@ -68,7 +64,7 @@ def run(args) -> int:
         from ..registry import open_store
 
         app = GatewayApp(open_store(location), args.admin_token, args.max_body_mb << 20,
-                         args.health_interval, args.dataplane)
+                         args.health_interval)
         attach_control_plane(app, location, f"http://{host}:{args.port}")
         app.bind(args.host, args.port, reuse_port=args.processes > 1)
         return app

@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 from ..ratelimit import RateLimitFilter
 from ..routing.health import HealthChecker
 from ..routing.table import RouteTable
-from ..server import HttpServer, Request, Response, error_response, json_response
+from ..server import Request, Response, error_response, json_response
 from .. import auth
 from .._native.chain import AuthFilter, Chain, RouteFilter, VersionFilter
 from .._native.dataplane import DataPlane
@@ -31,11 +31,14 @@ _OK = json_response({"status": "ok"})
 
 class GatewayApp:
     def __init__(self, store, admin_token: str = "", max_body_size: int = 64 << 20,
-                 health_interval: float = 2.0, dataplane: str = "asyncio"):
+                 health_interval: float = 2.0):
         self.store = store
         self.admin_token = admin_token
         self.table = RouteTable({}, {})
-        self.server = HttpServer(self.handle, max_body_size=max_body_size)
+        # The data plane (csrc/proxy/dataplane.pyx) owns the port: it forwards what it can
+        # by itself and hands every other request to handle(), on this loop.
+        self.dataplane = DataPlane(self.handle, metrics.series, metrics.retried,
+                                   max_body_size=max_body_size)
         self.health = HealthChecker(lambda: self.table, self._health_changed, health_interval)
         # Rate limits (gateway/ratelimit): global ones on the store's Redis when it is one.
         self.rate_limits = RateLimitFilter.for_store(store)
@@ -43,11 +46,7 @@ class GatewayApp:
         # pause the chain (filter.py).
         filters: list[Filter] = [RouteFilter(self), AuthFilter(auth.verify),
                                  self.rate_limits.check, VersionFilter()]
-        self.chain = Chain(filters, metrics.observe, metrics.retried)
-        # "c": the compiled data plane (csrc/proxy/dataplane.pyx) owns the port and forwards
-        # what it can by itself, handing the rest to handle(); "asyncio": HttpServer does.
-        self.dataplane_kind = dataplane
-        self.dataplane: DataPlane | None = None
+        self.chain = Chain(filters, metrics.observe, self.dataplane.forward_exchange)
         self.admin = None  # the control plane mounts its handler here (/admin/...)
         self._rebuild_pending = False
         self._address = None
@@ -59,8 +58,7 @@ class GatewayApp:
     async def reload(self) -> None:
         services, instances = await self.store.snapshot()
         self.table = RouteTable(services, instances, self.table)
-        if self.dataplane is not None:
-            self.dataplane.set_routes(self.table.routes)
+        self.dataplane.set_routes(self.table.routes)
         for name, backend in self.table.backends.items():
             for pool in backend.pools:
                 metrics.instance_up(name, f"{pool.ip}:{pool.port}", pool.healthy)
@@ -94,43 +92,27 @@ class GatewayApp:
         await self.store.start()
         self.store.subscribe(self._changed)
         await self.reload()
+        self.dataplane.start(asyncio.get_running_loop())
         if self._address is not None:
-            if self.dataplane_kind == "c":
-                self.port = self._start_dataplane(*self._address)
-            else:
-                self.port = await self.server.listen(*self._address)
+            host, port, reuse_port = self._address
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.create_server((host, port), family=family, backlog=1024,
+                                        reuse_port=reuse_port)
+            self.dataplane.listen(sock)
+            self.port = sock.getsockname()[1]
         self.health.start()
         if self.admin is not None:
             await self.admin.start()
         self.ready = True
 
-    def _start_dataplane(self, host: str, port: int, reuse_port: bool) -> int:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=1024,
-                                    reuse_port=reuse_port)
-        self.dataplane = DataPlane(sock, self.handle, metrics.series, metrics.retried,
-                                   max_body_size=self.server.max_body_size,
-                                   idle_timeout=self.server.idle_timeout,
-                                   read_timeout=self.server.read_timeout)
-        self.dataplane.set_routes(self.table.routes)
-        self.dataplane.start(asyncio.get_running_loop())
-        return sock.getsockname()[1]
-
-    @property
-    def draining(self) -> bool:
-        return self.server.draining or (self.dataplane is not None and self.dataplane.draining)
-
     async def stop(self) -> None:
         self.ready = False
         self.stopping = True
-        if self.dataplane is not None:
-            await self.dataplane.drain()
-            self.dataplane.close()
-        else:
-            await self.server.drain()
+        await self.dataplane.drain()
         self.health.stop()
         if self.admin is not None:
             await self.admin.stop()
+        self.dataplane.close()
         for pool in self.table.pools.values():
             pool.close()
         await self.rate_limits.close()
@@ -147,7 +129,8 @@ class GatewayApp:
         if path == "/health":
             return _OK
         if path == "/ready":
-            return _OK if self.ready and not self.draining else error_response(503, "not ready")
+            return _OK if self.ready and not self.dataplane.draining else \
+                error_response(503, "not ready")
         if path == "/metrics":
             return Response(200, generate_latest(), None, "text/plain; version=0.0.4")
         if path.startswith("/admin/") and self.admin is not None:
