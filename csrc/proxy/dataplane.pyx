@@ -128,6 +128,10 @@ cdef inline int buf_bytes(Buf* b, bytes s) except -1:
 cdef inline void buf_consume(Buf* b, size_t n) noexcept:
     if n >= b.n:
         b.n = 0
+        if b.cap > (1 << 20):  # a large body came through: do not keep its room
+            free(b.p)
+            b.p = NULL
+            b.cap = 0
     else:
         memmove(b.p, b.p + n, b.n - n)
         b.n -= n
@@ -363,7 +367,23 @@ cdef class FastRoute:
     cdef bytes token           # b"" when the service has none
     cdef object ruleset        # the route's RuleSet, or None
     cdef tuple rule_headers    # (lower-cased name bytes, str) of the headers the rules read
+    cdef tuple limit_headers   # the same for the headers rate limits are keyed by
+    cdef bint limited          # the route has rate limits: the limiter decides first
     cdef dict series           # backend -> the metrics Series of (service, version)
+
+
+cdef class LimitView:
+    """What a rate-limit filter reads of a request (gateway/ratelimit/filter.py takes it
+    for an Exchange): the route, the client, the headers limits are keyed by, and the
+    headers the filter adds to the answer."""
+    cdef public object route, peer
+    cdef public str service
+    cdef public dict headers
+    cdef public list response_headers
+
+    @property
+    def request(self):
+        return self
 
 
 cdef class Flight:
@@ -384,13 +404,14 @@ cdef class Flight:
     cdef Upstream conn
     cdef object failed_answer, failed_transport
     cdef object exchange, on_finish, future  # a request of the Python chain
+    cdef list response_headers  # (str, str) a filter adds to the answer (rate limits)
 
 
 cdef class DataPlane:
     """Serves a listening socket: fast routes here, everything else through `handler`."""
 
     cdef int ep
-    cdef object listener, loop, handler, answer_error, series_for, retried
+    cdef object listener, loop, handler, answer_error, series_for, retried, limiter
     cdef list by_fd                 # fd -> Conn
     cdef dict fast                  # service bytes -> FastRoute
     cdef dict instances             # (ip, port) -> Instance
@@ -408,13 +429,17 @@ cdef class DataPlane:
     cdef Buf out                    # a fast answer, built whole before it is sent
     cdef epoll_event events[256]
 
-    def __init__(self, handler, series_for, retried, answer_error=None,
+    def __init__(self, handler, series_for, retried, limiter=None, answer_error=None,
                  Py_ssize_t max_body_size=64 << 20, double idle_timeout=75.0,
                  double read_timeout=30.0):
         self.listener = None
         self.handler = handler
         self.series_for = series_for  # (service, version) -> its metrics Series
         self.retried = retried
+        # The rate-limit filter: limiter.check(view) -> None | Response | awaitable of either
+        # (a Filter, gateway/proxy/filter.py, over a LimitView); limiter.headers_of(route)
+        # -> the header names its limits are keyed by.
+        self.limiter = limiter
         self.answer_error = answer_error
         self.max_body_size = max_body_size
         self.idle_timeout = idle_timeout
@@ -459,9 +484,12 @@ cdef class DataPlane:
             for backend in backends:
                 by_backend[backend] = [self._instance(pool) for pool in backend.pools]
                 keep.update((pool.ip, pool.port) for pool in backend.pools)
-            if route.rate_limits:
+            if route.rate_limits and self.limiter is None:
                 continue  # the Python chain decides those, then hands them back here
             entry = FastRoute()
+            entry.limited = bool(route.rate_limits)
+            entry.limit_headers = tuple((n.encode("latin-1"), n) for n in
+                                        self.limiter.headers_of(route)) if entry.limited else ()
             entry.route = route
             entry.name = name
             entry.token = route.token.encode("latin-1") if route.token else b""
@@ -823,36 +851,133 @@ cdef class DataPlane:
                     memcmp_ct(h.values[auth].p, PyBytes_AS_STRING(fast.token),
                               h.values[auth].n) != 0:
                 return False  # a signature, or no token: the Python chain answers
+        if fast.limited:
+            view = LimitView()
+            view.route = fast.route
+            view.peer = c.peer
+            view.service = fast.name
+            view.headers = self._values(h, fast.limit_headers)
+            view.response_headers = []
+            result = self.limiter.check(view)
+            if result is not None:
+                if isinstance(result, Response):
+                    self._refuse(c, h, fast, result, view.response_headers, keep_alive)
+                    return True
+                # The limiter must ask Redis: park the request until it says.
+                task = self.loop.create_task(_awaited(result))
+                c.working = task
+                task.add_done_callback(_Limited(
+                    self, c, fast, PyBytes_FromStringAndSize(c.inb.p, h.size), body,
+                    keep_alive, view))
+                return True
+            self._route_and_send(c, h, body, keep_alive, fast, view.response_headers)
+            return True
+        self._route_and_send(c, h, body, keep_alive, fast, None)
+        return True
+
+    cdef dict _values(self, Head* h, tuple wanted_headers):
+        """{lower-cased name: value} of the wanted headers the request has."""
+        cdef dict values = {}
+        cdef bytes wanted
+        cdef int i
+        for wanted, key in wanted_headers:
+            for i in range(h.count):
+                if h.names[i].n == <size_t>PyBytes_GET_SIZE(wanted) and strncasecmp(
+                        h.names[i].p, PyBytes_AS_STRING(wanted), h.names[i].n) == 0:
+                    values[key] = PyBytes_FromStringAndSize(
+                        h.values[i].p, h.values[i].n).decode("latin-1")
+        return values
+
+    cdef bytes _request_id(self, Head* h):
+        """The client's X-Request-Id, else a new one (as the chain makes them)."""
+        global _id_counter
+        cdef int i
+        cdef char id_buf[40]
+        for i in range(h.count):
+            if span_is(h.names[i], b"x-request-id", 12) and h.values[i].n:
+                return PyBytes_FromStringAndSize(h.values[i].p, h.values[i].n)
+        _id_counter += 1
+        snprintf(id_buf, 40, b"%s%016llx", PyBytes_AS_STRING(_ID_PREFIX), _id_counter)
+        return PyBytes_FromStringAndSize(id_buf, 32)
+
+    cdef void _refuse(self, Client c, Head* h, FastRoute fast, Response response, list added,
+                      bint keep_alive) except *:
+        """Answer now, before any version is chosen (a rate limit's 429, a 503)."""
+        self._decorate(response, self._request_id(h), added)
+        self.series_for(fast.name, "").observe(response.status, 0.0, 0,
+                                               len(response.body))
+        self._answer(c, response, keep_alive)
+
+    cdef void _decorate(self, Response response, bytes rid, list added) except *:
+        """The request id and the filters' headers on an answer, as the chain adds them."""
+        cdef list lines = [b"X-Request-Id: ", rid, b"\r\n"]
+        if added:
+            for name, value in added:
+                lines += [(<str>name).encode("latin-1"), b": ", (<str>value).encode("latin-1"),
+                          b"\r\n"]
+        headers = response.headers
+        if headers is None:
+            response.headers = b"".join(lines)
+        elif isinstance(headers, bytes):
+            response.headers = headers + b"".join(lines)
+        else:
+            response.headers = b"".join(
+                [f"{n}: {v}\r\n".encode("latin-1") for n, v in headers] + lines)
+
+    cdef void _limited_done(self, Client c, FastRoute fast, bytes head, bytes body,
+                            bint keep_alive, LimitView view, task) except *:
+        cdef Head h
+        if c.working is task:
+            c.working = None
+        if task.cancelled() or c.closed:
+            return
+        parse_head(PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head), &h, False)
+        exc = task.exception()
+        if exc is not None:
+            log.error("a rate limit failed on %s", fast.name, exc_info=exc)
+            result = error_response(500, "internal error")
+        else:
+            result = task.result()
+        if result is not None:
+            self._refuse(c, &h, fast, result, view.response_headers, keep_alive)
+        else:
+            self._route_and_send(c, &h, body, keep_alive, fast, view.response_headers)
+        if not c.closed and c.working is None:
+            self._serve(c)
+
+    cdef void _route_and_send(self, Client c, Head* h, bytes body, bint keep_alive,
+                              FastRoute fast, list added) except *:
+        """Version and instance choice, then off to the instance (the chain's Version filter
+        and forward, compiled)."""
+        cdef size_t plen = PyBytes_GET_SIZE(PREDICT)
+        cdef const char* tend = h.target.p + h.target.n
+        cdef const char* stop = h.target.p + plen
+        while stop < tend and stop[0] != b'/' and stop[0] != b'?':
+            stop += 1
         route = fast.route
         extra = None
         backend = None
-        cdef bytes wanted
         if fast.ruleset is not None:  # Route.choose, reading only the headers the rules read
-            headers = {}
-            for wanted, key in fast.rule_headers:
-                for i in range(h.count):
-                    if h.names[i].n == <size_t>PyBytes_GET_SIZE(wanted) and strncasecmp(
-                            h.names[i].p, PyBytes_AS_STRING(wanted), h.names[i].n) == 0:
-                        headers[key] = PyBytes_FromStringAndSize(
-                            h.values[i].p, h.values[i].n).decode("latin-1")
-            index = fast.ruleset.match(headers)
+            index = fast.ruleset.match(self._values(h, fast.rule_headers))
             if index >= 0:
                 backend, extra = route.rule_choices[index]
         if backend is None:
             backend = route.traffic_picker.pick()
             extra = None
-        if backend is None or not backend.pools:
-            return False  # 503s are the Python chain's
+        if backend is None:
+            self._refuse(c, h, fast, error_response(
+                503, f"service {fast.name!r} has no version taking traffic"), added, keep_alive)
+            return
+        if not backend.pools:
+            state = "stopped" if backend.status == "Stopped" else "has no instances"
+            self._refuse(c, h, fast, error_response(
+                503, f"service {backend.name!r} {state}"), added, keep_alive)
+            return
         instances = self.backend_instances.get(backend)
         if instances is None:
-            return False
-        cdef char id_buf[40]
-        if request_id >= 0 and h.values[request_id].n:
-            rid = PyBytes_FromStringAndSize(h.values[request_id].p, h.values[request_id].n)
-        else:
-            _id_counter += 1
-            snprintf(id_buf, 40, b"%s%016llx", PyBytes_AS_STRING(_ID_PREFIX), _id_counter)
-            rid = PyBytes_FromStringAndSize(id_buf, 32)
+            instances = self.backend_instances[backend] = [self._instance(p)
+                                                           for p in backend.pools]
+        rid = self._request_id(h)
         cdef Buf* s = &self.scratch
         s.n = 0
         buf_add(s, h.method.p, h.method.n)
@@ -870,11 +995,11 @@ cdef class DataPlane:
         self._head_rest(s, h.names, h.values, h.count, extras, rid, backend)
         f = self._flight(backend, instances, body, fast.name, rid)
         f.client = c
-        f.series = fast.series[backend]
+        f.series = fast.series.get(backend) or self.series_for(fast.name, backend.name)
         f.keep_alive = keep_alive
+        f.response_headers = added
         c.working = f
         self._attempt(f)
-        return True
 
     cpdef object forward_exchange(self, ex, on_finish):
         """Forward an Exchange the Python chain let through (csrc/proxy/chain.pyx): a Future
@@ -1131,6 +1256,12 @@ cdef class DataPlane:
         buf_add(o, b"X-Request-Id: ", 14)
         buf_bytes(o, f.request_id)
         buf_add(o, b"\r\n", 2)
+        if f.response_headers:
+            for name, value in f.response_headers:
+                buf_bytes(o, (<str>name).encode("latin-1"))
+                buf_add(o, b": ", 2)
+                buf_bytes(o, (<str>value).encode("latin-1"))
+                buf_add(o, b"\r\n", 2)
         if not keep_client:
             buf_add(o, b"Connection: close\r\n", 19)
         buf_add(o, b"\r\n", 2)
@@ -1173,7 +1304,7 @@ cdef class DataPlane:
         """To a request waiting for a connection to its instance, else back to the idle
         ones; or closed."""
         if keep and not u.closed and not u.instance.retired:
-            u.inb.n = 0
+            buf_consume(&u.inb, u.inb.n)
             if not self._next_waiting(u.instance, u):
                 u.instance.idle.append(u)
         else:
@@ -1219,15 +1350,7 @@ cdef class DataPlane:
         f.client = None
         if c is None:
             return
-        line = b"X-Request-Id: " + f.request_id + b"\r\n"
-        headers = response.headers
-        if headers is None:
-            response.headers = line
-        elif isinstance(headers, bytes):
-            response.headers = headers + line
-        else:
-            response.headers = b"".join(
-                [f"{n}: {v}\r\n".encode("latin-1") for n, v in headers]) + line
+        self._decorate(response, f.request_id, f.response_headers)
         f.series.observe(response.status, _perf_counter() - f.started, len(f.body),
                          len(response.body))
         c.working = None
@@ -1314,6 +1437,34 @@ cdef class DataPlane:
         for inst in self.instances.values():
             for u in (<Instance>inst).idle:
                 self._close(u)
+
+
+async def _awaited(awaitable):
+    return await awaitable
+
+
+cdef class _Limited:
+    """A fast request parked while its rate limit asks Redis."""
+    cdef DataPlane plane
+    cdef Client client
+    cdef FastRoute fast
+    cdef bytes head, body
+    cdef bint keep_alive
+    cdef LimitView view
+
+    def __init__(self, DataPlane plane, Client client, FastRoute fast, bytes head, bytes body,
+                 bint keep_alive, LimitView view):
+        self.plane = plane
+        self.client = client
+        self.fast = fast
+        self.head = head
+        self.body = body
+        self.keep_alive = keep_alive
+        self.view = view
+
+    def __call__(self, task):
+        self.plane._limited_done(self.client, self.fast, self.head, self.body, self.keep_alive,
+                                 self.view, task)
 
 
 cdef class _Abandoned:

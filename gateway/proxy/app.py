@@ -35,13 +35,14 @@ class GatewayApp:
         self.store = store
         self.admin_token = admin_token
         self.table = RouteTable({}, {})
-        # The data plane (csrc/proxy/dataplane.pyx) owns the port: it forwards what it can
-        # by itself and hands every other request to handle(), on this loop.
-        self.dataplane = DataPlane(self.handle, metrics.series, metrics.retried,
-                                   max_body_size=max_body_size)
         self.health = HealthChecker(lambda: self.table, self._health_changed, health_interval)
         # Rate limits (gateway/ratelimit): global ones on the store's Redis when it is one.
         self.rate_limits = RateLimitFilter.for_store(store)
+        # The data plane (csrc/proxy/dataplane.pyx) owns the port: it forwards what it can
+        # by itself (asking the rate limits itself) and hands every other request to
+        # handle(), on this loop.
+        self.dataplane = DataPlane(self.handle, metrics.series, metrics.retried,
+                                   self.rate_limits, max_body_size=max_body_size)
         # Filters run in order over each request's Exchange; each may answer early, or
         # pause the chain (filter.py).
         filters: list[Filter] = [RouteFilter(self), AuthFilter(auth.verify),

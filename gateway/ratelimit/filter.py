@@ -411,6 +411,11 @@ class RateLimitFilter:
         self._routes[name] = compiled
         return compiled
 
+    def headers_of(self, route) -> list[str]:
+        """The (lower-cased) request headers the route's limits are keyed by."""
+        compiled = self._compile(route)
+        return [lim.header for lim in compiled.local + compiled.remote if lim.header]
+
     # --- deciding -----------------------------------------------------------------------
     def check(self, ex):
         """None (pass on), a Response (429/503) or an awaitable of either (global limits)."""
