@@ -29,6 +29,11 @@ def echo_server():
             seen = json.dumps({"method": self.command, "path": self.path,
                                "headers": {k.lower(): v for k, v in self.headers.items()},
                                "body": body.decode("latin-1")}).encode()
+            if self.path.endswith("/not-modified"):  # a length, and no body (RFC 9110)
+                self.send_response(304)
+                self.send_header("Content-Length", "1234")
+                self.end_headers()
+                return
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("X-Upstream", "echo")
@@ -159,6 +164,16 @@ def test_expect_100_continue(gateway):
      "larger than the limit"),
     (b"GET /api/predict/echo HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431, "too large"),
     (b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n", 400, "upgrades"),
+    # one header hiding another behind a bare LF (request smuggling)
+    (b"POST /api/predict/echo HTTP/1.1\r\nX-A: b\nTransfer-Encoding: chunked\r\n"
+     b"Content-Length: 2\r\n\r\nhi", 400, "malformed"),
+    (b"POST /api/predict/echo HTTP/1.1\r\nContent-Length\t: 2\r\n\r\nhi", 400, "malformed"),
+    (b"POST /api/predict/echo HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+     b"0\r\n\r\n", 400, "malformed"),
+    (b"POST /api/predict/echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"+4\r\nwiki\r\n0\r\n\r\n", 400, "chunk size"),
+    (b"POST /api/predict/echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0x4\r\nwiki\r\n0\r\n\r\n", 400, "chunk size"),
 ])
 def test_bad_requests_get_a_clear_error_and_the_connection_closes(gateway, request_bytes,
                                                                   status, says):
@@ -170,14 +185,32 @@ def test_bad_requests_get_a_clear_error_and_the_connection_closes(gateway, reque
 
 def test_head_requests_and_the_python_side_share_the_port(gateway):
     """HEAD (no body after a Content-Length) goes through the Python forwarder; health,
-    metrics and the admin API answer on the same port."""
-    (status, headers, body), = exchange(
-        gateway, b"HEAD /api/predict/echo HTTP/1.1\r\nHost: gw\r\n\r\n")
-    assert status == 200
+    metrics and the admin API answer on the same port; answers to HEAD carry no body."""
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    sock.sendall(b"HEAD /api/predict/echo HTTP/1.1\r\nHost: gw\r\n\r\n"
+                 b"HEAD /health HTTP/1.1\r\nHost: gw\r\n\r\n"
+                 b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
+    seen = b""
+    while not seen.endswith(b'{"status":"ok"}'):
+        chunk = sock.recv(65536)
+        assert chunk, seen
+        seen += chunk
+    sock.close()
+    heads = seen.split(b"\r\n\r\n")
+    assert [h.split(b"\r\n")[0] for h in heads[:3]] == [b"HTTP/1.1 200 OK"] * 3
+    assert heads[3] == b'{"status":"ok"}'  # only the GET's answer has a body
     for path in (b"/health", b"/metrics", b"/admin/services"):
         (status, _, _), = exchange(gateway, b"GET %s HTTP/1.1\r\nHost: gw\r\n"
                                             b"Authorization: Bearer admin-secret\r\n\r\n" % path)
         assert status == 200, path
+
+
+def test_an_answer_without_a_body_is_passed_on_at_once(gateway):
+    """A 304 may give a Content-Length without a body: the gateway must not wait for one."""
+    started = time.monotonic()
+    (status, headers, body), = exchange(
+        gateway, b"GET /api/predict/echo/not-modified HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert status == 304 and body == b"" and time.monotonic() - started < 5, body
 
 
 def test_http_1_0_closes_unless_asked_to_keep_alive(gateway):

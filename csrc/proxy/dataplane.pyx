@@ -171,6 +171,20 @@ cdef inline bint has_token(Span s, const char* token, size_t n) noexcept:
     return False
 
 
+cdef inline bint token(const char* p, size_t n) noexcept:
+    """Only token characters (RFC 9110): what a header name may hold."""
+    cdef size_t i
+    cdef unsigned char ch
+    for i in range(n):
+        ch = <unsigned char>p[i]
+        if ch <= 32 or (ch == b' ' or ch == b'"' or ch == b'(' or ch == b')' or ch == b',' or
+                     ch == b'/' or ch == b':' or ch == b';' or ch == b'<' or ch == b'=' or
+                     ch == b'>' or ch == b'?' or ch == b'@' or ch == b'[' or ch == b'\\' or
+                     ch == b']' or ch == b'{' or ch == b'}' or ch > 126):
+            return False
+    return True
+
+
 cdef int parse_head(const char* p, size_t n, Head* h, bint response) noexcept:
     """1: a complete head parsed into h; 0: more bytes needed; -1: malformed; -2: too big."""
     cdef const char* end = <const char*>memmem(p, n, b"\r\n\r\n", 4)
@@ -179,6 +193,19 @@ cdef int parse_head(const char* p, size_t n, Head* h, bint response) noexcept:
     h.size = end - p + 4
     if h.size > MAX_HEAD:
         return -2
+    cdef size_t i
+    cdef unsigned char ch
+    for i in range(<size_t>(end - p)):  # no bare CR or LF, no NUL: no line may hide another
+        ch = <unsigned char>p[i]
+        if ch < 32 or ch == 127:
+            if ch == b'\r':
+                if p[i + 1] != b'\n':
+                    return -1
+            elif ch == b'\n':
+                if i == 0 or p[i - 1] != b'\r':
+                    return -1
+            elif ch != b'\t':
+                return -1
     cdef const char* line_end = <const char*>memmem(p, end - p + 2, b"\r\n", 2)
     cdef const char* sp1 = <const char*>memchr(p, b' ', line_end - p)
     if sp1 == NULL:
@@ -227,6 +254,8 @@ cdef int parse_head(const char* p, size_t n, Head* h, bint response) noexcept:
         ve = line_end
         while ve > v and (ve[-1] == b' ' or ve[-1] == b'\t'):
             ve -= 1
+        if not token(line, colon - line):
+            return -1
         h.names[h.count].p = line
         h.names[h.count].n = colon - line
         h.values[h.count].p = v
@@ -239,8 +268,8 @@ cdef int parse_head(const char* p, size_t n, Head* h, bint response) noexcept:
                 return -1
             h.content_length = cl
         elif span_is(h.names[h.count], b"transfer-encoding", 17):
-            if not has_token(h.values[h.count], b"chunked", 7):
-                return -1  # only chunked is spoken
+            if h.chunked or not span_is(h.values[h.count], b"chunked", 7):
+                return -1  # only chunked alone is spoken
             h.chunked = True
         elif span_is(h.names[h.count], b"connection", 10):
             if has_token(h.values[h.count], b"close", 5):
@@ -258,6 +287,30 @@ cdef int parse_head(const char* p, size_t n, Head* h, bint response) noexcept:
     return 1
 
 
+cdef long long hex_size(const char* p, const char* eol) noexcept:
+    """The hex chunk size at p (1 to 15 digits, then an extension or the line's end), or -1."""
+    cdef long long size = 0
+    cdef int digits = 0
+    cdef char ch
+    while p < eol:
+        ch = p[0]
+        if b'0' <= ch <= b'9':
+            size = size * 16 + (ch - 48)
+        elif b'a' <= ch <= b'f':
+            size = size * 16 + (ch - 87)
+        elif b'A' <= ch <= b'F':
+            size = size * 16 + (ch - 55)
+        else:
+            break
+        digits += 1
+        if digits > 15:
+            return -1
+        p += 1
+    if digits == 0 or (p < eol and p[0] != b';'):
+        return -1
+    return size
+
+
 cdef long long dechunk(const char* p, size_t n, Buf* out) except -2:
     """Decode a complete chunked body at p[0:n] into out: bytes consumed, or -1 if incomplete."""
     cdef size_t at = 0
@@ -269,8 +322,8 @@ cdef long long dechunk(const char* p, size_t n, Buf* out) except -2:
         eol = <const char*>memmem(p + at, n - at, b"\r\n", 2)
         if eol == NULL:
             return -1
-        size = strtoll(p + at, &num_end, 16)
-        if num_end == p + at or size < 0 or (num_end[0] != b'\r' and num_end[0] != b';'):
+        size = hex_size(p + at, eol)
+        if size < 0:
             raise ValueError("malformed chunk size")
         at = eol - p + 2
         if size == 0:
@@ -316,6 +369,7 @@ cdef class Upstream(Conn):
     cdef Instance instance
     cdef Flight flight
     cdef bint connecting, head_done
+    cdef bint reused     # taken from the idle ones (the instance may have just closed it)
     cdef double connect_by
     cdef Head head
 
@@ -613,6 +667,9 @@ cdef class DataPlane:
             return
         if type(conn) is Client:
             (<Client>conn).last_activity = self.loop.time()
+            if conn.inb.n > <size_t>self.max_body_size + 2 * MAX_HEAD:
+                self._close(conn)  # more queued than one request may be: not a client's way
+                return
             self._serve(<Client>conn)
         else:
             self._upstream_data(<Upstream>conn)
@@ -750,13 +807,14 @@ cdef class DataPlane:
         if h.expect_continue and c.inb.n == h.size:
             self._send(c, PyBytes_AS_STRING(CONTINUE_100), PyBytes_GET_SIZE(CONTINUE_100))
 
-    cdef void _answer(self, Client c, Response response, bint keep_alive) except *:
+    cdef void _answer(self, Client c, Response response, bint keep_alive,
+                      bint no_body=False) except *:
         if c.closed:
             return
         if self.draining:
             keep_alive = False  # say so, rather than closing under a client that reuses it
         cdef bytes head = response.head(keep_alive)
-        cdef bytes body = response.body
+        cdef bytes body = response.body if not no_body else b""
         if PyBytes_GET_SIZE(body) < 65536:  # one write, one syscall
             self.scratch.n = 0
             buf_bytes(&self.scratch, head)
@@ -791,7 +849,7 @@ cdef class DataPlane:
             response = self._error(exc, request)
         if isinstance(response, Response):
             self.inflight -= 1
-            self._answer(c, response, keep_alive)
+            self._answer(c, response, keep_alive, method == "HEAD")
             return
         if not hasattr(response, "add_done_callback"):
             response = self.loop.create_task(response)
@@ -806,7 +864,7 @@ cdef class DataPlane:
             return
         exc = done.exception()
         response = self._error(exc, request) if exc is not None else done.result()
-        self._answer(c, response, keep_alive)
+        self._answer(c, response, keep_alive, request.method == "HEAD")
         if not c.closed:
             self._serve(c)
 
@@ -1107,6 +1165,7 @@ cdef class DataPlane:
         while inst.idle:
             u = inst.idle.pop()
             if not u.closed:
+                u.reused = True
                 self._send_upstream(f, u)
                 return
         if inst.open >= inst.max_connections:
@@ -1133,6 +1192,7 @@ cdef class DataPlane:
             u.closed = True
             inst.open -= 1
             self._failed(f, f"connect failed: {os.strerror(errno)}")
+            self._next_waiting(inst, None)
             return
         u.connecting = True
         self._watch(u.fd, u, EPOLLIN | EPOLLOUT)
@@ -1174,7 +1234,7 @@ cdef class DataPlane:
             self._upstream_data(u)
             return
         cdef long long end
-        if f.no_body:
+        if f.no_body or h.status == 204 or h.status == 304:
             body = u.inb.p
             length = 0
         elif h.chunked:
@@ -1192,9 +1252,6 @@ cdef class DataPlane:
                 return
             body = u.inb.p + h.size
             length = h.content_length
-        elif h.status == 204 or h.status == 304:
-            body = u.inb.p
-            length = 0
         else:
             return  # delimited by the connection's end: _upstream_eof finishes it
         keep = not h.conn_close if h.minor == 1 else h.conn_keep_alive
@@ -1327,10 +1384,14 @@ cdef class DataPlane:
 
     cdef void _upstream_failed(self, Upstream u, str why) except *:
         cdef Flight f = u.flight
+        cdef bint silent_reuse = u.reused and u.inb.n == 0 and not u.connecting
         u.flight = None
         self._close(u)
         if f is not None and f.conn is u:
             f.conn = None
+            if silent_reuse:  # an idle connection the instance closed as we sent: not its fault
+                self._connect(f, u.instance)
+                return
             self._failed(f, why)
 
     cdef void _failed(self, Flight f, str why) except *:
@@ -1344,7 +1405,10 @@ cdef class DataPlane:
         self.flights.discard(f)
         if f.future is not None:
             if not f.future.done():
-                f.future.set_result(f.on_finish(f.exchange, response))
+                try:
+                    f.future.set_result(f.on_finish(f.exchange, response))
+                except Exception as exc:
+                    f.future.set_exception(exc)
             return
         c = f.client
         f.client = None
@@ -1372,17 +1436,33 @@ cdef class DataPlane:
 
     # --- time ----------------------------------------------------------------------------
     def _sweep(self):
+        self.sweeper = self.loop.call_later(0.05, self._sweep)  # first: whatever happens below
         now = self.loop.time()
         for f in [f for f in self.flights if (<Flight>f).deadline <= now]:
-            self._timed_out(f)
+            self._guarded(self._time_out, f)
         for f in [f for f in self.flights if (<Flight>f).conn is not None and
                   (<Flight>f).conn.connecting and (<Flight>f).conn.connect_by <= now]:
-            self._upstream_failed((<Flight>f).conn, "connect timed out")
+            self._guarded(self._connect_timed_out, f)
         self.sweeps += 1
         if self.sweeps % 20 == 0:  # connection timeouts are seconds long: once a second
             for c in list(self.clients):
-                self._expire(c, now)
-        self.sweeper = self.loop.call_later(0.05, self._sweep)
+                self._guarded(self._expire_now, c)
+
+    def _guarded(self, step, item):
+        try:
+            step(item)
+        except Exception:
+            log.exception("data plane: a timeout failed")
+
+    def _connect_timed_out(self, Flight f):
+        if f.conn is not None:
+            self._upstream_failed(f.conn, "connect timed out")
+
+    def _expire_now(self, Client c):
+        self._expire(c, self.loop.time())
+
+    def _time_out(self, Flight f):
+        self._timed_out(f)
 
     cdef void _timed_out(self, Flight f) except *:
         if f.index >= 0:

@@ -414,7 +414,11 @@ class RateLimitFilter:
     def headers_of(self, route) -> list[str]:
         """The (lower-cased) request headers the route's limits are keyed by."""
         compiled = self._compile(route)
-        return [lim.header for lim in compiled.local + compiled.remote if lim.header]
+        limits = compiled.local + compiled.remote
+        names = [lim.header for lim in limits if lim.header]
+        if any(lim.kind == "token" for lim in limits):
+            names.append("authorization")  # a route without a token keys by what was sent
+        return names
 
     # --- deciding -----------------------------------------------------------------------
     def check(self, ex):
