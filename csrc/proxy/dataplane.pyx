@@ -441,7 +441,7 @@ cdef class LimitView:
 
 
 cdef class Flight:
-    """One request forwarded by the data plane: the C twin of csrc/proxy/forward.pyx."""
+    """One request forwarded by the data plane: tries, deadline, and whom to answer."""
     cdef Client client
     cdef Series series
     cdef object backend
@@ -1587,7 +1587,7 @@ cdef inline int memcmp_ct(const char* a, const char* b, size_t n) noexcept:
 
 
 cdef inline bint skip_request_header(Span name) noexcept:
-    """Hop-by-hop and gateway-set request headers (proxy_head.pyx's _REQUEST_SKIP)."""
+    """Hop-by-hop request headers, and those the gateway sets itself."""
     return span_is(name, b"connection", 10) or span_is(name, b"keep-alive", 10) or \
         span_is(name, b"proxy-connection", 16) or span_is(name, b"transfer-encoding", 17) or \
         span_is(name, b"te", 2) or span_is(name, b"upgrade", 7) or \
@@ -1597,7 +1597,7 @@ cdef inline bint skip_request_header(Span name) noexcept:
 
 
 cdef inline bint skip_response_header(Span name) noexcept:
-    """proxy_head.pyx's _RESPONSE_SKIP."""
+    """Hop-by-hop response headers, and those the gateway writes itself."""
     return span_is(name, b"connection", 10) or span_is(name, b"keep-alive", 10) or \
         span_is(name, b"transfer-encoding", 17) or span_is(name, b"content-length", 14) or \
         span_is(name, b"content-type", 12) or span_is(name, b"x-request-id", 12) or \
