@@ -701,7 +701,7 @@ cdef class DataPlane:
                 if client.closing:
                     self._close(conn)
                 else:
-                    self._serve(client)
+                    self._serve_next(client)
 
     cdef void _send(self, Conn conn, const char* p, size_t n) except *:
         """Write now what the socket takes; keep the rest for EPOLLOUT."""
@@ -803,6 +803,15 @@ cdef class DataPlane:
                 c.dispatching = False
                 buf_consume(&c.inb, body_end)
 
+    cdef void _serve_next(self, Client c) except *:
+        """_serve after an answer went out, from another connection's event or a callback:
+        a failure there is this client's, not the caller's connection's."""
+        try:
+            self._serve(c)
+        except Exception:
+            log.exception("data plane: serving a client failed")
+            self._close(c)
+
     cdef void _maybe_continue(self, Client c, Head* h) except *:
         if h.expect_continue and c.inb.n == h.size:
             self._send(c, PyBytes_AS_STRING(CONTINUE_100), PyBytes_GET_SIZE(CONTINUE_100))
@@ -866,7 +875,7 @@ cdef class DataPlane:
         response = self._error(exc, request) if exc is not None else done.result()
         self._answer(c, response, keep_alive, request.method == "HEAD")
         if not c.closed:
-            self._serve(c)
+            self._serve_next(c)
 
     cdef Response _error(self, exc, request):
         if self.answer_error is not None:
@@ -1001,7 +1010,7 @@ cdef class DataPlane:
         else:
             self._route_and_send(c, &h, body, keep_alive, fast, view.response_headers)
         if not c.closed and c.working is None:
-            self._serve(c)
+            self._serve_next(c)
 
     cdef void _route_and_send(self, Client c, Head* h, bytes body, bint keep_alive,
                               FastRoute fast, list added) except *:
@@ -1337,7 +1346,7 @@ cdef class DataPlane:
             if c.outb.n == 0:
                 self._close(c)
             return
-        self._serve(c)
+        self._serve_next(c)
 
     cdef Response _as_response(self, Head* h, const char* body, size_t length):
         """An upstream's answer as a Response (kept as the answer if no retry does better)."""
@@ -1422,7 +1431,7 @@ cdef class DataPlane:
             return
         self._answer(c, response, f.keep_alive)
         if not c.closed:
-            self._serve(c)
+            self._serve_next(c)
 
     cdef void _abandon(self, Flight f) except *:
         """The client left: its upstream exchange cannot be reused mid-stream."""
