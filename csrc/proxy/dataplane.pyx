@@ -34,7 +34,8 @@ from libc.stdlib cimport free, malloc, realloc, strtoll
 from libc.string cimport memchr, memcmp, memcpy, memmove
 
 from gateway._native.counters cimport Series
-from gateway._native.httpcore cimport Request, Response, error_response, status_line
+from gateway._native.httpcore cimport (Request, Response, answer_exception, error_response,
+                                       status_line)
 from gateway._native.picker cimport SmoothWeightedPicker
 
 cdef extern from "string.h" nogil:
@@ -878,16 +879,7 @@ cdef class DataPlane:
             self._serve_next(c)
 
     cdef Response _error(self, exc, request):
-        if self.answer_error is not None:
-            try:
-                response = self.answer_error(exc)
-            except Exception:
-                log.exception("answer_error failed on %r", exc)
-                response = None
-            if response is not None:
-                return response
-        log.error("handler failed on %s %s", request.method, request.path, exc_info=exc)
-        return error_response(500, "internal error")
+        return answer_exception(self.answer_error, exc, request)
 
     # --- forwarding ------------------------------------------------------------------------
     cdef bint _forward(self, Client c, Head* h, bytes body, bint keep_alive) except *:

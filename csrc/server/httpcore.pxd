@@ -23,3 +23,4 @@ cdef class Response:
 
 cpdef Response json_response(obj, int status=*, headers=*)
 cpdef Response error_response(int status, str message, headers=*)
+cpdef Response answer_exception(answer_error, exc, request)

@@ -85,6 +85,21 @@ cpdef Response error_response(int status, str message, headers=None):
     return json_response({"code": status, "message": message}, status, headers)
 
 
+cpdef Response answer_exception(answer_error, exc, request):
+    """A server's answer to a handler's exception: `answer_error(exc)`'s when it gives one,
+    else 500 (and a log line) for the unexpected."""
+    if answer_error is not None:
+        try:
+            response = answer_error(exc)
+        except Exception:
+            log.exception("answer_error failed on %r", exc)
+            response = None
+        if response is not None:
+            return response
+    log.error("handler failed on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal error")
+
+
 cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Pipelined requests queued beyond this pause reading until the queue drains.
 cdef Py_ssize_t _MAX_PENDING = 32
@@ -290,18 +305,7 @@ cdef class HttpConnection:
             self._serve_next()
 
     cdef Response _error(self, exc, request):
-        """The server's answer to a handler's exception; 500 (and a log) for the unexpected."""
-        answer_error = self.server.answer_error
-        if answer_error is not None:
-            try:
-                response = answer_error(exc)
-            except Exception:
-                log.exception("answer_error failed on %r", exc)
-                response = None
-            if response is not None:
-                return response
-        log.error("handler failed on %s %s", request.method, request.path, exc_info=exc)
-        return error_response(500, "internal error")
+        return answer_exception(self.server.answer_error, exc, request)
 
     cdef bint _write(self, Response response, bint keep_alive):
         """Send one response; False when the connection is done with."""
