@@ -369,7 +369,7 @@ cdef class Client(Conn):
 cdef class Upstream(Conn):
     cdef Instance instance
     cdef Flight flight
-    cdef bint connecting, head_done
+    cdef bint connecting
     cdef bint reused     # taken from the idle ones (the instance may have just closed it)
     cdef double connect_by
     cdef Head head
@@ -475,7 +475,6 @@ cdef class DataPlane:
     cdef readonly set clients
     cdef Py_ssize_t max_body_size
     cdef double idle_timeout, read_timeout
-    cdef readonly int inflight
     cdef readonly bint draining
     cdef object sweeper
     cdef long sweeps
@@ -504,7 +503,6 @@ cdef class DataPlane:
         self.instances = {}
         self.flights = set()
         self.clients = set()
-        self.inflight = 0
         self.draining = False
         self.backend_instances = {}
         self.ep = epoll_create1(EPOLL_CLOEXEC)
@@ -852,13 +850,11 @@ cdef class DataPlane:
         path, _, query = url.partition("?")
         method = PyBytes_FromStringAndSize(h.method.p, h.method.n).decode("latin-1")
         request = Request(method, path, query, headers, raw, body, c.peer, keep_alive)
-        self.inflight += 1
         try:
             response = self.handler(request)
         except Exception as exc:
             response = self._error(exc, request)
         if isinstance(response, Response):
-            self.inflight -= 1
             self._answer(c, response, keep_alive, method == "HEAD")
             return
         if not hasattr(response, "add_done_callback"):
@@ -867,7 +863,6 @@ cdef class DataPlane:
         response.add_done_callback(_Parked(self, c, request, keep_alive))
 
     cdef void _parked_done(self, Client c, done, request, bint keep_alive) except *:
-        self.inflight -= 1
         if c.working is done:
             c.working = None
         if done.cancelled() or c.closed:
@@ -899,12 +894,10 @@ cdef class DataPlane:
             return False
         cdef FastRoute fast = <FastRoute>entry
         cdef int i
-        cdef int auth = -1, request_id = -1
+        cdef int auth = -1
         for i in range(h.count):
             if span_is(h.names[i], b"authorization", 13):
                 auth = i
-            elif span_is(h.names[i], b"x-request-id", 12):
-                request_id = i
         if fast.token:
             if auth < 0 or h.values[auth].n != <size_t>PyBytes_GET_SIZE(fast.token) or \
                     memcmp_ct(h.values[auth].p, PyBytes_AS_STRING(fast.token),
@@ -1203,7 +1196,6 @@ cdef class DataPlane:
     cdef void _send_upstream(self, Flight f, Upstream u) except *:
         f.conn = u
         u.flight = f
-        u.head_done = False
         u.inb.n = 0
         cdef Buf* s = &self.scratch
         s.n = 0
