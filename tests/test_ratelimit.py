@@ -456,9 +456,8 @@ def test_per_key_isolation_and_headers(procs, tmp_path):
         assert [h["X-RateLimit-Remaining"] for _, _, h in seen] == ["2", "1", "0", "0"]
         assert all(h["X-RateLimit-Limit"] == "0.5" for _, _, h in seen)
         status, body, headers = seen[3]
-        assert json.loads(body) == {"code": 429, "message":
-                                    f"rate limit of 0.5 requests/s for header X-User={user} "
-                                    "exceeded"}
+        message = f"rate limit of 0.5 requests/s for header X-User={user} exceeded"
+        assert json.loads(body) == {"code": 429, "message": message, "error": message}
         assert headers["Retry-After"] == "2"    # one token every 2 s
     # Requests without the header share one bucket of their own.
     assert [post(url, b"x")[0] for _ in range(4)] == [200, 200, 200, 429]

@@ -81,8 +81,10 @@ cpdef Response json_response(obj, int status=200, headers=None):
 
 
 cpdef Response error_response(int status, str message, headers=None):
-    """Every error answers {"code": ..., "message": ...}."""
-    return json_response({"code": status, "message": message}, status, headers)
+    """Every error answers {"code": ..., "message": ..., "error": ...}: EAS clients read the
+    first two, Open Inference Protocol clients (tritonclient) the message as "error"."""
+    return json_response({"code": status, "message": message, "error": message}, status,
+                         headers)
 
 
 cpdef Response answer_exception(answer_error, exc, request):

@@ -33,7 +33,8 @@ buffer.
 Answers. `submit(deadline, source, finish, *args)` returns a Future: of
 `finish(call, outputs, *args)` (the worker encodes its response there, on the
 batch's thread) or, with `finish` None, of the outputs. `source` is a request body
-(decoded on the thread by the `decode` the batcher was given) or a `Call`. One
+(decoded on the thread by the `decode` the batcher was given), a job that decodes
+itself there (`source.decode()`: an Open Inference Protocol request), or a `Call`. One
 `call_soon_threadsafe` hands all the answers of a thread's round back to the loop.
 
 Admission and deadlines (gateway/worker/runner.py's InferenceThreads, as
@@ -155,7 +156,7 @@ class BatchingRunner(InferenceThreads):
         self.model = model
         self.settings = settings
         self.decode = decode  # request body -> Call, for submit() with a body
-        self.whole = whole    # (body, *args) -> (answer, rows): a lone body run whole
+        self.whole = whole    # (source, *args) -> (answer, rows): a lone source run whole
         self.max_rows = max(1, int(settings.max_batch_size))
         self.window = max(0, int(settings.max_batch_timeout)) / 1000.0
         self.eager = not on_accelerator(model)
@@ -213,7 +214,7 @@ class BatchingRunner(InferenceThreads):
             if job is None:
                 return
             if self.whole is not None and not self.pad_sizes and self.jobs.empty() and \
-                    isinstance(job[3][0], bytes) and (self.eager or not self.inflight):
+                    hasattr(job[3][0], "decode") and (self.eager or not self.inflight):
                 self._run_whole(job)  # nothing to merge it with, nothing to pad it to
                 continue
             answers = []
@@ -253,7 +254,8 @@ class BatchingRunner(InferenceThreads):
         if not self.claim(result):
             return 0
         try:
-            call = self.decode(source) if isinstance(source, bytes) else source
+            call = self.decode(source) if isinstance(source, bytes) else \
+                source.decode() if hasattr(source, "decode") else source
             key = call.batch_key
         except Exception as exc:  # a bad request: answered on its own
             answers.append((result, slot, exc))

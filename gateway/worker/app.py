@@ -2,7 +2,8 @@
 
 Routes: POST /api/predict/<service>[/<subpath>] (predict), GET of the same
 (signature JSON), /health (liveness), /ready (503 while warming up or
-draining), /metrics.
+draining), /metrics, and the Open Inference Protocol's under /v2 (oip.py;
+gRPC in oip_grpc.py).
 
 A predict request costs the event loop only its HTTP work: the handler returns
 the Future of a job, and the inference thread (or, with batching, the batch's
@@ -23,6 +24,7 @@ from ..server import HttpServer, Request, Response, error_response, json_respons
 from ..serviceconfig import RpcSettings
 from . import gpu_metrics, metrics
 from .model import BadInput, OnnxModel
+from .oip import OipFace
 from .processors import make_processor
 from .runner import DeadlineExceeded, QueueFull, ThreadedRunner
 from .user_code import UserProcessor
@@ -67,6 +69,7 @@ class WorkerApp:
             gpu_metrics.register()
         self.server = HttpServer(self.handle, max_body_size=max_body_size,
                                  answer_error=self.answer_error)
+        self.oip = OipFace(self, max_body_size)
         self.port = None
 
     async def listen(self, host: str, port: int, reuse_port: bool = False) -> int:
@@ -88,6 +91,8 @@ class WorkerApp:
                     return error_response(404, "a python processor has no model signature")
                 return self.signature
             return error_response(405, f"{request.method} is not allowed on {path}")
+        if path.startswith("/v2") and (len(path) == 3 or path[3] == "/"):
+            return self.oip.handle(request)
         if path == "/health":
             return _HEALTH
         if path == "/ready":
@@ -137,9 +142,11 @@ class WorkerApp:
     def _run(self, body: bytes, started: float) -> Response:
         return self._answer(self.processor.serve(body)[0], started)
 
-    def _run_whole(self, body: bytes, started: float) -> tuple[Response, int]:
-        """The response to one request run alone, and the rows it ran."""
-        answer, rows = self.processor.serve(body)
+    def _run_whole(self, source, started: float) -> tuple[Response, int]:
+        """The response to one request (a body, or a v2 job) run alone, and the rows it ran."""
+        if type(source) is not bytes:
+            return source.serve(started)
+        answer, rows = self.processor.serve(source)
         return self._answer(answer, started), rows
 
     def _encode(self, call, outputs: list, started: float) -> Response:
