@@ -19,23 +19,64 @@ Python side (checking a token, recording metrics, forwarding) is handed in.
 import os
 import time
 
+from libc.string cimport memchr, memcmp
+
 from gateway._native.httpcore cimport Response, error_response
 
-cdef str PREDICT = "/api/predict/"
 # Request ids: a random per-process prefix and a counter (uuid4 costs more per request).
 cdef str _ID_PREFIX = os.urandom(8).hex()
 cdef unsigned long long _id_counter = 0
 cdef object _perf_counter = time.perf_counter
 
 
+cdef inline const char* _segment_end(const char* p, const char* end) noexcept:
+    while p < end and p[0] != b'/':
+        p += 1
+    return p
+
+
+cdef bint route_target(const char* p, Py_ssize_t n, RouteTarget* t) noexcept:
+    """Split a request target that names a service; False when it names none.
+
+    /api/predict/<service>[/<subpath>]: the upstream gets the subpath after its
+    prefix (an EAS path, or an Open Inference Protocol one: /v2/...).
+    /v2/models/<service>[/...]: the upstream gets the whole v2 path after its
+    prefix (workers serve v2 under /api/predict/<service> too: gateway/worker/oip.py).
+    Either way a v2 path's /v2/models/<m>/versions/<v> names a version.
+    """
+    cdef const char* end = p + n
+    cdef const char* q = <const char*>memchr(p, b'?', n)
+    cdef const char* v2
+    t.path_end = q if q != NULL else end
+    end = t.path_end
+    if end - p >= 13 and memcmp(p, b"/api/predict/", 13) == 0:
+        t.service = p + 13
+        t.subpath = _segment_end(t.service, end)
+    elif end - p >= 11 and memcmp(p, b"/v2/models/", 11) == 0:
+        t.service = p + 11
+        t.subpath = p
+    else:
+        return False
+    t.service_n = _segment_end(t.service, end) - t.service
+    t.version_n = 0
+    v2 = t.subpath
+    if end - v2 > 11 and memcmp(v2, b"/v2/models/", 11) == 0:
+        q = _segment_end(v2 + 11, end)
+        if end - q > 10 and memcmp(q, b"/versions/", 10) == 0:
+            t.version = q + 10
+            t.version_n = _segment_end(t.version, end) - t.version
+    return True
+
+
 cdef class Exchange:
     """The one object every filter of the chain reads and annotates."""
 
-    def __init__(self, request, str service, str subpath, double started):
+    def __init__(self, request, str service, str subpath, str version, double started):
         global _id_counter
         self.request = request
         self.service = service
         self.subpath = subpath
+        self.version = version
         self.started = started
         self.route = None
         self.backend = None
@@ -81,9 +122,16 @@ cdef class AuthFilter:
 
 
 cdef class VersionFilter:
-    """The version (backend) that takes the request: a header rule, else the traffic shares."""
+    """The version (backend) that takes the request: the one a v2 path names, else a header
+    rule, else the traffic shares. (A v2 version that is none of the service's, such as
+    Triton's "1", is the upstream's to check.)"""
 
     def __call__(self, Exchange ex):
+        if ex.version:
+            backend = ex.route.versions.get(ex.version)
+            if backend is not None:
+                ex.backend = backend
+                return None
         backend, extra = ex.route.choose(ex.request.headers)
         if backend is None:
             return error_response(503, f"service {ex.service!r} has no version taking traffic")
@@ -108,9 +156,16 @@ cdef class Chain:
     cpdef object run(self, request):
         """A Response, a Future of one (forwarded), or a coroutine (a filter waited)."""
         cdef double started = _perf_counter()
-        cdef str path = request.path
-        service, _, subpath = path[len(PREDICT):].partition("/")
-        cdef Exchange ex = Exchange(request, service, "/" + subpath if subpath else "", started)
+        cdef bytes path = (<str>request.path).encode("latin-1")
+        cdef RouteTarget t
+        cdef const char* p = path
+        if not route_target(p, len(path), &t):
+            return error_response(404, f"no route for {request.path}")
+        cdef Exchange ex = Exchange(
+            request, p[t.service - p:t.service - p + t.service_n].decode("latin-1"),
+            p[t.subpath - p:t.path_end - p].decode("latin-1"),
+            p[t.version - p:t.version - p + t.version_n].decode("latin-1") if t.version_n else "",
+            started)
         cdef Py_ssize_t position
         for position in range(len(self.filters)):
             response = self.filters[position](ex)

@@ -33,6 +33,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.stdlib cimport free, malloc, realloc, strtoll
 from libc.string cimport memchr, memcmp, memcpy, memmove
 
+from gateway._native.chain cimport RouteTarget, route_target
 from gateway._native.counters cimport Series
 from gateway._native.httpcore cimport (Request, Response, answer_exception, error_response,
                                        status_line)
@@ -92,7 +93,6 @@ DEF MAX_HEAD = 65536
 DEF READ_CHUNK = 65536
 DEF MAX_TRIES = 3
 
-cdef bytes PREDICT = b"/api/predict/"
 cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes _ID_PREFIX = os.urandom(8).hex().encode()  # as the chain's request ids
 cdef unsigned long long _id_counter = 0
@@ -170,6 +170,21 @@ cdef inline bint has_token(Span s, const char* token, size_t n) noexcept:
         if end - start == n and strncasecmp(s.p + start, token, n) == 0:
             return True
     return False
+
+
+cdef int add_target(Buf* s, bytes prefix, const char* subpath, Py_ssize_t subpath_n,
+                    const char* query, Py_ssize_t query_n) except -1:
+    """The upstream request target: the backend's prefix (kept without a trailing slash),
+    the subpath (not a lone "/"), the query when not empty; "/" when all are empty."""
+    cdef size_t at = s.n
+    buf_bytes(s, prefix)
+    if subpath_n > 1:
+        buf_add(s, subpath, subpath_n)
+    if s.n == at:
+        buf_add(s, b"/", 1)
+    if query_n > 1:
+        buf_add(s, query, query_n)
+    return 0
 
 
 cdef inline bint token(const char* p, size_t n) noexcept:
@@ -880,16 +895,10 @@ cdef class DataPlane:
     cdef bint _forward(self, Client c, Head* h, bytes body, bint keep_alive) except *:
         """Forward a request of a fast route from here; False: the Python handler takes it."""
         global _id_counter
-        cdef Span target = h.target
-        cdef size_t plen = PyBytes_GET_SIZE(PREDICT)
-        if target.n <= plen or memcmp(target.p, PyBytes_AS_STRING(PREDICT), plen) != 0:
+        cdef RouteTarget t
+        if not route_target(h.target.p, h.target.n, &t):
             return False
-        cdef const char* svc = target.p + plen
-        cdef const char* stop = svc
-        cdef const char* tend = target.p + target.n
-        while stop < tend and stop[0] != b'/' and stop[0] != b'?':
-            stop += 1
-        entry = self.fast.get(PyBytes_FromStringAndSize(svc, stop - svc))
+        entry = self.fast.get(PyBytes_FromStringAndSize(t.service, t.service_n))
         if entry is None:
             return False
         cdef FastRoute fast = <FastRoute>entry
@@ -1001,15 +1010,15 @@ cdef class DataPlane:
                               FastRoute fast, list added) except *:
         """Version and instance choice, then off to the instance (the chain's Version filter
         and forward, compiled)."""
-        cdef size_t plen = PyBytes_GET_SIZE(PREDICT)
-        cdef const char* tend = h.target.p + h.target.n
-        cdef const char* stop = h.target.p + plen
-        while stop < tend and stop[0] != b'/' and stop[0] != b'?':
-            stop += 1
+        cdef RouteTarget t
+        route_target(h.target.p, h.target.n, &t)
         route = fast.route
         extra = None
         backend = None
-        if fast.ruleset is not None:  # Route.choose, reading only the headers the rules read
+        if t.version_n:  # a v2 path naming one of the service's versions
+            backend = route.versions.get(
+                PyBytes_FromStringAndSize(t.version, t.version_n).decode("latin-1"))
+        if backend is None and fast.ruleset is not None:  # Route.choose, on the rules' headers
             index = fast.ruleset.match(self._values(h, fast.rule_headers))
             if index >= 0:
                 backend, extra = route.rule_choices[index]
@@ -1034,15 +1043,9 @@ cdef class DataPlane:
         s.n = 0
         buf_add(s, h.method.p, h.method.n)
         buf_add(s, b" ", 1)
-        buf_bytes(s, backend.prefix)
-        # The subpath after the service (not a lone "/"), and the query when not empty.
-        cdef const char* query = <const char*>memchr(stop, b'?', tend - stop) \
-            if stop < tend else NULL
-        cdef const char* path_end = query if query != NULL else tend
-        if path_end - stop > 1:
-            buf_add(s, stop, path_end - stop)
-        if query != NULL and tend - query > 1:
-            buf_add(s, query, tend - query)
+        cdef const char* tend = h.target.p + h.target.n
+        add_target(s, backend.prefix, t.subpath, t.path_end - t.subpath, t.path_end,
+                   tend - t.path_end)
         extras = [extra] if extra is not None else []
         self._head_rest(s, h.names, h.values, h.count, extras, rid, backend)
         f = self._flight(backend, instances, body, fast.name, rid)
@@ -1067,11 +1070,9 @@ cdef class DataPlane:
         s.n = 0
         buf_bytes(s, (<str>request.method).encode("latin-1"))
         buf_add(s, b" ", 1)
-        buf_bytes(s, backend.prefix)
-        buf_bytes(s, (<str>ex.subpath).encode("latin-1"))
-        if request.query:
-            buf_add(s, b"?", 1)
-            buf_bytes(s, (<str>request.query).encode("latin-1"))
+        cdef bytes subpath = (<str>ex.subpath).encode("latin-1")
+        cdef bytes query = ("?" + request.query).encode("latin-1") if request.query else b""
+        add_target(s, backend.prefix, subpath, len(subpath), query, len(query))
         cdef list raw = request.raw_headers
         cdef int count = min(len(raw), MAX_HEADERS), i
         cdef Span names[MAX_HEADERS]

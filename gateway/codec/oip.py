@@ -25,6 +25,7 @@ import math
 import numpy as np
 import orjson
 
+from .. import __version__
 from .tensors import CodecError
 
 OBJECT = np.dtype(object)
@@ -48,7 +49,12 @@ CONTENTS_FIELDS = {
     "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
 
-_U32 = np.dtype("<u4")
+# What GET /v2 answers, on workers and on the gateway.
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+
+
+def server_metadata() -> dict:
+    return {"name": "infergate", "version": __version__, "extensions": EXTENSIONS}
 
 
 def datatype_name(dtype: np.dtype) -> str:

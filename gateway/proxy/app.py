@@ -15,6 +15,7 @@ from ..ratelimit import RateLimitFilter
 from ..routing.health import HealthChecker
 from ..routing.table import RouteTable
 from ..server import Request, Response, error_response, json_response
+from ..codec.oip import server_metadata
 from .. import auth
 from .._native.chain import AuthFilter, Chain, RouteFilter, VersionFilter
 from .._native.dataplane import DataPlane
@@ -27,6 +28,11 @@ PREDICT = "/api/predict/"
 DISCOVERY = ("/api/v1/servicediscovery/upstreams/",
              "/exported/apis/eas.alibaba-inc.k8s.io/v1/upstreams/")
 _OK = json_response({"status": "ok"})
+# The Open Inference Protocol: /v2/models/<service>/... is a service's, like /api/predict/.
+V2_MODELS = "/v2/models/"
+V2_SELF = ("/v2", "/v2/", "/v2/health/live", "/v2/health/ready")
+_V2_METADATA = json_response(server_metadata())
+_EMPTY_OK = Response(200, b"", None, "text/plain")
 
 
 class GatewayApp:
@@ -122,8 +128,14 @@ class GatewayApp:
     # --- requests ----------------------------------------------------------------------
     def handle(self, request: Request):
         path = request.path
-        if path.startswith(PREDICT):
+        if path.startswith(PREDICT) or path.startswith(V2_MODELS):
             return self.chain.run(request)
+        if path in V2_SELF:  # the gateway's own v2 liveness, readiness and metadata
+            if request.method != "GET":
+                return error_response(405, f"{request.method} is not allowed on {path}")
+            if path == "/v2/health/ready" and not (self.ready and not self.dataplane.draining):
+                return error_response(503, "not ready")
+            return _V2_METADATA if path.startswith("/v2") and len(path) <= 4 else _EMPTY_OK
         for prefix in DISCOVERY:
             if path.startswith(prefix):
                 return self.discovery(path[len(prefix):].split("/")[0])

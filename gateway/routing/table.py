@@ -46,7 +46,7 @@ class Route:
     """An endpoint clients call: /api/predict/<name>."""
 
     __slots__ = ("name", "token", "ruleset", "rule_choices", "traffic", "traffic_picker",
-                 "rate_limits", "record")
+                 "rate_limits", "record", "versions")
 
     def __init__(self, record, backends_by_name):
         self.name = record.name
@@ -54,6 +54,10 @@ class Route:
         self.token = record.token or ""
         self.rate_limits = (record.config.get("metadata") or {}).get("rate_limits") or []
         shares = record.traffic or {record.name: 100}
+        # The versions a request may name (an Open Inference Protocol model_version).
+        self.versions = {t: backends_by_name[t] for t in
+                         list(shares) + [r.get("target") for r in record.rules]
+                         if t in backends_by_name}
         self.traffic = [(backends_by_name[t], int(w)) for t, w in shares.items()
                         if t in backends_by_name and int(w) > 0]
         # A stopped version (or one with no instances) gives its share to the others;
@@ -188,7 +192,9 @@ class RouteTable:
             members.append(pool)
             weights.append(weight)
         settings = rpc_settings(config.get("metadata"))
-        prefix = config.get("upstream_path") or f"/api/predict/{name}"
+        # Kept without a trailing slash: the subpath brings its own ("/" + "/v2/..." is not
+        # the path a Triton behind upstream_path "/" serves).
+        prefix = (config.get("upstream_path") or f"/api/predict/{name}").rstrip("/")
         return Backend(name, prefix.encode("latin-1"), members, weights,
                        settings.keepalive / 1000.0 + DEADLINE_MARGIN, record.token, record.status)
 

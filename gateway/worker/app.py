@@ -84,6 +84,9 @@ class WorkerApp:
     def handle(self, request: Request):
         path = request.path
         if path == self.prefix or path.startswith(self.prefix + "/"):
+            if path.startswith("/v2", len(self.prefix)) and (
+                    len(path) == len(self.prefix) + 3 or path[len(self.prefix) + 3] == "/"):
+                return self.oip.handle(request, path[len(self.prefix):], named=False)
             if request.method == "POST":
                 return self.predict(request)
             if request.method == "GET":
@@ -92,7 +95,7 @@ class WorkerApp:
                 return self.signature
             return error_response(405, f"{request.method} is not allowed on {path}")
         if path.startswith("/v2") and (len(path) == 3 or path[3] == "/"):
-            return self.oip.handle(request)
+            return self.oip.handle(request, path)
         if path == "/health":
             return _HEALTH
         if path == "/ready":

@@ -1,6 +1,7 @@
 """The worker's Open Inference Protocol (KServe v2) face, beside its EAS routes.
 
-Routes: GET /v2 (server metadata), /v2/health/live, /v2/health/ready,
+Routes (also under /api/predict/<service>, where the service, not the model name
+in the path, says which model): GET /v2 (server metadata), /v2/health/live, /v2/health/ready,
 /v2/models/<m>[/versions/<v>] (model metadata), .../ready, .../config (what
 perf_analyzer reads: max_batch_size, the tensors, dynamic_batching); POST
 .../infer with JSON data or the binary tensor extension, gzip or deflate
@@ -19,7 +20,7 @@ from __future__ import annotations
 import time
 import zlib
 
-from .. import __version__, auth
+from .. import auth
 from ..codec import oip
 from ..codec.tensors import CodecError
 from ..server import Response, error_response, json_response
@@ -27,14 +28,9 @@ from . import metrics
 from .model import BadInput
 from .processors.base import Call
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 PLATFORM = "onnxruntime_onnx"
 _JSON = "application/json"
 _EMPTY_OK = Response(200, b"", None, "text/plain")
-
-
-def server_metadata() -> dict:
-    return {"name": "infergate", "version": __version__, "extensions": EXTENSIONS}
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -109,7 +105,7 @@ class OipFace:
         self.model = app.model
         self.max_body_size = max_body_size
         self.prefix = f"/v2/models/{self.name}"
-        self._server = json_response(server_metadata())
+        self._server = json_response(oip.server_metadata())
         if self.model is not None:
             self.metadata = self._metadata()
             self.config = self._config()
@@ -152,11 +148,12 @@ class OipFace:
     def ready(self) -> bool:
         return not self.app.server.draining and self.app.warm_up.done
 
-    def model_error(self, name: str, version: str) -> str | None:
-        """Why (name, version) is not this worker's model, or None when it is."""
+    def model_error(self, name: str | None, version: str) -> str | None:
+        """Why (name, version) is not this worker's model, or None when it is (name None:
+        any, the path named the service already)."""
         if self.model is None:
             return "a python processor does not serve the Open Inference Protocol"
-        if name != self.name:
+        if name is not None and name != self.name:
             return f"unknown model {name!r}; this worker serves {self.name!r}"
         if version and version != self.name:
             return f"model {name!r} has no version {version!r}; its version is {self.name!r}"
@@ -164,9 +161,10 @@ class OipFace:
 
     # -- HTTP --------------------------------------------------------------------------------
 
-    def handle(self, request):
-        """A Response, or a Future of one, for a path under /v2."""
-        path = request.path
+    def handle(self, request, path: str, named: bool = True):
+        """A Response, or a Future of one, for a v2 `path` (/v2...): the request's own, or
+        what follows /api/predict/<service> (then `named` is False: the model's name in
+        the path is the client's, and the service is this one)."""
         if path == "/v2" or path == "/v2/":
             return self._get(request, self._server)
         if path == "/v2/health/live":
@@ -181,7 +179,7 @@ class OipFace:
         if len(rest) >= 2 and rest[0] == "versions":
             version, rest = rest[1], rest[2:]
         action = rest[0] if len(rest) == 1 else "" if not rest else None
-        wrong = self.model_error(name, version)
+        wrong = self.model_error(name if named else None, version)
         if wrong is not None:
             return error_response(404, wrong)
         if action == "infer":
