@@ -12,7 +12,8 @@ from .errors import CliError
 
 def register(sub) -> None:
     p = sub.add_parser("worker", help="serve one model instance",
-                       description="Serve one model instance over HTTP in the EAS protocol.")
+                       description="Serve one model instance over HTTP (the EAS protocol and the Open "
+                                   "Inference Protocol) and, with --grpc-port, gRPC.")
     p.add_argument("--service", required=True, help="service name (the path /api/predict/NAME)")
     p.add_argument("--model", help="ONNX model file (or the .py entry for --processor python)")
     p.add_argument("--processor", default="tensorflow",
@@ -21,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--processor-entry", help="python processor: FILE.py[:Class]")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--grpc-port", type=int,
+                   help="also serve the Open Inference Protocol over gRPC on this port "
+                        "(0 picks a free one; default: no gRPC)")
     p.add_argument("--token", default=os.environ.get("INFERGATE_SERVICE_TOKEN", ""),
                    help="require this service token (raw or EAS signature)")
     p.add_argument("--metadata", help="service metadata as JSON (rpc.* keys); flags below win")
@@ -84,16 +88,21 @@ def run(args) -> int:
         app = WorkerApp(args.service, settings, args.model, processor, args.token,
                         args.processor_entry, args.max_body_mb << 20, args.intra_op_threads,
                         device, options)
-        port = await app.listen(args.host, port_for_all, reuse_port=processes > 1)
+        port = await app.listen(args.host, port_for_all, reuse_port=processes > 1,
+                                grpc_port=grpc_port_for_all)
         if args.registry:
             return Registration(app, args.registry, args.advertise_host or args.host, port,
                                 args.weight, follow_token=not args.token)
         return app
 
-    port_for_all = args.port
-    if processes > 1 and not port_for_all:
+    port_for_all, grpc_port_for_all = args.port, args.grpc_port
+    if processes > 1:
         from ..control.launcher import free_port
 
-        port_for_all = free_port(args.host)  # every process must listen on the same one
+        # Every process must listen on the same ports (gRPC shares its port by default).
+        if not port_for_all:
+            port_for_all = free_port(args.host)
+        if grpc_port_for_all == 0:
+            grpc_port_for_all = free_port(args.host)
     run_app(make_app, processes)
     return 0

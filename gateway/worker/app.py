@@ -70,15 +70,26 @@ class WorkerApp:
         self.server = HttpServer(self.handle, max_body_size=max_body_size,
                                  answer_error=self.answer_error)
         self.oip = OipFace(self, max_body_size)
-        self.port = None
+        self.max_body_size = max_body_size
+        self.grpc = None
+        self.port = self.grpc_port = None
 
-    async def listen(self, host: str, port: int, reuse_port: bool = False) -> int:
+    async def listen(self, host: str, port: int, reuse_port: bool = False,
+                     grpc_port: int | None = None) -> int:
+        """Serve HTTP on host:port, and gRPC on host:grpc_port unless it is None (0: any)."""
         loop = asyncio.get_running_loop()
         self.runner.bind(loop)
         if self.batcher is not None:
             self.batcher.bind(loop)
         self.port = await self.server.listen(host, port, reuse_port)
         log.info("worker for service %r listening on %s:%d", self.service, host, self.port)
+        if grpc_port is not None and self.model is not None:
+            from .oip_grpc import GrpcFace
+
+            self.grpc = GrpcFace(self.oip, self.max_body_size)
+            self.grpc_port = await self.grpc.listen(host, grpc_port)
+            log.info("worker for service %r serving gRPC on %s:%d", self.service, host,
+                     self.grpc_port)
         return self.port
 
     def handle(self, request: Request):
@@ -169,9 +180,15 @@ class WorkerApp:
     async def start(self) -> None:
         """Warm the model up at its batch sizes; /ready answers 503 until it is done."""
         await asyncio.get_running_loop().run_in_executor(None, self.warm_up.run)
+        if self.grpc is not None:
+            await self.grpc.set_serving(True)
 
     async def stop(self) -> None:
-        await self.server.drain(timeout=self.settings.keepalive / 1000.0 + 5)
+        grace = self.settings.keepalive / 1000.0 + 5
+        if self.grpc is not None:
+            await asyncio.gather(self.server.drain(timeout=grace), self.grpc.stop(grace))
+        else:
+            await self.server.drain(timeout=grace)
         await asyncio.get_running_loop().run_in_executor(None, self.runner.close)
         if self.batcher is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)

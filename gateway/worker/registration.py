@@ -34,7 +34,8 @@ class Registration:
         self.client = open_registration_client(registry_url)
         self.instance = dict(service=app.service, instance_id=f"{host}:{port}", ip=host, port=port,
                              weight=weight, healthy=True, registered_at=time.time(),
-                             heartbeat_at=time.time(), meta={})
+                             heartbeat_at=time.time(),
+                             meta={"grpc_port": app.grpc_port} if app.grpc_port else {})
         self.service_gone = False
         self.follow_token = follow_token
         self._task = None
