@@ -11,10 +11,14 @@ DEFAULT_STATE_DIR = os.path.join(os.path.expanduser("~"), ".infergate")
 
 def register(sub) -> None:
     p = sub.add_parser("gateway", help="serve the gateway",
-                       description="Serve /api/predict/<service>, endpoint discovery, /metrics "
-                                   "and the admin API.")
+                       description="Serve /api/predict/<service> and the Open Inference "
+                                   "Protocol (/v2/models/<service>, and gRPC with --grpc-port), "
+                                   "endpoint discovery, /metrics and the admin API.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--grpc-port", type=int,
+                   help="also serve the Open Inference Protocol over gRPC on this port "
+                        "(default: no gRPC)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--state-dir", default=os.environ.get("INFERGATE_STATE_DIR"),
                        help=f"embedded state store directory (default {DEFAULT_STATE_DIR})")
@@ -52,8 +56,9 @@ def run(args) -> int:
                        f"got {args.registry!r}; use --state-dir for the embedded store")
     if args.state_dir and os.path.exists(args.state_dir) and not os.path.isdir(args.state_dir):
         raise CliError(f"--state-dir {args.state_dir!r} exists and is not a directory")
-    if not 0 < args.port < 65536:
-        raise CliError(f"--port must be from 1 to 65535, got {args.port}")
+    for flag, port in (("--port", args.port), ("--grpc-port", args.grpc_port)):
+        if port is not None and not 0 < port < 65536:
+            raise CliError(f"{flag} must be from 1 to 65535, got {port}")
     configure_logging(args.log_level)
     location = args.registry or args.state_dir or DEFAULT_STATE_DIR
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -66,7 +71,7 @@ def run(args) -> int:
         app = GatewayApp(open_store(location), args.admin_token, args.max_body_mb << 20,
                          args.health_interval)
         attach_control_plane(app, location, f"http://{host}:{args.port}")
-        app.bind(args.host, args.port, reuse_port=args.processes > 1)
+        app.bind(args.host, args.port, reuse_port=args.processes > 1, grpc_port=args.grpc_port)
         return app
 
     run_app(make_app, args.processes)

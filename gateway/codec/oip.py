@@ -49,6 +49,16 @@ CONTENTS_FIELDS = {
     "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
 
+# The gRPC service's name on the wire (our messages live in our own proto package).
+GRPC_SERVICE = "inference.GRPCInferenceService"
+
+
+def grpc_options(max_message: int) -> list:
+    """gRPC messages past the 4 MB default: as large as the HTTP side's body limit."""
+    return [("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message)]
+
+
 # What GET /v2 answers, on workers and on the gateway.
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 
@@ -354,3 +364,85 @@ def fill_grpc_response(response, names, arrays) -> None:
         tensor.datatype = datatype_name(array.dtype)
         tensor.shape.extend(array.shape)
         response.raw_output_contents.append(to_raw(array))
+
+
+# -- gRPC <-> HTTP, for the gateway's gRPC port ------------------------------------------
+
+
+def http_from_grpc(request) -> tuple:
+    """(body, header length) of the HTTP infer request that says what a ModelInferRequest
+    says, every tensor in binary."""
+    raw = list(request.raw_input_contents)
+    if not raw:  # typed contents: decoded once, to raw bytes
+        feeds = feeds_from_grpc(request)
+        raw = [to_raw(feeds[tensor.name]) for tensor in request.inputs]
+    elif len(raw) != len(request.inputs):
+        raise CodecError(f"raw_input_contents has {len(raw)} entries for "
+                         f"{len(request.inputs)} inputs")
+    header = {"inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
+                          "parameters": {"binary_data_size": len(data)}}
+                         for t, data in zip(request.inputs, raw)]}
+    if request.id:
+        header["id"] = request.id
+    if request.outputs:
+        header["outputs"] = [{"name": o.name, "parameters": {"binary_data": True}}
+                             for o in request.outputs]
+    else:
+        header["parameters"] = {"binary_data_output": True}
+    head = orjson.dumps(header)
+    return b"".join([head, *raw]), len(head)
+
+
+def grpc_from_http(body: bytes, header_length, response) -> None:
+    """Fill a ModelInferResponse from an HTTP infer answer (binary or JSON outputs)."""
+    size = int(header_length) if header_length is not None else len(body)
+    document = orjson.loads(body[:size])
+    rest = memoryview(body)[size:]
+    at = 0
+    response.model_name = document.get("model_name", "")
+    response.model_version = document.get("model_version", "")
+    response.id = document.get("id") or ""
+    for tensor in document.get("outputs", []):
+        out = response.outputs.add()
+        out.name = tensor["name"]
+        out.datatype = tensor["datatype"]
+        out.shape.extend(tensor["shape"])
+        length = (tensor.get("parameters") or {}).get("binary_data_size")
+        if length is not None:
+            response.raw_output_contents.append(bytes(rest[at:at + length]))
+            at += length
+        else:
+            dtype = dtype_of(tensor["datatype"], f"output {out.name!r}")
+            response.raw_output_contents.append(to_raw(from_json(
+                tensor["data"], dtype, tuple(tensor["shape"]), f"output {out.name!r}")))
+
+
+def metadata_message(document: dict):
+    """A ModelMetadataResponse from the JSON an HTTP model-metadata GET answers."""
+    from ..protos import oip_pb2 as pb
+
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=document.get("name", ""), versions=document.get("versions", []),
+        platform=document.get("platform", ""),
+        inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+                for t in document.get("inputs", [])],
+        outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+                 for t in document.get("outputs", [])])
+
+
+def config_message(document: dict):
+    """A ModelConfigResponse from the JSON an HTTP model-config GET answers."""
+    from ..protos import oip_pb2 as pb
+
+    config = pb.ModelConfig(
+        name=document.get("name", ""), platform=document.get("platform", ""),
+        backend=document.get("backend", ""), max_batch_size=document.get("max_batch_size", 0),
+        input=[pb.ModelInput(name=t["name"], data_type=t["data_type"], dims=t["dims"])
+               for t in document.get("input", [])],
+        output=[pb.ModelOutput(name=t["name"], data_type=t["data_type"], dims=t["dims"])
+                for t in document.get("output", [])])
+    batching = document.get("dynamic_batching")
+    if batching is not None:
+        config.dynamic_batching.CopyFrom(pb.ModelDynamicBatching(**batching))
+    return pb.ModelConfigResponse(config=config)

@@ -57,7 +57,10 @@ class GatewayApp:
         self.admin = None  # the control plane mounts its handler here (/admin/...)
         self._rebuild_pending = False
         self._address = None
-        self.port = None
+        self._grpc_port = None
+        self.max_body_size = max_body_size
+        self.grpc = None  # the gRPC port's front (grpc_front.py), when it has one
+        self.port = self.grpc_port = None
         self.ready = False
         self.stopping = False
 
@@ -91,9 +94,12 @@ class GatewayApp:
             if pool in backend.pools:
                 metrics.instance_up(name, f"{pool.ip}:{pool.port}", pool.healthy)
 
-    def bind(self, host: str, port: int, reuse_port: bool = False) -> None:
-        """Where start() listens: only once the route table is loaded."""
+    def bind(self, host: str, port: int, reuse_port: bool = False,
+             grpc_port: int | None = None) -> None:
+        """Where start() listens (gRPC too, unless grpc_port is None): only once the route
+        table is loaded."""
         self._address = (host, port, reuse_port)
+        self._grpc_port = grpc_port
 
     async def start(self) -> None:
         await self.store.start()
@@ -107,6 +113,12 @@ class GatewayApp:
                                         reuse_port=reuse_port)
             self.dataplane.listen(sock)
             self.port = sock.getsockname()[1]
+            if self._grpc_port is not None:
+                from .grpc_front import GrpcFront
+
+                self.grpc = GrpcFront(self, self.max_body_size)
+                self.grpc_port = await self.grpc.listen(host, self._grpc_port)
+                log.info("gateway serving gRPC on %s:%d", host, self.grpc_port)
         self.health.start()
         if self.admin is not None:
             await self.admin.start()
@@ -115,7 +127,10 @@ class GatewayApp:
     async def stop(self) -> None:
         self.ready = False
         self.stopping = True
-        await self.dataplane.drain()
+        if self.grpc is not None:
+            await asyncio.gather(self.dataplane.drain(), self.grpc.stop(5.0))
+        else:
+            await self.dataplane.drain()
         self.health.stop()
         if self.admin is not None:
             await self.admin.stop()

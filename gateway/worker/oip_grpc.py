@@ -33,15 +33,6 @@ from .runner import DeadlineExceeded, QueueFull
 
 log = logging.getLogger("infergate.worker")
 
-SERVICE = "inference.GRPCInferenceService"
-
-
-def channel_options(max_message: int) -> list:
-    """Messages past gRPC's 4 MB default: as large as the HTTP side's body limit."""
-    return [("grpc.max_receive_message_length", max_message),
-            ("grpc.max_send_message_length", max_message)]
-
-
 class GrpcInferJob:
     """One ModelInferRequest for an inference thread."""
 
@@ -87,7 +78,7 @@ class GrpcFace:
     def __init__(self, face, max_message: int):
         self.face = face
         self.app = face.app
-        self.server = aio.server(options=channel_options(max_message))
+        self.server = aio.server(options=oip.grpc_options(max_message))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         unary = {
@@ -109,25 +100,12 @@ class GrpcFace:
             self.model_stream_infer, request_deserializer=pb.ModelInferRequest.FromString,
             response_serializer=pb.ModelStreamInferResponse.SerializeToString)
         self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE, handlers),))
+            (grpc.method_handlers_generic_handler(oip.GRPC_SERVICE, handlers),))
         self._metadata = self._config = None
         if face.model is not None:
-            self._metadata = pb.ModelMetadataResponse(
-                name=face.name, versions=[face.name], platform=face.metadata["platform"],
-                inputs=[pb.ModelMetadataResponse.TensorMetadata(**t)
-                        for t in face.metadata["inputs"]],
-                outputs=[pb.ModelMetadataResponse.TensorMetadata(**t)
-                         for t in face.metadata["outputs"]])
-            config = dict(face.config)
-            config["input"] = [pb.ModelInput(name=t["name"], data_type=t["data_type"],
-                                             dims=t["dims"]) for t in config["input"]]
-            config["output"] = [pb.ModelOutput(name=t["name"], data_type=t["data_type"],
-                                               dims=t["dims"]) for t in config["output"]]
-            if "dynamic_batching" in config:
-                config["dynamic_batching"] = pb.ModelDynamicBatching(**config["dynamic_batching"])
-            self._config = pb.ModelConfigResponse(config=pb.ModelConfig(**config))
-        meta = oip.server_metadata()
-        self._server_metadata = pb.ServerMetadataResponse(**meta)
+            self._metadata = oip.metadata_message(face.metadata)
+            self._config = oip.config_message(face.config)
+        self._server_metadata = pb.ServerMetadataResponse(**oip.server_metadata())
 
     async def listen(self, host: str, port: int) -> int:
         bound = self.server.add_insecure_port(f"{host}:{port}")
