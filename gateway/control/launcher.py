@@ -591,6 +591,8 @@ class Launcher:
                 "--metadata", json.dumps(meta)]
         if spec.model:
             args += ["--model", spec.model]
+        if spec.processor != "python":  # v2 over gRPC too, on a port the registry lists
+            args += ["--grpc-port", "0"]
         if spec.entry:
             args += ["--processor-entry", spec.entry]
         if "workers" in meta and "rpc.worker_threads" not in meta and not isinstance(

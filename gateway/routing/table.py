@@ -89,10 +89,13 @@ class Route:
 
 
 def _endpoint_list(record, instances):
+    """(ip, port, weight, healthy, gRPC port or None) of each instance."""
     endpoints = record.config.get("endpoints")
     if endpoints:
-        return [(ep["ip"], int(ep["port"]), int(ep.get("weight", 100)), True) for ep in endpoints]
-    return [(i.ip, int(i.port), int(i.weight), bool(i.healthy)) for i in instances]
+        return [(ep["ip"], int(ep["port"]), int(ep.get("weight", 100)), True,
+                 ep.get("grpc_port")) for ep in endpoints]
+    return [(i.ip, int(i.port), int(i.weight), bool(i.healthy), i.meta.get("grpc_port"))
+            for i in instances]
 
 
 def _health_path(config: dict):
@@ -182,11 +185,12 @@ class RouteTable:
         members = []
         weights = []
         health_path = _health_path(config)
-        for ip, port, weight, healthy in _endpoint_list(record, instances):
+        for ip, port, weight, healthy, grpc_port in _endpoint_list(record, instances):
             key = (ip, port)
             pool = self.pools.get(key) or old_pools.get(key) or InstancePool(
                 ip, port, max_connections)
             pool.registry_healthy = healthy
+            pool.grpc_port = int(grpc_port) if grpc_port else None
             pool.health_path = health_path
             self.pools[key] = pool
             members.append(pool)
@@ -202,13 +206,15 @@ class RouteTable:
         """The instances a direct-connect client of `service` may call, or None if unknown.
 
         A service's own healthy, non-draining instances: they serve its name and
-        check its token. Traffic shares, releases and header rules are the
+        check its token, over EAS and v2 HTTP on `port` and v2 gRPC on `grpc_port` (where
+        the instance has one). Traffic shares, releases and header rules are the
         gateway's to apply; direct clients bypass them, as in EAS.
         """
         backend = self.backends.get(service)
         if backend is None:
             return None
-        return [{"app": service, "ip": pool.ip, "port": pool.port, "weight": weight}
+        return [{"app": service, "ip": pool.ip, "port": pool.port, "weight": weight,
+                 **({"grpc_port": pool.grpc_port} if pool.grpc_port else {})}
                 for pool, weight in zip(backend.pools, backend.picker.weights())
                 if weight > 0 and pool.healthy]
 

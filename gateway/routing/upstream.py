@@ -21,6 +21,7 @@ class InstancePool:
         self.check_healthy = True
         self.registry_healthy = True
         self.health_path = "/health"  # None: a TCP connect is the health check
+        self.grpc_port = None  # where the instance serves v2 over gRPC, if it does
         self.closed = False  # the instance left the route table
 
     @property

@@ -15,8 +15,9 @@
 from .client import PredictClient
 from .core import ENDPOINT_TYPE_DEFAULT, ENDPOINT_TYPE_DIRECT, ENDPOINT_TYPE_GATEWAY
 from .errors import PredictException
-from .requests import (CaffeRequest, CaffeResponse, Request, Response, StringRequest,
-                       StringResponse, TFRequest, TFResponse, TorchRequest, TorchResponse)
+from .requests import (CaffeRequest, CaffeResponse, InferRequest, InferResponse, Request,
+                       Response, StringRequest, StringResponse, TFRequest, TFResponse,
+                       TorchRequest, TorchResponse)
 
 
 def __getattr__(name: str):
@@ -31,5 +32,6 @@ __all__ = [
     "PredictClient", "AsyncPredictClient", "PredictException",
     "ENDPOINT_TYPE_GATEWAY", "ENDPOINT_TYPE_DIRECT", "ENDPOINT_TYPE_DEFAULT",
     "Request", "Response", "StringRequest", "StringResponse", "TFRequest", "TFResponse",
-    "TorchRequest", "TorchResponse", "CaffeRequest", "CaffeResponse",
+    "TorchRequest", "TorchResponse", "CaffeRequest", "CaffeResponse", "InferRequest",
+    "InferResponse",
 ]

@@ -259,8 +259,7 @@ class AsyncPredictClient(ClientSettings):
         table = self.table
         if table is None:
             raise PredictException(500, "await init() before predict()")
-        body, headers = self._encode(req)
-        start = self.start_line
+        start, body, headers = self._encode(req)
         timeout = self.timeout / 1000.0
         attempts = self._attempts(table)
         while (inst := attempts.next()) is not None:

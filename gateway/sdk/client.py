@@ -63,8 +63,7 @@ class PredictClient(ClientSettings):
         table = self.table
         if table is None:
             raise PredictException(500, "call init() before predict()")
-        body, headers = self._encode(req)
-        start = self.start_line
+        start, body, headers = self._encode(req)
         timeout = self.timeout / 1000.0
         attempts = self._attempts(table)
         while (inst := attempts.next()) is not None:

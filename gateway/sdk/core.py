@@ -398,22 +398,28 @@ class ClientSettings:
         self.default_content_type = (self.content_type or self.headers.get("Content-Type")
                                      or DEFAULT_CONTENT_TYPE)
 
-    def _encode(self, req) -> tuple[bytes, bytes]:
-        """The body and the header lines (after Host) of one request."""
+    def _encode(self, req) -> tuple[bytes, bytes, bytes]:
+        """The start line, the body and the header lines (after Host) of one request (a
+        v2 InferRequest names its subpath and adds its own headers)."""
         body = req.to_string()
         if isinstance(body, str):
             body = body.encode("utf-8")
         elif not isinstance(body, bytes):
             body = bytes(body)
+        subpath = req.subpath(self.service_name) if hasattr(req, "subpath") else ""
+        start = self.start_line if not subpath else \
+            f"POST {self.path}{subpath} HTTP/1.1\r\n".encode("latin-1")
         content_type = getattr(req, "content_type", None) or self.default_content_type
         if self.token:
-            signed = auth.sign(self.token, body, self.service_name, content_type)
+            signed = auth.sign(self.token, body, self.service_name + subpath, content_type)
             lines = (f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
                      f"Content-MD5: {signed['Content-MD5']}\r\nDate: {signed['Date']}\r\n"
                      f"Authorization: {signed['Authorization']}\r\n")
         else:
             lines = f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-        return body, lines.encode("latin-1") + self.static_headers
+        if hasattr(req, "extra_headers"):
+            lines += "".join(f"{k}: {v}\r\n" for k, v in req.extra_headers().items())
+        return start, body, lines.encode("latin-1") + self.static_headers
 
     def _count(self, key: str) -> None:
         with self._count_lock:
