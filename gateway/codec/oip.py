@@ -53,6 +53,17 @@ CONTENTS_FIELDS = {
 GRPC_SERVICE = "inference.GRPCInferenceService"
 
 
+def parse_infer_request(data: bytes):
+    """A ModelInferRequest from its bytes (handlers take them raw, so that a message that
+    does not parse is the client's INVALID_ARGUMENT, not the server's INTERNAL)."""
+    from ..protos import oip_pb2 as pb
+
+    try:
+        return pb.ModelInferRequest.FromString(data)
+    except Exception as exc:  # DecodeError, and others on odd bytes
+        raise CodecError(f"the ModelInferRequest does not parse: {exc}") from None
+
+
 def grpc_options(max_message: int) -> list:
     """gRPC messages past the 4 MB default: as large as the HTTP side's body limit."""
     return [("grpc.max_receive_message_length", max_message),
@@ -379,6 +390,15 @@ def http_from_grpc(request) -> tuple:
     elif len(raw) != len(request.inputs):
         raise CodecError(f"raw_input_contents has {len(raw)} entries for "
                          f"{len(request.inputs)} inputs")
+    else:  # checked here, so that errors name the gRPC fields
+        for i, (tensor, data) in enumerate(zip(request.inputs, raw)):
+            what = f"input {tensor.name!r}"
+            dtype = dtype_of(tensor.datatype, what)
+            shape = checked_shape(list(tensor.shape), what)
+            if dtype is not OBJECT and len(data) != math.prod(shape) * dtype.itemsize:
+                raise CodecError(f"{what}: raw_input_contents[{i}] is {len(data)} bytes, but "
+                                 f"shape {list(shape)} of {tensor.datatype} needs "
+                                 f"{math.prod(shape) * dtype.itemsize}")
     header = {"inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
                           "parameters": {"binary_data_size": len(data)}}
                          for t, data in zip(request.inputs, raw)]}

@@ -78,14 +78,14 @@ class GrpcFront:
             "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest,
                               pb.ModelMetadataResponse),
             "ModelConfig": (self.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
-            "ModelInfer": (self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+            "ModelInfer": (self.model_infer, None, pb.ModelInferResponse),  # bytes in
         }
         handlers = {name: grpc.unary_unary_rpc_method_handler(
-            fn, request_deserializer=request.FromString,
+            fn, request_deserializer=request and request.FromString,
             response_serializer=response.SerializeToString)
             for name, (fn, request, response) in unary.items()}
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-            self.model_stream_infer, request_deserializer=pb.ModelInferRequest.FromString,
+            self.model_stream_infer,
             response_serializer=pb.ModelStreamInferResponse.SerializeToString)
         self.server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(oip.GRPC_SERVICE, handlers),))
@@ -176,7 +176,8 @@ class GrpcFront:
             return oip.config_message(orjson.loads(response.body))
         return await self._call(context, config)
 
-    async def _infer(self, context, request):
+    async def _infer(self, context, data: bytes):
+        request = oip.parse_infer_request(data)
         body, header_length = oip.http_from_grpc(request)
         response = await self._http(context, "POST", _model_path(
             request.model_name, request.model_version, "/infer"), body, header_length)
@@ -185,13 +186,13 @@ class GrpcFront:
                            answer)
         return answer
 
-    async def model_infer(self, request, context):
-        return await self._call(context, lambda: self._infer(context, request))
+    async def model_infer(self, data: bytes, context):
+        return await self._call(context, lambda: self._infer(context, data))
 
-    async def model_stream_infer(self, requests, context):
-        async for request in requests:
+    async def model_stream_infer(self, messages, context):
+        async for data in messages:
             try:
-                answer = await self._infer(context, request)
+                answer = await self._infer(context, data)
             except (UpstreamError, CodecError) as exc:
                 yield pb.ModelStreamInferResponse(error_message=str(exc))
                 continue

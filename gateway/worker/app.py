@@ -95,8 +95,9 @@ class WorkerApp:
     def handle(self, request: Request):
         path = request.path
         if path == self.prefix or path.startswith(self.prefix + "/"):
-            if path.startswith("/v2", len(self.prefix)) and (
+            if self.model is not None and path.startswith("/v2", len(self.prefix)) and (
                     len(path) == len(self.prefix) + 3 or path[len(self.prefix) + 3] == "/"):
+                # (A python processor's subpaths, /v2 included, are its own.)
                 return self.oip.handle(request, path[len(self.prefix):], named=False)
             if request.method == "POST":
                 return self.predict(request)

@@ -90,14 +90,14 @@ class GrpcFace:
             "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest,
                               pb.ModelMetadataResponse),
             "ModelConfig": (self.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
-            "ModelInfer": (self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+            "ModelInfer": (self.model_infer, None, pb.ModelInferResponse),  # bytes in
         }
         handlers = {name: grpc.unary_unary_rpc_method_handler(
-            fn, request_deserializer=request.FromString,
+            fn, request_deserializer=request and request.FromString,
             response_serializer=response.SerializeToString)
             for name, (fn, request, response) in unary.items()}
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-            self.model_stream_infer, request_deserializer=pb.ModelInferRequest.FromString,
+            self.model_stream_infer,
             response_serializer=pb.ModelStreamInferResponse.SerializeToString)
         self.server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(oip.GRPC_SERVICE, handlers),))
@@ -170,18 +170,30 @@ class GrpcFace:
             return app.batcher.submit(deadline, job, job.finish, started)
         return app.runner.submit(deadline, job.answer, started)
 
-    async def model_infer(self, request, context):
-        await self._checked(context, request.model_name, request.model_version)
+    async def model_infer(self, data: bytes, context):
+        await self._checked(context)
+        try:
+            request = oip.parse_infer_request(data)
+        except CodecError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        wrong = self.face.model_error(request.model_name, request.model_version)
+        if wrong is not None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, wrong)
         try:
             return await self._submit(request)
         except Exception as exc:
             code, message = self._status(exc)
             await context.abort(code, message)
 
-    async def model_stream_infer(self, requests, context):
+    async def model_stream_infer(self, messages, context):
         """Answers in the order the requests came; an error answers that request alone."""
         await self._checked(context)
-        async for request in requests:
+        async for data in messages:
+            try:
+                request = oip.parse_infer_request(data)
+            except CodecError as exc:
+                yield pb.ModelStreamInferResponse(error_message=str(exc))
+                continue
             wrong = self.face.model_error(request.model_name, request.model_version)
             if wrong is not None:
                 yield pb.ModelStreamInferResponse(error_message=wrong)
