@@ -23,6 +23,7 @@ import zlib
 from .. import auth
 from ..codec import oip
 from ..codec.tensors import CodecError
+from .._native.oipwire import Answer, Datatypes, OipServe, decode_binary, encode_binary
 from ..server import Response, error_response, json_response
 from . import metrics
 from .model import BadInput
@@ -30,6 +31,7 @@ from .processors.base import Call
 
 PLATFORM = "onnxruntime_onnx"
 _JSON = "application/json"
+_BINARY = "application/octet-stream"
 _EMPTY_OK = Response(200, b"", None, "text/plain")
 
 
@@ -53,7 +55,9 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 class HttpInferJob:
-    """One HTTP infer request for an inference thread."""
+    """One HTTP infer request for an inference thread: tritonclient's common binary form
+    through the compiled path (csrc/worker/oipwire.pyx), anything else through
+    gateway/codec/oip.py."""
 
     __slots__ = ("face", "body", "header_length", "encoding")
 
@@ -63,31 +67,60 @@ class HttpInferJob:
         self.header_length = header_length
         self.encoding = encoding
 
+    def _binary_length(self) -> int:
+        """The header's length when the body may be in the common binary form, else 0."""
+        if self.encoding is not None or self.header_length is None:
+            return 0
+        try:
+            return int(self.header_length)
+        except ValueError:
+            return 0
+
     def decode(self) -> Call:
+        face, model = self.face, self.face.model
+        length = self._binary_length()
+        if length:
+            fast = decode_binary(self.body, length, face.types)
+            if fast is not None:
+                feeds, wanted, request_id = fast
+                return Call(model.check_feeds(feeds), model.check_outputs(wanted),
+                            oip.HttpInfer(request_id, feeds, wanted, {}, True))
         body = self.body
         if self.encoding is not None:
-            body = _decompress(body, self.encoding, self.face.max_body_size)
+            body = _decompress(body, self.encoding, face.max_body_size)
         try:
             infer = oip.parse_http_infer(body, self.header_length)
         except CodecError as exc:
             raise BadInput(str(exc)) from None
-        model = self.face.model
         return Call(model.check_feeds(infer.feeds), model.check_outputs(infer.outputs), infer)
 
     def finish(self, call: Call, outputs: list, started: float) -> Response:
-        face = self.face
-        try:
-            body, header_length = oip.render_http_infer(face.name, face.name, call.context,
-                                                        call.output_names, outputs)
-        except CodecError as exc:
-            raise BadInput(str(exc)) from None
+        face, infer = self.face, call.context
+        encoded = None
+        if infer.binary_default and not infer.binary:  # every output in binary
+            encoded = encode_binary(face.answer, call.output_names, outputs, infer.id)
+        if encoded is None:
+            try:
+                encoded = oip.render_http_infer(face.name, face.name, infer, call.output_names,
+                                                outputs)
+            except CodecError as exc:
+                raise BadInput(str(exc)) from None
+        body, header_length = encoded
         metrics.observe(200, time.perf_counter() - started)
         if header_length is None:
             return Response(200, body, None, _JSON)
-        return Response(200, body, [("Inference-Header-Content-Length", str(header_length))],
-                        "application/octet-stream")
+        return Response(200, body, b"Inference-Header-Content-Length: %d\r\n" % header_length,
+                        _BINARY)
 
     def serve(self, started: float) -> tuple:
+        """(answer, rows) of the request run alone."""
+        length = self._binary_length()
+        if length and self.face.serve_binary is not None:
+            fast = self.face.serve_binary(self.body, length)
+            if fast is not None:
+                body, header_line, rows = fast
+                metrics.observe(200, time.perf_counter() - started)
+                return Response(200, body, header_line, _BINARY), rows
         call = self.decode()
         return self.finish(call, self.face.model.run(call.feeds, call.output_names),
                            started), call.rows
@@ -104,9 +137,16 @@ class OipFace:
         self.name = app.service
         self.model = app.model
         self.max_body_size = max_body_size
-        self.prefix = f"/v2/models/{self.name}"
+        self.infer_path = f"/v2/models/{self.name}/infer"
         self._server = json_response(oip.server_metadata())
+        self.serve_binary = None
         if self.model is not None:
+            model = self.model
+            self.types = Datatypes(oip.DTYPES)
+            self.answer = Answer(self.name, self.name, model.output_names, self.types)
+            if all(s.dtype.kind in "biuf" for s in model.outputs):  # answers binary can be
+                self.serve_binary = OipServe(self.answer, self.types, model.output_names,
+                                             model.check_feeds, model.run)
             self.metadata = self._metadata()
             self.config = self._config()
             self._metadata_answer = json_response(self.metadata)
@@ -165,6 +205,8 @@ class OipFace:
         """A Response, or a Future of one, for a v2 `path` (/v2...): the request's own, or
         what follows /api/predict/<service> (then `named` is False: the model's name in
         the path is the client's, and the service is this one)."""
+        if path == self.infer_path and request.method == "POST":  # the hot one first
+            return self.infer(request)
         if path == "/v2" or path == "/v2/":
             return self._get(request, self._server)
         if path == "/v2/health/live":
