@@ -476,3 +476,58 @@ def test_sdk_infer_request_gateway_and_direct(servers):
     finally:
         client.destroy()
     assert response.keys() == ["echo"] and list(response.get_array("echo")) == ["a", "b"]
+
+
+def test_v2_and_eas_requests_share_batches():
+    """A v2 request joins the same batches as EAS requests (one model run for both)."""
+    import threading
+
+    from gateway.serviceconfig import RpcSettings
+    from gateway.worker.app import WorkerApp
+    from gateway.worker.oip import HttpInferJob
+    from test_batching import Recorder, run_async, soon, tf_body, tf_outputs, wait_until
+
+    app = WorkerApp("digits", RpcSettings(batching=True, max_batch_size=32, worker_threads=1),
+                    str(DIGITS_MODEL), "tensorflow")
+    gate = threading.Event()
+    recorder = Recorder(app.model, gate)
+    app.batcher.model = recorder
+    app.batcher.whole = None  # even a lone request goes through a batch
+    rng = np.random.default_rng(9)
+    xs = [rng.random((1, 784), dtype=np.float32) for _ in range(9)]
+
+    def v2_job(x):
+        body, length = binary_body([("images", "FP32", [1, 784], x.tobytes())])
+        return HttpInferJob(app.oip, body, str(length), None)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        app.batcher.bind(loop)
+        first = app.batcher.submit(soon(), tf_body({"images": xs[0]}), app._encode, 0.0)
+        await wait_until(recorder.started.is_set)  # the first batch holds the thread
+        rest = []
+        for i, x in enumerate(xs[1:]):
+            if i % 2:
+                rest.append(app.batcher.submit(soon(), tf_body({"images": x}), app._encode, 0.0))
+            else:
+                job = v2_job(x)
+                rest.append(app.batcher.submit(soon(), job, job.finish, 0.0))
+        gate.set()
+        return await asyncio.gather(first, *rest)
+
+    try:
+        answers = run_async(go)
+    finally:
+        app.batcher.close()
+    assert [rows for rows, _, _ in recorder.runs] == [1, 8]  # the 4 v2 and 4 EAS: one run
+    expected = digits_scores(np.concatenate(xs))
+    for i, answer in enumerate(answers):
+        assert answer.status == 200
+        if i == 0 or i % 2 == 0:  # EAS
+            scores = tf_outputs(answer.body)["scores"]
+        else:
+            length = int(answer.headers.decode().split(":")[1])
+            header = json.loads(answer.body[:length])
+            scores = np.frombuffer(answer.body[length:], np.float32).reshape(
+                header["outputs"][0]["shape"])
+        np.testing.assert_allclose(scores, expected[i:i + 1], rtol=1e-5)
