@@ -87,7 +87,7 @@ class WorkerApp:
             from .oip_grpc import GrpcFace
 
             self.grpc = GrpcFace(self.oip, self.max_body_size)
-            self.grpc_port = await self.grpc.listen(host, grpc_port)
+            self.grpc_port = await self.grpc.listen(host, grpc_port, reuse_port)
             log.info("worker for service %r serving gRPC on %s:%d", self.service, host,
                      self.grpc_port)
         return self.port

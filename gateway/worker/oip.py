@@ -224,10 +224,14 @@ class OipFace:
         wrong = self.model_error(name if named else None, version)
         if wrong is not None:
             return error_response(404, wrong)
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         if action == "infer":
             if request.method != "POST":
                 return error_response(405, f"{request.method} is not allowed on {path}")
-            return self.infer(request)
+            started = time.perf_counter()
+            return self._submit(request, started)
         if action == "":
             return self._get(request, self._metadata_answer)
         if action == "ready":
@@ -243,15 +247,26 @@ class OipFace:
             return error_response(405, f"{request.method} is not allowed on {request.path}")
         return response
 
-    def infer(self, request):
-        started = time.perf_counter()
-        app = self.app
-        if app.token:
+    def _refused(self, request):
+        """401 unless the request carries the service's token (raw or signed), if any."""
+        token = self.app.token
+        if token:
             reason = auth.verify(request.headers, request.method, request.path, request.body,
-                                 app.token, self.name)
+                                 token, self.name)
             if reason:
                 metrics.observe(401, None)
                 return error_response(401, reason)
+        return None
+
+    def infer(self, request):
+        started = time.perf_counter()
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        return self._submit(request, started)
+
+    def _submit(self, request, started: float):
+        app = self.app
         headers = request.headers
         job = HttpInferJob(self, request.body, headers.get("inference-header-content-length"),
                            headers.get("content-encoding"))
