@@ -5,8 +5,11 @@ tritonclient's default infer request is a small JSON header naming each input
 with its `binary_data_size`, then the tensors' bytes, and asks for binary
 outputs. `decode_binary` takes exactly that form (fixed-size datatypes, sizes
 that match, nothing else in the header) and `encode_binary` writes the answer
-(header and bytes in one allocation); `OipServe` runs a request from body to
-answer in one call, as csrc/worker/tfwire.pyx's TFServe does for EAS.
+(header and bytes in one allocation). Over gRPC, `decode_grpc` and
+`encode_grpc` read and write ModelInferRequest and ModelInferResponse straight
+from and to protobuf's wire form, for requests with raw_input_contents and no
+parameters. `OipServe` runs a request from body to answer in one call, as
+csrc/worker/tfwire.pyx's TFServe does for EAS.
 
 Anything else (JSON data, BYTES, an output asked for as JSON, any mistake)
 gives None: gateway/codec/oip.py's full path takes it and words the 400s. This
@@ -14,6 +17,8 @@ module imports nothing of the Python above it: datatypes are handed in.
 """
 cimport numpy as cnp
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport uint8_t
 from libc.string cimport memcpy
 
 import numpy as np
@@ -26,7 +31,6 @@ cdef extern from "stdio.h" nogil:
 
 cdef object _loads = orjson.loads
 cdef object _dumps = orjson.dumps
-cdef object _ndarray = np.ndarray
 cdef frozenset _REQUEST_KEYS = frozenset(("inputs", "outputs", "parameters", "id"))
 cdef frozenset _INPUT_KEYS = frozenset(("name", "datatype", "shape", "parameters"))
 
@@ -39,6 +43,19 @@ cdef class Datatypes:
     def __init__(self, dict names_to_dtypes):
         self.dtype_of = {n: d for n, d in names_to_dtypes.items() if d.kind in "biuf"}
         self.name_of = {d: n.encode() for n, d in self.dtype_of.items()}
+
+
+cdef object _array(list shape, cnp.dtype dtype, const char* data, Py_ssize_t size):
+    """A new (aligned, writable) array of `shape` holding a copy of `data`."""
+    cdef cnp.npy_intp dims[32]
+    cdef int i, ndim = len(shape)
+    if ndim > 32:
+        return None
+    for i in range(ndim):
+        dims[i] = <cnp.npy_intp>shape[i]
+    array = cnp.PyArray_EMPTY(ndim, dims, dtype.type_num, 0)
+    memcpy(cnp.PyArray_DATA(<cnp.ndarray>array), data, size)
+    return array
 
 
 cpdef object decode_binary(bytes body, Py_ssize_t header_length, Datatypes types):
@@ -89,7 +106,10 @@ cpdef object decode_binary(bytes body, Py_ssize_t header_length, Datatypes types
             count *= d
         if size != count * (<cnp.dtype>dtype).itemsize or at + size > n:
             return None
-        feeds[name] = _ndarray(tuple(shape), dtype, body, at)
+        array = _array(<list>shape, <cnp.dtype>dtype, PyBytes_AS_STRING(body) + at, size)
+        if array is None:
+            return None
+        feeds[name] = array
         at += size
     if at != n:
         return None
@@ -173,43 +193,281 @@ cpdef object encode_binary(Answer answer, tuple names, list arrays, request_id):
     return body, header_size
 
 
+# --- gRPC: ModelInferRequest and ModelInferResponse on the wire -------------------------------
+# (protos/oip.proto's field numbers; every field taken here is length-delimited)
+
+cdef inline bint _varint(const uint8_t* p, Py_ssize_t n, Py_ssize_t* at,
+                         unsigned long long* out) noexcept:
+    cdef unsigned long long value = 0
+    cdef int shift = 0
+    cdef uint8_t b
+    while at[0] < n and shift < 64:
+        b = p[at[0]]
+        at[0] += 1
+        value |= <unsigned long long>(b & 0x7f) << shift
+        if not b & 0x80:
+            out[0] = value
+            return True
+        shift += 7
+    return False
+
+
+cdef bytes _varint_bytes(unsigned long long value):
+    cdef uint8_t out[10]
+    cdef int n = 0
+    while value >= 0x80:
+        out[n] = (value & 0x7f) | 0x80
+        value >>= 7
+        n += 1
+    out[n] = value
+    return PyBytes_FromStringAndSize(<char*>out, n + 1)
+
+
+cdef inline bint _field(const uint8_t* p, Py_ssize_t n, Py_ssize_t* at, int* number,
+                        Py_ssize_t* start, Py_ssize_t* length) noexcept:
+    """The next length-delimited field; False at anything else (or a malformed one)."""
+    cdef unsigned long long tag, size
+    if not _varint(p, n, at, &tag) or (tag & 7) != 2 or not _varint(p, n, at, &size) or \
+            size > <unsigned long long>(n - at[0]):
+        return False
+    number[0] = <int>(tag >> 3)
+    start[0] = at[0]
+    length[0] = <Py_ssize_t>size
+    at[0] += <Py_ssize_t>size
+    return True
+
+
+cdef object _text(const uint8_t* p, Py_ssize_t n):
+    try:
+        return PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
+    except UnicodeDecodeError:
+        return None
+
+
+cdef object _input_tensor(const uint8_t* p, Py_ssize_t n):
+    """[name, datatype, shape] of an InferInputTensor without parameters or contents."""
+    cdef Py_ssize_t at = 0, start, length, k
+    cdef int number
+    cdef unsigned long long dim
+    name = datatype = None
+    cdef list shape = []
+    while at < n:
+        if not _field(p, n, &at, &number, &start, &length):
+            return None
+        if number == 1:
+            name = _text(p + start, length)
+        elif number == 2:
+            datatype = _text(p + start, length)
+        elif number == 3:  # packed int64
+            k = start
+            while k < start + length:
+                if not _varint(p, start + length, &k, &dim) or dim >> 62:
+                    return None  # negative (or absurd): the full path words it
+                shape.append(<long long>dim)
+        else:
+            return None
+    if name is None or datatype is None:
+        return None
+    return [name, datatype, shape]
+
+
+cdef object _output_name(const uint8_t* p, Py_ssize_t n):
+    """The name of an InferRequestedOutputTensor without parameters."""
+    cdef Py_ssize_t at = 0, start, length
+    cdef int number
+    name = None
+    while at < n:
+        if not _field(p, n, &at, &number, &start, &length) or number != 1:
+            return None
+        name = _text(p + start, length)
+    return name
+
+
+cpdef object decode_grpc(bytes message, Datatypes types):
+    """(model name, version, request id, feeds, output names asked for) of a
+    ModelInferRequest in the common form (raw_input_contents, no parameters), or None."""
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(message)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(message), at = 0, start, length, count, size, d
+    cdef int number
+    cdef list inputs = [], raws = [], wanted = []
+    model = version = request_id = ""
+    while at < n:
+        if not _field(p, n, &at, &number, &start, &length):
+            return None
+        if number == 7:
+            raws.append((start, length))
+        elif number == 5:
+            tensor = _input_tensor(p + start, length)
+            if tensor is None:
+                return None
+            inputs.append(tensor)
+        elif number == 6:
+            name = _output_name(p + start, length)
+            if name is None:
+                return None
+            wanted.append(name)
+        elif number in (1, 2, 3):
+            text = _text(p + start, length)
+            if text is None:
+                return None
+            if number == 1:
+                model = text
+            elif number == 2:
+                version = text
+            else:
+                request_id = text
+        else:
+            return None
+    if not inputs or len(raws) != len(inputs):
+        return None
+    cdef dict feeds = {}
+    for i in range(len(inputs)):
+        name, datatype, shape = inputs[i]
+        dtype = types.dtype_of.get(datatype)
+        if dtype is None or name in feeds:
+            return None
+        count = 1
+        for d in shape:
+            count *= d
+        start, length = raws[i]
+        size = count * (<cnp.dtype>dtype).itemsize
+        if size != length:
+            return None
+        array = _array(shape, <cnp.dtype>dtype, <const char*>p + start, size)
+        if array is None:
+            return None
+        feeds[name] = array
+    return model, version, request_id, feeds, tuple(wanted)
+
+
+cdef class GrpcAnswer:
+    """What every ModelInferResponse of a model begins with, and its outputs' names."""
+    cdef bytes start
+    cdef dict output_names   # name -> the InferOutputTensor's name field
+    cdef dict datatypes      # np.dtype -> the datatype field
+
+    def __init__(self, str model, str version, output_names, Datatypes types):
+        def text(int number, str value):
+            data = value.encode()
+            return _varint_bytes(number << 3 | 2) + _varint_bytes(len(data)) + data
+        self.start = text(1, model) + text(2, version)
+        self.output_names = {n: text(1, n) for n in output_names}
+        self.datatypes = {d: text(2, name.decode()) for d, name in types.name_of.items()}
+
+
+cpdef object encode_grpc(GrpcAnswer answer, tuple names, list arrays, str request_id):
+    """A ModelInferResponse's bytes, the data in raw_output_contents; None when an output
+    is not a C-contiguous array of a fixed-size datatype."""
+    cdef list parts = [answer.start]
+    cdef Py_ssize_t i, k, total, data_size = 0
+    cdef cnp.ndarray array
+    if request_id:
+        data = request_id.encode()
+        parts += [b"\x1a", _varint_bytes(len(data)), data]
+    for i in range(len(arrays)):
+        value = arrays[i]
+        if type(value) is not cnp.ndarray:
+            return None
+        array = <cnp.ndarray>value
+        name = answer.output_names.get(names[i])
+        datatype = answer.datatypes.get(array.dtype)
+        if name is None or datatype is None or not cnp.PyArray_IS_C_CONTIGUOUS(array):
+            return None
+        shape = b"".join([_varint_bytes(<unsigned long long>cnp.PyArray_DIM(array, k))
+                          for k in range(array.ndim)])
+        tensor = name + datatype + (b"\x1a" + _varint_bytes(len(shape)) + shape
+                                    if array.ndim else b"")
+        parts += [b"\x2a", _varint_bytes(len(tensor)), tensor]
+    for i in range(len(arrays)):
+        parts += [b"\x32", _varint_bytes(cnp.PyArray_NBYTES(<cnp.ndarray>arrays[i]))]
+        data_size += cnp.PyArray_NBYTES(<cnp.ndarray>arrays[i])
+    cdef bytes head = b"".join(parts[:-2 * len(arrays)] if arrays else parts)
+    # The raw contents go last, each after its tag and length: lay everything out once.
+    cdef list prefixes = parts[len(parts) - 2 * len(arrays):] if arrays else []
+    total = PyBytes_GET_SIZE(head) + data_size
+    for prefix in prefixes:
+        total += PyBytes_GET_SIZE(prefix)
+    cdef bytes body = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* out = PyBytes_AS_STRING(body)
+    memcpy(out, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
+    out += PyBytes_GET_SIZE(head)
+    for i in range(len(arrays)):
+        for k in range(2):
+            prefix = prefixes[2 * i + k]
+            memcpy(out, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix))
+            out += PyBytes_GET_SIZE(prefix)
+        memcpy(out, cnp.PyArray_DATA(<cnp.ndarray>arrays[i]),
+               cnp.PyArray_NBYTES(<cnp.ndarray>arrays[i]))
+        out += cnp.PyArray_NBYTES(<cnp.ndarray>arrays[i])
+    return body
+
+
 cdef class OipServe:
-    """One v2 infer request from body to answer, for the common binary form: decode,
-    check, run, encode. (body, header line, rows) or None: the caller's full path
-    takes what this does not."""
+    """One v2 infer request from body to answer, for the common forms: decode, check, run,
+    encode (`http`: the binary form, `grpc`: a ModelInferRequest with raw contents).
+    None for anything else: the caller's full path takes it."""
     cdef Answer answer
+    cdef GrpcAnswer grpc_answer
+    cdef str model
     cdef Datatypes types
     cdef tuple output_names
     cdef frozenset known_outputs
     cdef object check_feeds, run
 
-    def __init__(self, Answer answer, Datatypes types, tuple output_names, check_feeds, run):
-        self.answer = answer
+    def __init__(self, str model, Datatypes types, tuple output_names, check_feeds, run):
+        self.model = model
+        self.answer = Answer(model, model, output_names, types)
+        self.grpc_answer = GrpcAnswer(model, model, output_names, types)
         self.types = types
         self.output_names = output_names
         self.known_outputs = frozenset(output_names)
         self.check_feeds = check_feeds  # the model's FeedCheck: passes, casts or raises
         self.run = run                  # the model's run(feeds, names) -> list of arrays
 
-    def __call__(self, bytes body, Py_ssize_t header_length):
+    cdef object _names(self, tuple wanted):
+        if not wanted:
+            return self.output_names
+        for name in wanted:
+            if name not in self.known_outputs:
+                return None
+        return wanted
+
+    def http(self, bytes body, Py_ssize_t header_length):
+        """(answer body, its header line, rows run) or None."""
         decoded = decode_binary(body, header_length, self.types)
         if decoded is None:
             return None
         feeds, wanted, request_id = <tuple>decoded
-        if wanted:
-            for name in <tuple>wanted:
-                if name not in self.known_outputs:
-                    return None
-            names = wanted
-        else:
-            names = self.output_names
+        names = self._names(wanted)
+        if names is None:
+            return None
         feeds = self.check_feeds(feeds)
         encoded = encode_binary(self.answer, names, self.run(feeds, names), request_id)
         if encoded is None:
             return None
         answer, size = <tuple>encoded
-        rows = 1
-        for first in (<dict>feeds).values():  # rows as Call counts them
-            rows = first.shape[0] if first.ndim else 1
-            break
-        return answer, b"Inference-Header-Content-Length: %d\r\n" % size, rows
+        return answer, b"Inference-Header-Content-Length: %d\r\n" % size, _rows(feeds)
+
+    def grpc(self, bytes message):
+        """(ModelInferResponse bytes, rows run) or None."""
+        decoded = decode_grpc(message, self.types)
+        if decoded is None:
+            return None
+        model, version, request_id, feeds, wanted = <tuple>decoded
+        if model != self.model or (version and version != self.model):
+            return None
+        names = self._names(wanted)
+        if names is None:
+            return None
+        feeds = self.check_feeds(feeds)
+        answer = encode_grpc(self.grpc_answer, names, self.run(feeds, names), request_id)
+        if answer is None:
+            return None
+        return answer, _rows(feeds)
+
+
+cdef Py_ssize_t _rows(dict feeds):
+    """Rows as Call counts them."""
+    for first in feeds.values():
+        return first.shape[0] if first.ndim else 1
+    return 1

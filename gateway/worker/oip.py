@@ -23,7 +23,8 @@ import zlib
 from .. import auth
 from ..codec import oip
 from ..codec.tensors import CodecError
-from .._native.oipwire import Answer, Datatypes, OipServe, decode_binary, encode_binary
+from .._native.oipwire import (Answer, Datatypes, GrpcAnswer, OipServe, decode_binary,
+                               encode_binary)
 from ..server import Response, error_response, json_response
 from . import metrics
 from .model import BadInput
@@ -116,7 +117,7 @@ class HttpInferJob:
         """(answer, rows) of the request run alone."""
         length = self._binary_length()
         if length and self.face.serve_binary is not None:
-            fast = self.face.serve_binary(self.body, length)
+            fast = self.face.serve_binary.http(self.body, length)
             if fast is not None:
                 body, header_line, rows = fast
                 metrics.observe(200, time.perf_counter() - started)
@@ -144,8 +145,9 @@ class OipFace:
             model = self.model
             self.types = Datatypes(oip.DTYPES)
             self.answer = Answer(self.name, self.name, model.output_names, self.types)
+            self.grpc_answer = GrpcAnswer(self.name, self.name, model.output_names, self.types)
             if all(s.dtype.kind in "biuf" for s in model.outputs):  # answers binary can be
-                self.serve_binary = OipServe(self.answer, self.types, model.output_names,
+                self.serve_binary = OipServe(self.name, self.types, model.output_names,
                                              model.check_feeds, model.run)
             self.metadata = self._metadata()
             self.config = self._config()

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2
 
 from .._native.grpcwire import (DEADLINE_EXCEEDED, INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED,
                                 UNAVAILABLE, UNIMPLEMENTED, GrpcServer, GrpcStatus)
+from .._native.oipwire import decode_grpc, encode_grpc
 from ..codec import oip
 from ..codec.tensors import CodecError
 from ..protos import oip_pb2 as pb
@@ -46,7 +47,11 @@ class GrpcInferJob:
         self.message = message
 
     def decode(self) -> Call:
-        face = self.face
+        face, model = self.face, self.face.model
+        fast = decode_grpc(self.message, face.types)
+        if fast is not None and fast[0] == face.name and fast[1] in ("", face.name):
+            _, _, request_id, feeds, wanted = fast
+            return Call(model.check_feeds(feeds), model.check_outputs(wanted), request_id)
         try:
             request = oip.parse_infer_request(self.message)
             wrong = face.model_error(request.model_name, request.model_version)
@@ -55,22 +60,29 @@ class GrpcInferJob:
             feeds = oip.feeds_from_grpc(request)
         except CodecError as exc:
             raise BadInput(str(exc)) from None
-        model = face.model
         return Call(model.check_feeds(feeds),
                     model.check_outputs([o.name for o in request.outputs]), request.id)
 
     def finish(self, call: Call, outputs: list, started: float) -> bytes:
         face = self.face
-        response = pb.ModelInferResponse(model_name=face.name, model_version=face.name,
-                                         id=call.context)
-        try:
-            oip.fill_grpc_response(response, call.output_names, outputs)
-        except CodecError as exc:
-            raise BadInput(str(exc)) from None
+        answer = encode_grpc(face.grpc_answer, call.output_names, outputs, call.context)
+        if answer is None:
+            response = pb.ModelInferResponse(model_name=face.name, model_version=face.name,
+                                             id=call.context)
+            try:
+                oip.fill_grpc_response(response, call.output_names, outputs)
+            except CodecError as exc:
+                raise BadInput(str(exc)) from None
+            answer = response.SerializeToString()
         metrics.observe(200, time.perf_counter() - started)
-        return response.SerializeToString()
+        return answer
 
     def serve(self, started: float) -> tuple:
+        serve = self.face.serve_binary
+        fast = serve.grpc(self.message) if serve is not None else None
+        if fast is not None:
+            metrics.observe(200, time.perf_counter() - started)
+            return fast
         call = self.decode()
         return self.finish(call, self.face.model.run(call.feeds, call.output_names),
                            started), call.rows
