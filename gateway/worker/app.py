@@ -44,6 +44,7 @@ class WorkerApp:
         self.settings = settings
         self.token = token
         self.prefix = f"/api/predict/{service}"
+        self.prefix_slash = self.prefix + "/"
         self.runner = ThreadedRunner(settings)
         self.user = None
         self.model = None
@@ -94,7 +95,9 @@ class WorkerApp:
 
     def handle(self, request: Request):
         path = request.path
-        if path == self.prefix or path.startswith(self.prefix + "/"):
+        if path == self.oip.infer_path and request.method == "POST":  # v2's hot route
+            return self.oip.infer(request)
+        if path == self.prefix or path.startswith(self.prefix_slash):
             if self.model is not None and path.startswith("/v2", len(self.prefix)) and (
                     len(path) == len(self.prefix) + 3 or path[len(self.prefix) + 3] == "/"):
                 # (A python processor's subpaths, /v2 included, are its own.)
