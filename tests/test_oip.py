@@ -531,3 +531,78 @@ def test_v2_and_eas_requests_share_batches():
             scores = np.frombuffer(answer.body[length:], np.float32).reshape(
                 header["outputs"][0]["shape"])
         np.testing.assert_allclose(scores, expected[i:i + 1], rtol=1e-5)
+
+
+# -- the compiled gRPC server: large messages, many calls, bad clients ---------------------
+
+
+@pytest.mark.parametrize("target", ["mixed", "gateway"])
+def test_grpc_large_messages_and_flow_control(servers, target):
+    """A 960 KB request (many DATA frames, past the 64 KB windows) and a 960 KB answer
+    (sent as the client's WINDOW_UPDATEs allow)."""
+    client = tgrpc.InferenceServerClient(servers.url("grpc", target))
+    ids = np.arange(40000 * 3, dtype=np.int64).reshape(40000, 3)
+    text = np.array([b"x"] * 5, dtype=object)
+    half = np.zeros((1, 2), dtype=np.float16)
+    inputs = [tgrpc.InferInput("ids", list(ids.shape), "INT64"),
+              tgrpc.InferInput("text", [5], "BYTES"), tgrpc.InferInput("half", [1, 2], "FP16")]
+    for tensor, array in zip(inputs, (ids, text, half)):
+        tensor.set_data_from_numpy(array)
+    result = client.infer("mixed", inputs, headers=auth("grpc"))
+    np.testing.assert_array_equal(result.as_numpy("twice"), ids * 2)
+    client.close()
+
+
+def test_grpc_many_calls_on_one_connection(servers):
+    async def go():
+        client = tgrpc_aio.InferenceServerClient(servers.url("grpc.aio", "digits"))
+        rng = np.random.default_rng(11)
+        xs = [rng.random((1, 784), dtype=np.float32) for _ in range(64)]
+
+        async def one(x):
+            tensor = tgrpc_aio.InferInput("images", [1, 784], "FP32")
+            tensor.set_data_from_numpy(x)
+            return (await client.infer("digits", [tensor], headers=auth("grpc"))).as_numpy(
+                "scores")
+        try:
+            return xs, await asyncio.gather(*[one(x) for x in xs])
+        finally:
+            await client.close()
+    xs, outs = asyncio.run(go())
+    np.testing.assert_allclose(np.concatenate(outs), digits_scores(np.concatenate(xs)),
+                               rtol=1e-5)
+
+
+def test_grpc_bad_clients_and_unserved_calls(servers):
+    """Garbage, a half-sent preface and a stream call: the server answers or hangs up on
+    that client alone, and the next call works."""
+    import socket
+
+    port = servers.workers["digits"].grpc_port
+    for junk in (b"GET / HTTP/1.1\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(30),
+                 b"PRI * HTTP"):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(junk)
+            if len(junk) > 10:
+                sock.settimeout(5)
+                while sock.recv(4096):  # the server says GOAWAY and closes
+                    pass
+    client = tgrpc.InferenceServerClient(f"127.0.0.1:{port}")
+    assert client.is_server_live()
+    errors = []
+    client.start_stream(callback=lambda result, error: errors.append(error))
+    tensor = tgrpc.InferInput("images", [1, 784], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 784), np.float32))
+    client.async_stream_infer("digits", [tensor])
+    client.stop_stream()
+    assert errors and "UNIMPLEMENTED" in str(errors[0])
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")(b"",
+                                                                                  timeout=5)
+        assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED

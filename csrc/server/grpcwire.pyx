@@ -11,9 +11,9 @@ flow control both ways, PING, GOAWAY, RST_STREAM, and gRPC's message framing
 and trailers. Streaming calls, compression and TLS are not served (the client
 gets UNIMPLEMENTED); grpcio stays the client side and the gateway's front.
 
-A call is handed to `handler(path, metadata, message)` once its request has
-arrived whole: metadata is {lower-cased name: value} (str), message the
-request's bytes. It returns the answer's bytes, a `GrpcStatus` (an error), or
+A call is handed to `handler(path, metadata, message, peer)` once its request
+has arrived whole: metadata is {lower-cased name: value} (str), message the
+request's bytes, peer the client's (ip, port). It returns the answer's bytes, a `GrpcStatus` (an error), or
 a Future of either; an exception there is INTERNAL. Answers go out in the
 order they are ready, each as HEADERS, DATA and trailers in one write.
 """
@@ -218,6 +218,10 @@ cdef class HpackDecoder:
             last = self.table.pop()
             self.size -= len(<bytes>last[0]) + len(<bytes>last[1]) + 32
 
+    def headers(self, bytes block) -> list:
+        """[(name, value)] of one header block (ValueError if it is not valid HPACK)."""
+        return self.decode(<const uint8_t*>PyBytes_AS_STRING(block), len(block))
+
     cdef list decode(self, const uint8_t* p, Py_ssize_t n):
         cdef list headers = []
         cdef Py_ssize_t at = 0, index
@@ -315,9 +319,9 @@ cdef class Stream:
 
 cdef class GrpcConnection:
     """asyncio Protocol of one HTTP/2 connection of gRPC calls."""
-    cdef object server, transport, handler
+    cdef object server, transport, handler, peer
     cdef bytearray inbuf
-    cdef bint preface_seen, closed, goaway
+    cdef bint preface_seen, settings_seen, closed, goaway
     cdef HpackDecoder hpack
     cdef dict streams
     cdef list blocked          # streams with data waiting for window, in order
@@ -343,6 +347,8 @@ cdef class GrpcConnection:
     # asyncio callbacks
     def connection_made(self, transport):
         self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = (peer[0], peer[1]) if peer else None
         self.server.connections.add(self)
         # Our settings: no server push, a receive window as large as allowed for every
         # stream (a message is read whole before it is handled), and the same for the
@@ -427,6 +433,14 @@ cdef class GrpcConnection:
         cdef Stream stream
         if self.continuing and kind != FRAME_CONTINUATION:
             raise ValueError("a header block was interrupted")
+        if not self.settings_seen:
+            if kind != FRAME_SETTINGS:
+                raise ValueError("the client's first frame is not SETTINGS")
+            self.settings_seen = True
+        if stream_id and kind in (FRAME_SETTINGS, FRAME_PING, FRAME_GOAWAY) or \
+                not stream_id and kind in (FRAME_DATA, FRAME_HEADERS, FRAME_PRIORITY,
+                                           FRAME_RST_STREAM, FRAME_CONTINUATION):
+            raise ValueError(f"frame type {kind} on stream {stream_id}")
         if kind == FRAME_DATA:
             self._data(flags, stream_id, payload)
         elif kind == FRAME_HEADERS:
@@ -601,7 +615,7 @@ cdef class GrpcConnection:
             return
         message = bytes(data[5:])
         try:
-            result = self.handler(path, metadata, message)
+            result = self.handler(path, metadata, message, self.peer)
         except GrpcStatus as status:
             result = status
         except Exception:
@@ -702,7 +716,8 @@ cdef class _Done:
 
 
 class GrpcServer:
-    """Serves `handler(path, metadata, message)` on host:port (see the module docstring).
+    """Serves `handler(path, metadata, message, peer)` on host:port (see the module
+    docstring).
 
     `answer_error(exc)` turns a Future's exception into a GrpcStatus (None: INTERNAL)."""
 

@@ -117,7 +117,7 @@ class GatewayApp:
                 from .grpc_front import GrpcFront
 
                 self.grpc = GrpcFront(self, self.max_body_size)
-                self.grpc_port = await self.grpc.listen(host, self._grpc_port)
+                self.grpc_port = await self.grpc.listen(host, self._grpc_port, reuse_port)
                 log.info("gateway serving gRPC on %s:%d", host, self.grpc_port)
         self.health.start()
         if self.admin is not None:

@@ -12,18 +12,22 @@ as the gRPC message, its data in `raw_output_contents`.
 Why not forward gRPC as gRPC: one forwarder, one set of retry and routing
 rules, and any v2 HTTP upstream (a Triton fleet included) works unchanged.
 
-The gateway answers ServerLive, ServerReady and ServerMetadata itself.
-HTTP statuses map to the gRPC codes they stand for (`CODES`).
+The gRPC server is the workers' compiled one (csrc/server/grpcwire.pyx): unary
+calls only (ModelStreamInfer is UNIMPLEMENTED). The gateway answers ServerLive,
+ServerReady, ServerMetadata and grpc.health.v1's Check itself. HTTP statuses
+map to the gRPC codes they stand for (`CODES`).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
-import grpc
 import orjson
-from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
+from .._native.grpcwire import (DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, NOT_FOUND,
+                                PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAUTHENTICATED,
+                                UNAVAILABLE, UNIMPLEMENTED, GrpcServer, GrpcStatus)
 from ..codec import oip
 from ..codec.tensors import CodecError
 from ..protos import oip_pb2 as pb
@@ -32,13 +36,10 @@ from ..server import Request, Response
 log = logging.getLogger("infergate.gateway")
 
 CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-    405: grpc.StatusCode.UNIMPLEMENTED, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    431: grpc.StatusCode.INVALID_ARGUMENT, 450: grpc.StatusCode.UNAVAILABLE,
-    502: grpc.StatusCode.UNAVAILABLE, 503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    400: INVALID_ARGUMENT, 401: UNAUTHENTICATED, 403: PERMISSION_DENIED, 404: NOT_FOUND,
+    405: UNIMPLEMENTED, 408: DEADLINE_EXCEEDED, 413: RESOURCE_EXHAUSTED,
+    429: RESOURCE_EXHAUSTED, 431: INVALID_ARGUMENT, 450: UNAVAILABLE, 502: UNAVAILABLE,
+    503: UNAVAILABLE, 504: DEADLINE_EXCEEDED,
 }
 
 
@@ -49,154 +50,156 @@ def _model_path(name: str, version: str, action: str = "") -> str:
     return path + action
 
 
-class UpstreamError(Exception):
-    """An HTTP answer that is not a 200, as the gRPC status it stands for."""
-
-    def __init__(self, response: Response):
-        try:
-            document = orjson.loads(response.body)
-            message = document.get("error") or document.get("message") or ""
-        except (orjson.JSONDecodeError, AttributeError):
-            message = response.body[:200].decode("utf-8", "replace")
-        super().__init__(message or f"HTTP {response.status}")
-        self.code = CODES.get(response.status, grpc.StatusCode.INTERNAL if
-                              response.status < 500 else grpc.StatusCode.UNAVAILABLE)
+def _status(response: Response) -> GrpcStatus:
+    """The gRPC status an HTTP answer that is not a 200 stands for."""
+    try:
+        document = orjson.loads(response.body)
+        message = document.get("error") or document.get("message") or ""
+    except (orjson.JSONDecodeError, AttributeError):
+        message = response.body[:200].decode("utf-8", "replace")
+    code = CODES.get(response.status, INTERNAL if response.status < 500 else UNAVAILABLE)
+    return GrpcStatus(code, message or f"HTTP {response.status}")
 
 
 class GrpcFront:
     def __init__(self, app, max_message: int):
         self.app = app  # GatewayApp: its handle() takes the HTTP form of each call
-        self.server = aio.server(options=oip.grpc_options(max_message))
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        unary = {
-            "ServerLive": (self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
-            "ServerReady": (self.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
-            "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest,
-                               pb.ServerMetadataResponse),
-            "ModelReady": (self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
-            "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest,
-                              pb.ModelMetadataResponse),
-            "ModelConfig": (self.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
-            "ModelInfer": (self.model_infer, None, pb.ModelInferResponse),  # bytes in
+        self.server = GrpcServer(self.call, max_message)
+        service = f"/{oip.GRPC_SERVICE}/"
+        self.methods = {
+            service + "ServerLive": self.server_live,
+            service + "ServerReady": self.server_ready,
+            service + "ServerMetadata": self.server_metadata,
+            service + "ModelReady": self.model_ready,
+            service + "ModelMetadata": self.model_metadata,
+            service + "ModelConfig": self.model_config,
+            service + "ModelInfer": self.model_infer,
+            "/grpc.health.v1.Health/Check": self.health_check,
         }
-        handlers = {name: grpc.unary_unary_rpc_method_handler(
-            fn, request_deserializer=request and request.FromString,
-            response_serializer=response.SerializeToString)
-            for name, (fn, request, response) in unary.items()}
-        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-            self.model_stream_infer,
-            response_serializer=pb.ModelStreamInferResponse.SerializeToString)
-        self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(oip.GRPC_SERVICE, handlers),))
-        self._server_metadata = pb.ServerMetadataResponse(**oip.server_metadata())
+        self._server_metadata = pb.ServerMetadataResponse(
+            **oip.server_metadata()).SerializeToString()
 
-    async def listen(self, host: str, port: int) -> int:
-        bound = self.server.add_insecure_port(f"[{host}]:{port}" if ":" in host
-                                              else f"{host}:{port}")
-        if not bound:
-            raise OSError(f"cannot listen for gRPC on {host}:{port}")
-        await self.server.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        return bound
+    async def listen(self, host: str, port: int, reuse_port: bool = False) -> int:
+        return await self.server.listen(host, port, reuse_port)
 
     async def stop(self, grace: float) -> None:
-        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
+        await self.server.drain(grace)
+
+    def call(self, path: str, metadata: dict, message: bytes, peer):
+        method = self.methods.get(path)
+        if method is None:
+            return GrpcStatus(UNIMPLEMENTED, f"method {path} is not served here")
+        result = method(_Caller(metadata, peer), message)
+        if asyncio.iscoroutine(result):
+            return asyncio.get_running_loop().create_task(result)
+        return result
 
     # -- one call through the HTTP handler -----------------------------------------------------
 
-    async def _http(self, context, method: str, path: str, body: bytes = b"",
+    async def _http(self, caller: "_Caller", method: str, path: str, body: bytes = b"",
                     header_length: int | None = None) -> Response:
-        """The gateway's answer to the HTTP form of a call (a 200, else UpstreamError)."""
-        headers, raw = {}, []
-        for key, value in context.invocation_metadata() or ():
-            if key.endswith("-bin") or key.startswith(":") or key in ("content-type", "te"):
-                continue
-            headers[key] = value
-            raw.append((key.encode("latin-1"), value.encode("latin-1")))
+        """The gateway's answer to the HTTP form of a call (a 200, else GrpcStatus)."""
+        headers = {k: v for k, v in caller.metadata.items()
+                   if k not in ("content-type", "te", "grpc-accept-encoding", "grpc-timeout")}
         if header_length is not None:
             headers["inference-header-content-length"] = str(header_length)
-            raw.append((b"Inference-Header-Content-Length", str(header_length).encode()))
-        peer = context.peer() or ""  # "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000"
-        host, _, port = peer.partition(":")[2].rpartition(":")
-        request = Request(method, path, "", headers, raw, body,
-                          (host.strip("[]"), int(port)) if port.isdigit() else None, True)
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        request = Request(method, path, "", headers, raw, body, caller.peer, True)
         response = self.app.handle(request)
         if not isinstance(response, Response):
             response = await response
         if response.status != 200:
-            raise UpstreamError(response)
+            raise _status(response)
         return response
 
-    async def _call(self, context, make):
-        try:
-            return await make()
-        except UpstreamError as exc:
-            await context.abort(exc.code, str(exc))
-        except CodecError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except (ValueError, KeyError, TypeError) as exc:  # an upstream answer we cannot read
-            log.warning("unreadable answer from upstream: %s", exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "the upstream's answer is not a valid inference response")
+    def server_live(self, caller, message):
+        return _LIVE
 
-    async def server_live(self, request, context):
-        return pb.ServerLiveResponse(live=True)
+    def server_ready(self, caller, message):
+        return _READY if self.app.ready and not self.app.dataplane.draining else _NOT_READY
 
-    async def server_ready(self, request, context):
-        return pb.ServerReadyResponse(ready=self.app.ready and not self.app.dataplane.draining)
-
-    async def server_metadata(self, request, context):
+    def server_metadata(self, caller, message):
         return self._server_metadata
 
-    async def model_ready(self, request, context):
-        async def ready():
-            try:
-                await self._http(context, "GET", _model_path(request.name, request.version,
-                                                             "/ready"))
-            except UpstreamError as exc:
-                if exc.code is grpc.StatusCode.UNAVAILABLE:
-                    return pb.ModelReadyResponse(ready=False)
-                raise
-            return pb.ModelReadyResponse(ready=True)
-        return await self._call(context, ready)
+    def health_check(self, caller, message):
+        return _SERVING if self.app.ready and not self.app.dataplane.draining else _NOT_SERVING
 
-    async def model_metadata(self, request, context):
-        async def metadata():
-            response = await self._http(context, "GET", _model_path(request.name,
-                                                                    request.version))
-            return oip.metadata_message(orjson.loads(response.body))
-        return await self._call(context, metadata)
+    @staticmethod
+    def _parse(message_type, message: bytes):
+        try:
+            return message_type.FromString(message)
+        except Exception as exc:
+            raise GrpcStatus(INVALID_ARGUMENT, f"the request does not parse: {exc}") from None
 
-    async def model_config(self, request, context):
-        async def config():
-            response = await self._http(context, "GET", _model_path(request.name,
-                                                                    request.version, "/config"))
-            return oip.config_message(orjson.loads(response.body))
-        return await self._call(context, config)
+    async def model_ready(self, caller, message):
+        request = self._parse(pb.ModelReadyRequest, message)
+        try:
+            await self._http(caller, "GET", _model_path(request.name, request.version,
+                                                          "/ready"))
+        except GrpcStatus as status:
+            if status.code == UNAVAILABLE:
+                return _NOT_READY_MODEL
+            raise
+        return _READY_MODEL
 
-    async def _infer(self, context, data: bytes):
-        request = oip.parse_infer_request(data)
-        body, header_length = oip.http_from_grpc(request)
-        response = await self._http(context, "POST", _model_path(
+    async def model_metadata(self, caller, message):
+        request = self._parse(pb.ModelMetadataRequest, message)
+        response = await self._http(caller, "GET", _model_path(request.name, request.version))
+        return _upstream(lambda: oip.metadata_message(orjson.loads(response.body)))
+
+    async def model_config(self, caller, message):
+        request = self._parse(pb.ModelConfigRequest, message)
+        response = await self._http(caller, "GET", _model_path(request.name, request.version,
+                                                                 "/config"))
+        return _upstream(lambda: oip.config_message(orjson.loads(response.body)))
+
+    async def model_infer(self, caller, message):
+        try:
+            request = oip.parse_infer_request(message)
+            body, header_length = oip.http_from_grpc(request)
+        except CodecError as exc:
+            raise GrpcStatus(INVALID_ARGUMENT, str(exc)) from None
+        response = await self._http(caller, "POST", _model_path(
             request.model_name, request.model_version, "/infer"), body, header_length)
-        answer = pb.ModelInferResponse()
-        oip.grpc_from_http(response.body, _header(response, b"inference-header-content-length"),
-                           answer)
-        return answer
 
-    async def model_infer(self, data: bytes, context):
-        return await self._call(context, lambda: self._infer(context, data))
+        def answer():
+            message = pb.ModelInferResponse()
+            oip.grpc_from_http(response.body, _header(
+                response, b"inference-header-content-length"), message)
+            return message
+        return _upstream(answer)
 
-    async def model_stream_infer(self, messages, context):
-        async for data in messages:
-            try:
-                answer = await self._infer(context, data)
-            except (UpstreamError, CodecError) as exc:
-                yield pb.ModelStreamInferResponse(error_message=str(exc))
-                continue
-            yield pb.ModelStreamInferResponse(infer_response=answer)
+
+class _Caller:
+    """Who made a call: its metadata (read as HTTP headers) and address."""
+
+    __slots__ = ("metadata", "peer")
+
+    def __init__(self, metadata: dict, peer):
+        self.metadata = metadata
+        self.peer = peer
+
+
+def _upstream(build) -> bytes:
+    """The serialized message `build()` makes of an upstream's answer (UNAVAILABLE when
+    the answer is not what the protocol says)."""
+    try:
+        return build().SerializeToString()
+    except (ValueError, KeyError, TypeError, CodecError) as exc:
+        log.warning("unreadable answer from upstream: %s", exc)
+        raise GrpcStatus(UNAVAILABLE, "the upstream's answer is not a valid inference "
+                                      "response") from None
+
+
+_LIVE = pb.ServerLiveResponse(live=True).SerializeToString()
+_READY = pb.ServerReadyResponse(ready=True).SerializeToString()
+_NOT_READY = pb.ServerReadyResponse(ready=False).SerializeToString()
+_READY_MODEL = pb.ModelReadyResponse(ready=True).SerializeToString()
+_NOT_READY_MODEL = pb.ModelReadyResponse(ready=False).SerializeToString()
+_SERVING = health_pb2.HealthCheckResponse(
+    status=health_pb2.HealthCheckResponse.SERVING).SerializeToString()
+_NOT_SERVING = health_pb2.HealthCheckResponse(
+    status=health_pb2.HealthCheckResponse.NOT_SERVING).SerializeToString()
 
 
 def _header(response: Response, lower_name: bytes):

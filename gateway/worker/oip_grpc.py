@@ -132,7 +132,7 @@ class GrpcFace:
 
     # -- calls: (metadata, message bytes) -> bytes, a GrpcStatus, or a Future of bytes -----
 
-    def call(self, path: str, metadata: dict, message: bytes):
+    def call(self, path: str, metadata: dict, message: bytes, peer):
         method = self.methods.get(path)
         if method is None:
             return GrpcStatus(UNIMPLEMENTED, f"method {path} is not served here")
