@@ -4,8 +4,8 @@
 # Creates .venv (the project, editable, with the CPU runtime and the test
 # extras; INFERGATE_RUNTIME=gpu takes onnxruntime-gpu instead) and .venv-eas (the
 # unchanged eas-prediction SDK, which pins an old protobuf, for compatibility
-# tests). System packages (redis-server for the Redis tests; nginx and wrk for
-# the benchmarks) come from apt when missing and we are root.
+# tests). System packages (redis-server for the Redis tests; nginx, wrk and h2load
+# for the benchmarks) come from apt when missing and we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -30,7 +30,7 @@ setup() {
     fi
     .venv/bin/pip install -q --upgrade pip setuptools wheel
     # Build requirements first, so the editable build needs no isolated env.
-    .venv/bin/pip install -q "Cython>=3.0" "grpcio-tools>=1.60" "numpy>=1.24"
+    .venv/bin/pip install -q "Cython>=3.0" "grpcio-tools>=1.75,<1.80" "numpy>=1.24"
     .venv/bin/pip install -q --no-build-isolation -e ".[${INFERGATE_RUNTIME:-cpu},$1]"
 }
 
@@ -55,7 +55,7 @@ case "${1:-}" in
         exec .venv/bin/python -m pytest -q "$@"
         ;;
     bench)
-        apt_install nginx:nginx wrk:wrk
+        apt_install nginx:nginx wrk:wrk h2load:nghttp2-client
         setup test,bench
         shift
         exec .venv/bin/python -m bench "$@"
