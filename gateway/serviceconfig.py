@@ -52,14 +52,22 @@ _RPC_KEYS = {
 }
 
 
-def _flatten(metadata: dict) -> dict:
+def flat_rpc(metadata: dict) -> dict:
+    """metadata with a nested "rpc" object written as flat "rpc.<key>" keys (EAS style):
+    what is validated is what is stored, and merges and -D settings meet the same key. A
+    key given both ways with different values is refused, naming both."""
     flat = dict(metadata)
     nested = flat.pop("rpc", None)
-    if isinstance(nested, dict):
-        for key, value in nested.items():
-            flat.setdefault(f"rpc.{key}", value)
-    elif nested is not None:
+    if nested is None:
+        return flat
+    if not isinstance(nested, dict):
         raise ConfigError("metadata.rpc must be an object")
+    for key, value in nested.items():
+        dotted = f"rpc.{key}"
+        if dotted in flat and flat[dotted] != value:
+            raise ConfigError(f"metadata.{dotted} is {flat[dotted]!r} but metadata.rpc.{key} "
+                              f"is {value!r}: give the setting once")
+        flat[dotted] = value
     return flat
 
 
@@ -91,7 +99,7 @@ def _coerce(key: str, value: Any, kind: type, minimum: int | None, prefix: str =
 
 def rpc_settings(metadata: dict | None, **overrides) -> RpcSettings:
     """RpcSettings from a service's metadata; `overrides` (command-line flags) win."""
-    flat = _flatten(metadata or {})
+    flat = flat_rpc(metadata or {})
     values = {}
     for key, (kind, minimum) in _RPC_KEYS.items():
         if f"rpc.{key}" in flat:
@@ -215,6 +223,10 @@ def validate_service(config: dict) -> dict:
                 raise ConfigError(f"endpoints[{i}].port must be from 1 to 65535, got {port}")
             if "weight" in ep:
                 _coerce(f"endpoints[{i}].weight", ep["weight"], int, 0, prefix="")
+    signature = (config.get("metadata") or {}).get("signature_name")
+    if signature is not None and (not isinstance(signature, str) or not signature.strip()):
+        raise ConfigError(f"metadata.signature_name must be a non-empty string, got "
+                          f"{signature!r}")
     # null means "not set" (how modify -s unsets a key)
     if config.get("upstream_path") is not None:
         _check_path("upstream_path", config["upstream_path"], allow_empty=False)

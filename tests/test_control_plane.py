@@ -235,10 +235,10 @@ def test_create_runs_instances_and_serves_right_predictions(gw, digits):
 
 def test_scale_up_leaves_running_instances_alone(gw):
     out = cli_ok(gw.url, "modify", "digits", "-Dmetadata.instance=3")
-    assert "version 2" in out
+    assert "version 1" in out  # scaling changes the running version, makes none
     view = desc(gw.url, "digits")
-    assert view["status"] == "Running" and view["revision"] == 2
-    assert view["latest_revision"] == 2 and view["running_instances"] == 3
+    assert view["status"] == "Running" and view["revision"] == 1
+    assert view["latest_revision"] == 1 and view["running_instances"] == 3
     ids = {i["id"] for i in view["instances"]}
     assert gw.shared["first_instances"] < ids
     assert gw.shared["first_pids"] < {w["pid"] for w in view["workers"]}
@@ -334,10 +334,17 @@ def test_deleting_the_linked_service_gives_traffic_back(gw, digits):
 
 
 def test_version_switches_back_and_scales_down(gw):
-    before = {w["pid"] for w in desc(gw.url, "digits")["workers"]}
-    cli_ok(gw.url, "version", "digits", "1")
+    cli_ok(gw.url, "modify", "digits", "-Dprocessor=tensorflow")  # a processor change: v2
     view = desc(gw.url, "digits")
+    assert view["revision"] == 2 and view["latest_revision"] == 2
+    cli_ok(gw.url, "version", "digits", "1")
+    view = wait_for(lambda: (lambda v: v["status"] == "Running" and len(v["instances"]) == 3
+                             and v)(desc(gw.url, "digits")), 30, what="version 1 running")
     assert view["revision"] == 1 and view["latest_revision"] == 2
+    assert view["config"]["processor"] == "tensorflow_cpu_1.15"
+    before = {w["pid"] for w in view["workers"]}
+    cli_ok(gw.url, "modify", "digits", "-Dmetadata.instance=2")
+    view = desc(gw.url, "digits")
     assert view["status"] == "Running" and len(view["instances"]) == 2
     assert {w["pid"] for w in view["workers"]} < before  # scale-down only stops the extra one
     res = cli(gw.url, "version", "digits", "7")
@@ -349,7 +356,7 @@ def test_config_change_replaces_workers_once_the_new_ones_are_up(gw, digits):
     before = {w["pid"] for w in desc(gw.url, "digits")["workers"]}
     cli_ok(gw.url, "modify", "digits", "-Dmetadata.rpc.keepalive=4000")
     view = desc(gw.url, "digits")
-    assert view["status"] == "Running" and view["revision"] == 3 and view["latest_revision"] == 3
+    assert view["status"] == "Running" and view["revision"] == 1 and view["latest_revision"] == 2
     assert view["config"]["metadata"]["rpc.keepalive"] == 4000
 
     def replaced():
@@ -550,7 +557,7 @@ def test_embedded_state_survives_a_gateway_restart(gw, digits):
             http(f"http://127.0.0.1:{port}", "GET", "/health", timeout=1)
     gw.start()
     view = desc(gw.url, "digits")
-    assert view["token"] == token and view["revision"] == 3 and view["latest_revision"] == 3
+    assert view["token"] == token and view["revision"] == 1 and view["latest_revision"] == 2
     view = wait_for(lambda: (lambda v: v["status"] == "Running" and v["running_instances"] == 2
                              and v)(desc(gw.url, "digits")), 30, what="Running after restart")
 
@@ -705,23 +712,26 @@ def test_ops_modify_versions_and_validation(tmp_path):
         assert rec.token == "tok" and "token" not in rec.config
         assert rec.config["metadata"]["rpc.keepalive"] == 100
         rec = await ops.modify("s", sets={"metadata.rpc.keepalive": 200, "metadata.cpu": 2})
-        assert rec.revision == 2 and rec.config["metadata"]["rpc.keepalive"] == 200
+        assert rec.revision == 1 and rec.config["metadata"]["rpc.keepalive"] == 200
+        rec = await ops.modify("s", sets={"model_config": "{\"threshold\": 0.5}"})
+        assert rec.revision == 2  # the model's configuration makes a version
         rec = await ops.modify("s", patch={"metadata": {"rpc": {"keepalive": 300}}})
-        assert rec.revision == 3 and rec.config["metadata"]["rpc.keepalive"] == 300
+        assert rec.revision == 2 and rec.config["metadata"]["rpc.keepalive"] == 300
         same = await ops.modify("s", sets={"metadata.cpu": 2})
-        assert same.revision == 3  # nothing changed: no new version
+        assert same.revision == 2  # nothing changed
         with pytest.raises(ServiceError) as err:
             await ops.modify("s", sets={"metadata.rpc.keepalive": "soon"})
         assert err.value.status == 400 and "metadata.rpc.keepalive" in err.value.message
         with pytest.raises(ServiceError) as err:
             await ops.modify("s", patch={"name": "t"})
         assert "name cannot be changed" in err.value.message
-        assert (await ops.get("s")).revision == 3
+        assert (await ops.get("s")).revision == 2
         rec = await ops.version("s", 1)
-        assert rec.revision == 1 and rec.config["metadata"]["rpc.keepalive"] == 100
+        assert rec.revision == 1 and "model_config" not in rec.config
+        assert rec.config["metadata"]["rpc.keepalive"] == 300  # metadata is not a version's
         assert rec.config["metadata"]["owner"] == "test-gw:1"
-        rec = await ops.modify("s", sets={"metadata.instance": 2})
-        assert rec.revision == 4  # new versions go after the latest, not the current
+        rec = await ops.modify("s", sets={"model_config": "{}"})
+        assert rec.revision == 3  # new versions go after the latest, not the current
         with pytest.raises(ServiceError) as err:
             await ops.set_rules("s", [{"condition": "#HEADER_a matches", "target": "s"}])
         assert "position" in err.value.message
@@ -789,7 +799,7 @@ def test_concurrent_admin_change_and_status_update_both_stick(shared_backend):
         interleave(a, lambda: ops_b.modify("s", sets={"metadata.cpu": 4, "token": "t2"}))
         await ops_a.set_status("s", "Running", "all good")
         rec = await b.get_service("s")
-        assert rec.config["metadata"]["cpu"] == 4 and rec.token == "t2" and rec.revision == 2
+        assert rec.config["metadata"]["cpu"] == 4 and rec.token == "t2" and rec.revision == 1
         assert rec.message == "all good"          # the status write only touched status
         # The other way round: a user's change computed from a stale read retries.
         interleave(a, lambda: ops_b.set_rules("s", [{"condition": "#HEADER_a == 'x'",
@@ -798,7 +808,7 @@ def test_concurrent_admin_change_and_status_update_both_stick(shared_backend):
         assert rec.rules and rec.config["metadata"]["cpu"] == 4
         rec = await b.get_service("s")
         assert rec.config["metadata"]["memory"] == 1000 and len(rec.rules) == 1
-        assert rec.token == "t2" and rec.revision == 3
+        assert rec.token == "t2" and rec.revision == 1
 
     with_two_ops(shared_backend, body)
 

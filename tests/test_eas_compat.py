@@ -64,7 +64,7 @@ def client_for(case):
 
 def run(case):
     client = client_for(case)
-    kind, shape, x = case["kind"], case["shape"], case["x"]
+    kind, shape, x = case["kind"], case.get("shape"), case.get("x")
     if kind == "tf":
         req = TFRequest("predict_images")
         req.add_feed("images", shape, TFRequest.DT_FLOAT, x)
@@ -88,6 +88,9 @@ def run(case):
         resp = client.predict(StringRequest(json.dumps({"inputs": {"images": rows}})))
         scores = json.loads(resp.response_data)["outputs"]["scores"]
         return {"shape": [len(scores), len(scores[0])], "values": [v for r in scores for v in r]}
+    if kind == "raw":
+        resp = client.predict(StringRequest(case["data"]))
+        return {"body": bytes(resp.response_data).decode("utf-8", "replace")}
     raise ValueError(kind)
 
 

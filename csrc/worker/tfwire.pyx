@@ -285,7 +285,8 @@ cdef class TFServe:
     cdef frozenset known_outputs
     cdef object check_feeds, run, slow
 
-    def __init__(self, str signature_name, tuple output_names, check_feeds, run, slow):
+    def __init__(self, signature_name, tuple output_names, check_feeds, run, slow):
+        """`signature_name`: the one the model serves, None when it serves any."""
         self.signature_name = signature_name
         self.output_names = output_names
         self.known_outputs = frozenset(output_names)
@@ -299,7 +300,7 @@ cdef class TFServe:
         if fast is None:
             return self.slow(body)
         signature, feeds, wanted = <tuple>fast
-        if signature and signature != self.signature_name:
+        if signature and self.signature_name is not None and signature != self.signature_name:
             return self.slow(body)
         if wanted:
             for name in <tuple>wanted:

@@ -20,6 +20,8 @@ def register(sub) -> None:
                    help="tensorflow | pytorch | caffe | json | python (EAS names such as "
                         "tensorflow_cpu_1.15 work too)")
     p.add_argument("--processor-entry", help="python processor: FILE.py[:Class]")
+    p.add_argument("--model-config", help="the service's model_config, for a python processor "
+                                          "(get_model_config(), as in EAS)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--grpc-port", type=int,
@@ -87,7 +89,7 @@ def run(args) -> int:
 
         app = WorkerApp(args.service, settings, args.model, processor, args.token,
                         args.processor_entry, args.max_body_mb << 20, args.intra_op_threads,
-                        device, options)
+                        device, options, metadata.get("signature_name"), args.model_config)
         port = await app.listen(args.host, port_for_all, reuse_port=processes > 1,
                                 grpc_port=grpc_port_for_all)
         if args.registry:

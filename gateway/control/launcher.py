@@ -593,6 +593,10 @@ class Launcher:
             args += ["--model", spec.model]
         if spec.processor != "python":  # v2 over gRPC too, on a port the registry lists
             args += ["--grpc-port", "0"]
+        model_config = rec.config.get("model_config")
+        if model_config is not None:
+            args += ["--model-config", model_config if isinstance(model_config, str)
+                     else json.dumps(model_config)]
         if spec.entry:
             args += ["--processor-entry", spec.entry]
         if "workers" in meta and "rpc.worker_threads" not in meta and not isinstance(

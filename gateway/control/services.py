@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from ..registry import (CREATING, FAILED, RESTARTING, RUNNING, STOPPED, UPDATING, ServiceRecord,
                         StoreUnavailable, VersionConflict)
 from ..rules import RuleSet
-from ..serviceconfig import ConfigError, processor_kind, validate_service
+from ..serviceconfig import ConfigError, flat_rpc, processor_kind, validate_service
 
 MAX_HISTORY = 50
 LINK_SUFFIX_BYTES = 4  # create -r: <name>_<8 hex digits>
@@ -215,16 +215,22 @@ def deep_merge(base: dict, patch: dict) -> dict:
     return base
 
 
+# What a version is: a new model or processor (or their configuration) makes one;
+# instances, rate limits and other metadata change the running version.
+VERSION_KEYS = ("model_path", "model_entry", "model_config", "processor", "processor_path",
+                "processor_entry", "processor_type")
+
+
+def version_of(config: dict, present_only: bool = False) -> dict:
+    return {k: config.get(k) for k in VERSION_KEYS if not present_only or k in config}
+
+
 def _flat_rpc(metadata: dict) -> dict:
-    """metadata with a nested "rpc" object written as flat "rpc.<key>" keys (EAS style),
-    so that merges and -D settings meet the same key."""
-    nested = metadata.get("rpc")
-    if isinstance(nested, dict):
-        metadata = dict(metadata)
-        del metadata["rpc"]
-        for key, value in nested.items():
-            metadata[f"rpc.{key}"] = value
-    return metadata
+    """serviceconfig.flat_rpc, its refusal a 400."""
+    try:
+        return flat_rpc(metadata)
+    except ConfigError as exc:
+        raise ServiceError(400, str(exc)) from None
 
 
 def set_dotted(config: dict, key: str, value) -> None:
@@ -448,14 +454,23 @@ class ServiceOps:
             only_scale = ({**config, "metadata": {**config["metadata"], "instance": 0}} ==
                           {**rec.config, "metadata": {**(rec.config.get("metadata") or {}),
                                                       "instance": 0}} and token == rec.token)
+            if version_of(config) == version_of(rec.config):
+                # Instances, limits, other metadata: the running version changes in place.
+                for entry in rec.history:
+                    if entry.get("revision") == rec.revision:
+                        entry["config"] = copy.deepcopy(config)
+                rec.config, rec.token = config, token
+                what = (f"scaling from {before} to {after} instance(s)" if only_scale
+                        else f"updating version {rec.revision}")
+                self._status_after_change(rec, spec, what)
+                return rec
             latest = max([h.get("revision", 0) for h in rec.history] + [rec.revision])
             rec.history.append({"revision": latest + 1, "config": copy.deepcopy(config),
                                 "created_at": time.time()})
             if len(rec.history) > MAX_HISTORY:
                 rec.history = rec.history[-MAX_HISTORY:]
             rec.config, rec.token, rec.revision = config, token, latest + 1
-            what = (f"scaling from {before} to {after} instance(s)" if only_scale
-                    else f"updating to version {latest + 1}")
+            what = f"updating to version {latest + 1}"
             self._status_after_change(rec, spec, what)
             return rec
 
@@ -475,10 +490,11 @@ class ServiceOps:
                                         f"(versions: {known})")
             if revision == rec.revision:
                 return None
-            config = copy.deepcopy(entry["config"])
-            owner = owner_of(rec.config)
-            if owner:
-                config.setdefault("metadata", {})["owner"] = owner
+            # A version is its model and processor: the rest (instances, limits...) stays.
+            config = copy.deepcopy(rec.config)
+            for key in VERSION_KEYS:
+                config.pop(key, None)
+            config.update(copy.deepcopy(version_of(entry["config"], present_only=True)))
             spec = check_config(config)
             rec.config, rec.revision = config, revision
             self._status_after_change(rec, spec, f"switching to version {revision}")

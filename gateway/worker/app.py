@@ -39,7 +39,8 @@ class WorkerApp:
     def __init__(self, service: str, settings: RpcSettings, model_path: str | None,
                  processor: str, token: str = "", processor_entry: str | None = None,
                  max_body_size: int = 64 << 20, intra_op_threads: int = 1,
-                 device: str = "auto", provider_options: dict | None = None):
+                 device: str = "auto", provider_options: dict | None = None,
+                 signature_name: str | None = None, model_config: str | None = None):
         self.service = service
         self.settings = settings
         self.token = token
@@ -50,9 +51,11 @@ class WorkerApp:
         self.model = None
         if processor == "python":
             entry = processor_entry or model_path
-            self.user = UserProcessor(entry, model_path if entry != model_path else None)
+            self.user = UserProcessor(entry, model_path if entry != model_path else None,
+                                      model_config)
         else:
-            self.model = OnnxModel(model_path, intra_op_threads, device, provider_options)
+            self.model = OnnxModel(model_path, intra_op_threads, device, provider_options,
+                                   signature_name)
             self.processor = make_processor(processor, self.model)
             self.signature = json_response(self.model.signature())
         self.batcher = None

@@ -104,7 +104,8 @@ def _spec(arg) -> TensorSpec:
 
 class OnnxModel:
     def __init__(self, path: str, intra_op_threads: int = 1, device: str = "auto",
-                 provider_options: dict | None = None):
+                 provider_options: dict | None = None, signature_name: str | None = None):
+        """`signature_name` (the service's metadata.signature_name) overrides the model's."""
         options = ort.SessionOptions()
         # Concurrency comes from rpc.worker_threads running sessions side by side;
         # intra-op threads per call would fight them for the same cores.
@@ -133,8 +134,12 @@ class OnnxModel:
         # call, as much as a small model's inference): check_feeds has done them.
         self._run = self._binding_run(self.session)
         self._run_by_rows: dict = {}  # batch size -> the run of its own session
+        # A model converted from TensorFlow or PyTorch declares no signature: it serves any
+        # name a client sends (and shows "serving_default"). One that declares one, or
+        # whose service names one, refuses the others.
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.signature_name = meta.get("signature_name", "serving_default")
+        self.declared_signature = signature_name or meta.get("signature_name") or None
+        self.signature_name = self.declared_signature or "serving_default"
 
     def _new_session(self):
         options, names, provider_options = self._session_args

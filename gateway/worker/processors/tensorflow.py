@@ -16,7 +16,7 @@ class TFProcessor(Processor):
 
     def __init__(self, model):
         super().__init__(model)
-        self.serve = TFServe(model.signature_name, model.output_names, model.check_feeds,
+        self.serve = TFServe(model.declared_signature, model.output_names, model.check_feeds,
                              model.run, super().serve)
 
     def decode(self, body: bytes) -> Call:
@@ -30,7 +30,8 @@ class TFProcessor(Processor):
                 feeds = {name: decode_array(proto, name) for name, proto in request.inputs.items()}
             except CodecError as exc:
                 raise BadInput(str(exc)) from None
-        if signature and signature != self.model.signature_name:
+        declared = self.model.declared_signature
+        if signature and declared is not None and signature != declared:
             raise BadInput(f"unknown signature_name {signature!r}; the model serves "
                            f"{self.model.signature_name!r}")
         return self._call(feeds, output_filter)

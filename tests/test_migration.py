@@ -1,0 +1,139 @@
+"""Moving an EAS or ModelArts service over unchanged: each case as a user moving one would
+hit it, through a running gateway, the workers it launches, the CLI, and the unchanged
+eas-prediction SDK where a client is involved."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gateway.models import DIGITS_MODEL
+from test_control_plane import Gateway, cli, cli_ok, desc, http, served, wait_for, write_json
+from test_eas_compat import assert_scores, eas_py, run_cases  # noqa: F401 (eas_py: a fixture)
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    g = Gateway("--state-dir", str(tmp_path_factory.mktemp("state"))).start()
+    g.files = tmp_path_factory.mktemp("files")
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def unsigned_model(tmp_path_factory) -> str:
+    """The digits model as a converter writes it: no signature_name metadata."""
+    import onnx
+
+    model = onnx.load(str(DIGITS_MODEL))
+    del model.metadata_props[:]
+    path = tmp_path_factory.mktemp("models") / "converted.onnx"
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def digits_batch():
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(2)
+    x = rng.random((3, 784), dtype=np.float32)
+    session = ort.InferenceSession(str(DIGITS_MODEL), providers=["CPUExecutionProvider"])
+    return x, session.run(["scores"], {"images": x})[0]
+
+
+def tf_case(endpoint: str, service: str, batch: np.ndarray, token: str = "") -> dict:
+    """One TFRequest("predict_images") of `batch` by the unchanged eas-prediction SDK."""
+    return dict(endpoint=endpoint, service=service, kind="tf", shape=list(batch.shape),
+                x=batch.ravel().tolist(), token=token)
+
+
+def create(gw, name: str, **config) -> dict:
+    spec = write_json(gw.files / f"{name}.json", {"name": name, **config})
+    cli_ok(gw.url, "create", spec)
+    return wait_for(lambda: (v := desc(gw.url, name))["status"] == "Running" and v, 30,
+                    what=f"{name} to run")
+
+
+def test_a_model_without_a_signature_serves_any_signature_name(gw, unsigned_model, eas_py,
+                                                               digits_batch, tmp_path):
+    """Models converted from TensorFlow or PyTorch declare no signature: the EAS client's
+    TFRequest("predict_images") must work, and GET shows serving_default."""
+    x, expected = digits_batch
+    token = create(gw, "converted", model_path=unsigned_model, processor="tensorflow_cpu_1.15",
+                   generate_token="true")["token"]
+    named = create(gw, "named", model_path=unsigned_model, processor="tensorflow",
+                   token="tok", metadata={"signature_name": "serving_images"})["token"]
+    results = run_cases(tmp_path, [
+        tf_case(gw.url, "converted", x, token),
+        tf_case(gw.url, "named", x[:1], named),  # sends predict_images
+    ])
+    assert_scores(results[0], expected)
+    assert not results[1]["ok"] and results[1]["code"] == 400
+    assert "serving_images" in results[1]["message"]
+    status, body = http(gw.url, "GET", "/api/predict/converted", headers={"Authorization": token})
+    assert status == 200 and json.loads(body)["signature_name"] == "serving_default"
+    res = cli(gw.url, "create", write_json(gw.files / "bad-sig.json", {
+        "name": "bad-sig", "model_path": unsigned_model, "metadata": {"signature_name": 3}}))
+    assert res.returncode == 1 and "metadata.signature_name" in res.stderr
+
+
+def test_scaling_and_metadata_change_the_running_version(gw):
+    """Only the model, the processor or their configuration make a version: instances and
+    other metadata change the running one, so rollback lists hold real versions."""
+    create(gw, "versions", model_path=str(DIGITS_MODEL), processor="tensorflow",
+           metadata={"instance": 1})
+    out = cli_ok(gw.url, "modify", "versions", "-Dmetadata.instance=2")
+    assert "version 1" in out
+    cli_ok(gw.url, "modify", "versions", "-Dmetadata.rpc.keepalive=4000")
+    view = wait_for(lambda: (v := desc(gw.url, "versions"))["running_instances"] == 2 and v, 30,
+                    what="two instances")
+    assert view["revision"] == 1 and view["latest_revision"] == 1
+    assert view["config"]["metadata"]["rpc.keepalive"] == 4000
+    cli_ok(gw.url, "modify", "versions", "-Dprocessor=tensorflow_cpu_1.15")  # a new version
+    view = desc(gw.url, "versions")
+    assert view["revision"] == 2 and view["latest_revision"] == 2
+    cli_ok(gw.url, "version", "versions", "1")  # back to the first model and processor...
+    view = desc(gw.url, "versions")
+    assert view["revision"] == 1 and view["config"]["processor"] == "tensorflow"
+    assert view["config"]["metadata"]["instance"] == 2  # ...keeping today's instances
+    assert view["config"]["metadata"]["rpc.keepalive"] == 4000
+
+
+def test_flat_and_nested_rpc_keys_that_disagree_are_refused(gw):
+    spec = write_json(gw.files / "clash.json", {
+        "name": "clash", "model_path": str(DIGITS_MODEL),
+        "metadata": {"rpc.keepalive": 5000, "rpc": {"keepalive": -1}}})
+    res = cli(gw.url, "create", spec)
+    assert res.returncode == 1
+    assert "metadata.rpc.keepalive is 5000" in res.stderr and "-1" in res.stderr
+    assert cli(gw.url, "desc", "clash").returncode == 1  # nothing was created
+    agree = write_json(gw.files / "agree.json", {
+        "name": "agree", "model_path": str(DIGITS_MODEL),
+        "metadata": {"rpc.keepalive": 3000, "rpc": {"keepalive": 3000}}})
+    cli_ok(gw.url, "create", agree)
+    assert desc(gw.url, "agree")["config"]["metadata"]["rpc.keepalive"] == 3000
+
+
+def test_eas_python_processor_runs_unchanged(gw, eas_py, tmp_path):
+    """The manual's allspark processor: status 0 is success, model_config reaches it, and
+    an exception in process() is a 400 with its message that the gateway does not retry."""
+    app_dir = os.path.join(os.path.dirname(__file__), "data", "allspark_app")
+    view = create(gw, "spark", processor="python", processor_path=app_dir,
+                  processor_entry="app.py", model_config='{"w0": 10, "w1": 3}',
+                  generate_token="true", metadata={"instance": 2})
+    token = view["token"]
+    served_before = served(gw.url, "spark")
+    results = run_cases(tmp_path, [
+        dict(endpoint=gw.url, service="spark", kind="raw", data=data, token=token)
+        for data in ("10 20", "1 500", "0 0", "config", "not numbers")])
+    assert results[0] == {"ok": True, "body": "True"}
+    assert not results[1]["ok"] and results[1]["code"] == 400  # the processor's own 400
+    assert results[2] == {"ok": True, "body": "zero"}           # status 0: success
+    assert json.loads(results[3]["body"]) == {"w0": 10, "w1": 3}
+    failed = results[4]
+    assert not failed["ok"] and failed["code"] == 400
+    assert "ValueError" in failed["message"] and "process() failed" in failed["message"]
+    assert served(gw.url, "spark") - served_before == 5  # nothing was retried elsewhere
