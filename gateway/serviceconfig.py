@@ -223,6 +223,11 @@ def validate_service(config: dict) -> dict:
                 raise ConfigError(f"endpoints[{i}].port must be from 1 to 65535, got {port}")
             if "weight" in ep:
                 _coerce(f"endpoints[{i}].weight", ep["weight"], int, 0, prefix="")
+    env = config.get("env")
+    if env is not None and (not isinstance(env, dict) or not all(
+            isinstance(k, str) and k and "=" not in k and isinstance(v, str)
+            for k, v in env.items())):
+        raise ConfigError("env must be an object of variable names to string values")
     signature = (config.get("metadata") or {}).get("signature_name")
     if signature is not None and (not isinstance(signature, str) or not signature.strip()):
         raise ConfigError(f"metadata.signature_name must be a non-empty string, got "

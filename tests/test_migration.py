@@ -137,3 +137,31 @@ def test_eas_python_processor_runs_unchanged(gw, eas_py, tmp_path):
     assert not failed["ok"] and failed["code"] == 400
     assert "ValueError" in failed["message"] and "process() failed" in failed["message"]
     assert served(gw.url, "spark") - served_before == 5  # nothing was retried elsewhere
+
+
+def test_service_env_reaches_the_workers(gw, eas_py, tmp_path):
+    """service.json `env` (name to value) is the workers' environment."""
+    app_dir = tmp_path / "env_app"
+    app_dir.mkdir()
+    with open(app_dir / "app.py", "w") as f:
+        f.write("import os\nimport allspark\n\n\nclass Env(allspark.BaseProcessor):\n"
+                "    def process(self, data):\n"
+                "        return os.environ.get(data.decode(), '<unset>'), 200\n")
+    create(gw, "envsvc", processor="python", processor_path=str(app_dir),
+           processor_entry="app.py", env={"MODEL_FLAVOUR": "vanilla"})
+    results = run_cases(tmp_path, [dict(endpoint=gw.url, service="envsvc", kind="raw",
+                                        data="MODEL_FLAVOUR")])
+    assert results == [{"ok": True, "body": "vanilla"}]
+    res = cli(gw.url, "create", write_json(gw.files / "badenv.json", {
+        "name": "badenv", "model_path": str(DIGITS_MODEL), "env": {"X": 1}}))
+    assert res.returncode == 1 and "env must be" in res.stderr
+
+
+def test_held_out_digits_ship_with_the_package():
+    """The demo's digits need no scikit-learn: the shipped copy is the held-out split."""
+    from gateway.models import load_digits_split, load_held_out_digits
+
+    x, y = load_held_out_digits()
+    _, _, x_ref, y_ref = load_digits_split()
+    np.testing.assert_array_equal(x, x_ref)
+    np.testing.assert_array_equal(y, y_ref)

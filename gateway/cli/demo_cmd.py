@@ -81,15 +81,11 @@ def _phase(client, images: np.ndarray, labels: np.ndarray, count: int) -> dict:
 
 
 def run(args) -> int:
-    from ..models import DIGITS_MODEL, load_digits_split
+    from ..models import DIGITS_MODEL, load_held_out_digits
     from ..sdk import ENDPOINT_TYPE_DIRECT, PredictClient
     from .control_cmds import AdminClient, wait_running
 
-    try:
-        _, _, images, labels = load_digits_split()
-    except ImportError:
-        raise CliError("the demo's digits come from scikit-learn: pip install scikit-learn") from None
-    images = images.astype(np.float32)
+    images, labels = load_held_out_digits()
     state = tempfile.mkdtemp(prefix="infergate-demo-")
     port = _free_port()
     gateway = f"http://127.0.0.1:{port}"

@@ -608,9 +608,12 @@ class Launcher:
         return args
 
     def worker_env(self, rec) -> dict:
-        """A worker's environment: where to register and the secrets, which must not
-        appear on its command line (``ps`` shows that to every local user), and its GPUs."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1", INFERGATE_REGISTRY=self.registry_url,
+        """A worker's environment: the service.json's `env`, then where to register and the
+        secrets, which must not appear on its command line (``ps`` shows that to every local
+        user), and its GPUs."""
+        env = dict(os.environ)
+        env.update(rec.config.get("env") or {})  # the service.json's own, under ours
+        env.update(PYTHONUNBUFFERED="1", INFERGATE_REGISTRY=self.registry_url,
                    INFERGATE_SERVICE_TOKEN=rec.token or "",
                    INFERGATE_ADMIN_TOKEN=self.admin_token or "")
         devices = self.devices.assign(rec.name, rec.config.get("metadata") or {})

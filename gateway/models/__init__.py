@@ -9,7 +9,8 @@ MNIST signature of the EAS manual:
 * signature name ``predict_images`` (ONNX metadata_props key "signature_name").
 
 It is built by ``python -m gateway.models.build_digits``. Nothing here imports
-scikit-learn or onnx at import time: both are test/dev dependencies only.
+scikit-learn or onnx at import time: both are test/dev dependencies only
+(``load_held_out_digits`` reads the shipped copy of the held-out digits).
 """
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["DIGITS_MODEL", "SIGNATURE_NAME", "INPUT_NAME", "OUTPUT_NAME", "to_mnist_layout",
-           "load_digits_split"]
+           "load_digits_split", "load_held_out_digits"]
 
 DIGITS_MODEL: Path = Path(__file__).resolve().parent / "digits.onnx"
+# The 360 held-out digits (8x8, 0..16, and their labels): what the demo sends, shipped so
+# that `pip install infergate; infergate demo` needs no scikit-learn.
+HELD_OUT: Path = Path(__file__).resolve().parent / "digits_held_out.npz"
 SIGNATURE_NAME = "predict_images"
 INPUT_NAME = "images"
 OUTPUT_NAME = "scores"
@@ -62,6 +66,12 @@ def to_mnist_layout(images_8x8) -> np.ndarray:
     up = _UPSAMPLE @ x @ _UPSAMPLE.T  # [N, 28, 28]
     up = np.clip(up / _MAX_VALUE, 0.0, 1.0)
     return up.reshape(-1, _DST * _DST).astype(np.float32)
+
+
+def load_held_out_digits():
+    """(x_test, y_test) of load_digits_split(), from the copy shipped with infergate."""
+    with np.load(HELD_OUT) as data:
+        return to_mnist_layout(data["images"]), data["labels"].astype(np.int64)
 
 
 def load_digits_split():
