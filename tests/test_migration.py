@@ -165,3 +165,43 @@ def test_held_out_digits_ship_with_the_package():
     _, _, x_ref, y_ref = load_digits_split()
     np.testing.assert_array_equal(x, x_ref)
     np.testing.assert_array_equal(y, y_ref)
+
+
+def test_worker_logs_are_kept_and_read_from_the_cli(gw):
+    """A normally stopped worker's log stays, and `infergate logs` shows it (filtered by
+    instance and time); -f follows new lines."""
+    import subprocess
+    import time
+
+    from conftest import infergate_cmd
+    from test_control_plane import ADMIN
+
+    view = create(gw, "logged", model_path=str(DIGITS_MODEL), processor="tensorflow",
+                  metadata={"instance": 1})
+    first = view["instances"][0]["id"]
+    out = cli_ok(gw.url, "logs", "logged")
+    assert f"{first}  " in out and "listening on" in out
+    cli_ok(gw.url, "modify", "logged", "-Dmetadata.rpc.keepalive=3000")  # replaces the worker
+    wait_for(lambda: [i["id"] for i in desc(gw.url, "logged")["instances"]] not in ([first], []),
+             30, what="a new worker")
+    wait_for(lambda: "shutting down" in cli_ok(gw.url, "logs", "logged", "--instance", first),
+             20, what="the stopped worker's log")
+    out = cli_ok(gw.url, "logs", "logged")
+    assert {line.split("  ")[0] for line in out.splitlines()} >= {first}
+    assert len({line.split("  ")[0] for line in out.splitlines()}) == 2  # old and new worker
+    assert cli_ok(gw.url, "logs", "logged", "--since", "0s").strip() == ""
+    follow = subprocess.Popen(infergate_cmd("logs", "logged", "-f", "--since", "1s"),
+                              stdout=subprocess.PIPE, text=True, env=dict(
+                                  os.environ, INFERGATE_GATEWAY=gw.url,
+                                  INFERGATE_ADMIN_TOKEN=ADMIN))
+    try:
+        time.sleep(1.5)
+        cli_ok(gw.url, "modify", "logged", "-Dmetadata.instance=2")  # a new worker logs
+        wait_for(lambda: desc(gw.url, "logged")["running_instances"] == 2, 30)
+        line = follow.stdout.readline()
+        assert "listening on" in line or "loaded" in line or "worker" in line, line
+    finally:
+        follow.terminate()
+        follow.wait(10)
+    res = cli(gw.url, "logs", "nope")
+    assert res.returncode == 1 and "nope" in res.stderr

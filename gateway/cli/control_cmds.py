@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from .errors import CliError
 
@@ -416,6 +416,35 @@ def cmd_instances(args) -> int:
     return 0
 
 
+def _seconds_ago(text: str) -> float:
+    """"30s", "5m", "2h", "1d" (a bare number: seconds) -> that many seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise CliError(f"--since {text!r}: give a duration such as 30s, 5m, 2h or 1d") from None
+
+
+def cmd_logs(args) -> int:
+    client = _client(args)
+    query = {}
+    if args.instance:
+        query["instance"] = args.instance
+    if args.since:
+        query["since"] = str(time.time() - _seconds_ago(args.since))
+    while True:
+        answer = client.call("GET", _svc(args.service) + "/logs?" + urlencode(query))
+        for instance, _, line in answer["lines"]:
+            print(f"{instance}  {line}", flush=True)
+        if not args.follow:
+            return 0
+        query.pop("since", None)
+        query["cursor"] = json.dumps(answer["cursor"])
+        time.sleep(1.0)
+
+
 # ------------------------------------------------------------------------- registration
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
@@ -465,8 +494,9 @@ def register(sub) -> None:
     p = add("modify", "change a service's configuration",
             "Change a service: -Dkey=value for single settings (dotted paths, JSON values, "
             "repeatable), e.g. -Dmetadata.instance=3 scales without touching running "
-            "instances; -s partial.json merges a partial service.json. Each change makes a new "
-            "version (see version).", cmd_modify)
+            "instances; -s partial.json merges a partial service.json. A change of the model or "
+            "processor (or their configuration) makes a new version (see version); instances "
+            "and other metadata change the running one.", cmd_modify)
     p.add_argument("service")
     p.add_argument("-D", dest="define", action="append", metavar="KEY=VALUE",
                    help="set a dotted key, e.g. -Dmetadata.instance=3 (repeatable)")
@@ -497,6 +527,14 @@ def register(sub) -> None:
             "back to the original; deleting the original keeps its endpoint and sends all "
             "traffic to the linked service(s).", cmd_delete)
     p.add_argument("service")
+
+    p = add("logs", "show the logs of a service's workers",
+            "The logs of the workers this gateway runs for a service, and of those that "
+            "stopped lately (kept and rotated by size), oldest line first.", cmd_logs)
+    p.add_argument("service")
+    p.add_argument("--instance", help="one instance: HOST:PORT or PORT")
+    p.add_argument("--since", help="only lines of the last 30s, 5m, 2h, 1d...")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
 
     p = add("version", "switch a service to one of its versions",
             "Switch a service to an earlier (or later) version; desc shows LatestVersion and "

@@ -42,6 +42,7 @@ import orjson
 
 from ..registry import InstanceRecord, ServiceNotFound, StoreError, StoreUnavailable
 from ..server import Request, Response, error_response, json_response
+from .logs import read_logs
 from .services import (ServiceError, ServiceOps, cached_model_spec, desired_instances,
                        effective_traffic, is_entry_only, owner_of)
 
@@ -215,6 +216,20 @@ class AdminApi:
                 rec = await self.ops.set_rules(name, body)
                 return json_response(rec.rules)
             return self._not_allowed(method, path)
+        if action == "logs" and method == "GET":
+            await self.ops.get(name)  # 404 for an unknown service
+            if self.launcher is None:
+                raise ServiceError(404, "this gateway launches no workers: read the logs "
+                                        "where the workers run")
+            query = parse_qs(request.query)
+            try:
+                since = float(query["since"][-1]) if "since" in query else None
+                cursor = orjson.loads(query["cursor"][-1]) if "cursor" in query else None
+            except (ValueError, orjson.JSONDecodeError):
+                raise ServiceError(400, "since must be a time in seconds and cursor the JSON "
+                                        "a previous answer gave") from None
+            return json_response(read_logs(self.launcher.log_paths(name),
+                                           query.get("instance", [None])[-1], since, cursor))
         if action == "instances" and method == "GET":
             rec = await self.ops.get(name)
             return json_response(await self._instance_views(rec))

@@ -18,7 +18,11 @@ It reconciles, a few times a second, what the store asks for with what runs:
   restart forever. After ``MAX_FAILURES`` crashes in a row the service turns
   Failed, with the worker's last output line as the message, until the user
   modifies or starts it again. The logs of the last ``MAX_CRASH_LOGS`` crashed
-  workers of a service are kept (``desc`` lists them), older ones deleted;
+  workers of a service are kept (``desc`` lists them), and of the last
+  ``MAX_KEPT_LOGS`` that stopped normally; older ones are deleted, and so is
+  every log of a deleted service. A log rotates past ``MAX_LOG_BYTES`` (copied
+  to ``.log.1``, then truncated: the worker appends). ``infergate logs`` reads
+  them (`read_logs`);
 * status: Creating/Updating/Restarting -> Running once every wanted worker
   answers /health and is registered.
 
@@ -51,6 +55,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -74,6 +79,8 @@ BACKOFF_MAX_S = 30.0
 MAX_FAILURES = int(os.environ.get("INFERGATE_WORKER_MAX_FAILURES", "3"))
 STABLE_S = float(os.environ.get("INFERGATE_WORKER_STABLE_S", "30"))  # up this long: not a crash loop
 MAX_CRASH_LOGS = 5         # crashed workers' logs kept per service
+MAX_KEPT_LOGS = 8          # logs of workers that stopped normally, kept per service
+MAX_LOG_BYTES = 8 << 20    # a worker's log rotates (to NAME.log.1) past this size
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -109,6 +116,13 @@ def last_line(path: str, limit: int = 8192) -> str:
         return ""
     lines = [line.strip() for line in tail.splitlines() if line.strip()]
     return lines[-1][:500] if lines else ""
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _unlink(path: str) -> None:
@@ -283,6 +297,7 @@ class Launcher:
         self._lock_error_logged = False
         self._fp_cache: dict[str, tuple] = {}   # name -> ((created_at, version), fingerprint)
         self.crash_logs: dict[str, collections.deque] = {}
+        self.kept_logs: dict[str, collections.deque] = {}  # of normally stopped workers
 
     # ---- lifecycle ------------------------------------------------------------
     def _try_lock(self) -> bool:
@@ -336,8 +351,7 @@ class Launcher:
                 w.proc.kill()
                 w.proc.wait()
         for name, w in workers:
-            await self._deregister(name, w)
-            _unlink(w.log_path)
+            await self._deregister(name, w)  # its log stays (pruned at the next start)
         self.states.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -374,6 +388,7 @@ class Launcher:
             self.records = {r.name: r for r in await self.store.list_services()}
         for name in sorted(set(self.records) | set(self.states)):
             await self._reconcile_service(name, self.records.get(name))
+        self._rotate_logs()
 
     def _remember(self, rec) -> None:
         if rec is not None:
@@ -410,8 +425,9 @@ class Launcher:
         if not wanted:
             if rec is None:
                 self._fp_cache.pop(name, None)
-                for path in self.crash_logs.pop(name, ()):  # the service is gone
-                    _unlink(path)
+                for path in [*self.crash_logs.pop(name, ()), *self.kept_logs.pop(name, ())]:
+                    _unlink(path)  # the service is gone
+                    _unlink(path + ".1")
             if st is not None:
                 self._reap(name, st, None)
                 for w in st.workers:
@@ -509,7 +525,7 @@ class Launcher:
             st.workers.remove(w)
             asyncio.get_running_loop().create_task(self._deregister(name, w))
             if w.stopping or rec is None or self._closing:
-                _unlink(w.log_path)  # stopped on purpose: only crash logs are kept
+                self._keep_log(name, w.log_path)  # stopped on purpose: kept, a few
                 continue
             now = time.monotonic()
             how = (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
@@ -543,10 +559,35 @@ class Launcher:
         logs = self.crash_logs.setdefault(name, collections.deque())
         logs.append(path)
         while len(logs) > MAX_CRASH_LOGS:
-            _unlink(logs.popleft())
+            old = logs.popleft()
+            _unlink(old)
+            _unlink(old + ".1")
+
+    def _keep_log(self, name: str, path: str) -> None:
+        logs = self.kept_logs.setdefault(name, collections.deque())
+        logs.append(path)
+        while len(logs) > MAX_KEPT_LOGS:
+            old = logs.popleft()
+            _unlink(old)
+            _unlink(old + ".1")
+
+    def _rotate_logs(self) -> None:
+        """Copy a running worker's log past MAX_LOG_BYTES to .log.1 and truncate it (the
+        worker writes with O_APPEND, so it goes on at the new end)."""
+        for st in self.states.values():
+            for w in st.workers:
+                try:
+                    if os.path.getsize(w.log_path) <= MAX_LOG_BYTES:
+                        continue
+                    with open(w.log_path, "rb") as src, \
+                            os.fdopen(open_private(w.log_path + ".1"), "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    os.truncate(w.log_path, 0)
+                except OSError as exc:
+                    log.warning("rotating %s: %s", w.log_path, exc)
 
     def _prune_old_logs(self) -> None:
-        """Crash logs left by earlier runs: keep the newest MAX_CRASH_LOGS per service."""
+        """Logs left by earlier runs: keep the newest MAX_KEPT_LOGS per service."""
         try:
             entries = [e for e in os.scandir(self.log_dir)
                        if e.name.endswith(".log") and e.is_file(follow_symlinks=False)]
@@ -562,8 +603,9 @@ class Launcher:
                     pass
         for files in by_service.values():
             files.sort(reverse=True)
-            for _, path in files[MAX_CRASH_LOGS:]:
+            for _, path in files[MAX_KEPT_LOGS:]:
                 _unlink(path)
+                _unlink(path + ".1")
 
     async def _deregister(self, name: str, w: Worker) -> None:
         try:
@@ -631,7 +673,8 @@ class Launcher:
         env = self.worker_env(rec)
         log_path = os.path.join(self.log_dir, f"{rec.name}-{port}.log")
         try:
-            with os.fdopen(open_private(log_path), "wb") as out:
+            with os.fdopen(open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
+                                        os.O_APPEND), "wb") as out:
                 proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=subprocess.STDOUT, env=env, close_fds=True,
                                         start_new_session=True,
@@ -660,6 +703,19 @@ class Launcher:
     def crash_log_paths(self, name: str) -> list[str]:
         """Logs of the service's last crashed workers (oldest first)."""
         return list(self.crash_logs.get(name, ()))
+
+    def log_paths(self, name: str) -> dict[str, str]:
+        """instance ("host:port") -> log path, of the service's workers this gateway ran
+        or runs (a port reused later: the newest log)."""
+        paths = [*self.crash_logs.get(name, ()), *self.kept_logs.get(name, ())]
+        st = self.states.get(name)
+        if st is not None:
+            paths += [w.log_path for w in st.workers]
+        found = {}
+        for path in sorted(paths, key=_mtime):
+            port = os.path.basename(path)[len(name) + 1:-len(".log")]
+            found[f"{self.worker_host}:{port}"] = path
+        return found
 
 
 def default_lock_path(owner: str, location: str) -> str:
