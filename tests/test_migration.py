@@ -205,3 +205,35 @@ def test_worker_logs_are_kept_and_read_from_the_cli(gw):
         follow.wait(10)
     res = cli(gw.url, "logs", "nope")
     assert res.returncode == 1 and "nope" in res.stderr
+
+
+def test_gateway_access_log(tmp_path, procs, worker_factory):
+    """--access-log writes one JSON line per answer (forwarded or not); off by default."""
+    import socket
+
+    from gateway_helpers import endpoints, post, seed_services, start_gateway
+
+    worker = worker_factory()
+    seed_services(str(tmp_path), [{"name": "digits", "token": "tok",
+                                   "config": {"endpoints": endpoints(worker)}}])
+    log_path = tmp_path / "access.jsonl"
+    gateway = start_gateway(procs, str(tmp_path), "--access-log", str(log_path))
+    from test_control_plane import tf_body
+
+    x = np.zeros((1, 784), np.float32)
+    assert post(gateway.url + "/api/predict/digits?trace=1", tf_body(x),
+                {"Authorization": "tok"})[0] == 200
+    assert post(gateway.url + "/api/predict/digits", tf_body(x))[0] == 401
+    assert post(gateway.url + "/api/predict/nope", b"")[0] == 404
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+        sock.recv(1000)
+    def records():
+        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+        return [r for r in lines if r["path"] != "/health"]  # the start-up checks
+    records = wait_for(lambda: len(records()) >= 4 and records(), 10, what="4 access log lines")
+    assert [(r["method"], r["path"], r["status"]) for r in records] == [
+        ("POST", "/api/predict/digits?trace=1", 200), ("POST", "/api/predict/digits", 401),
+        ("POST", "/api/predict/nope", 404), ("-", "-", 400)]
+    assert all(r["client"] == "127.0.0.1" and r["ms"] >= 0 for r in records)
+    assert records[0]["bytes"] > 0

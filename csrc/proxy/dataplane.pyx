@@ -379,6 +379,7 @@ cdef class Client(Conn):
     cdef bint in_message, closing
     cdef bint dispatching        # _serve is handing a request on (answers may come at once)
     cdef double last_activity, message_started
+    cdef bytes log_method, log_target  # the request being answered, for the access log
 
 
 cdef class Upstream(Conn):
@@ -482,6 +483,7 @@ cdef class DataPlane:
 
     cdef int ep
     cdef object listener, loop, handler, answer_error, series_for, retried, limiter
+    cdef public object access_log   # access_log(peer, method, target, status, bytes, seconds)
     cdef list by_fd                 # fd -> Conn
     cdef dict fast                  # service bytes -> FastRoute
     cdef dict instances             # (ip, port) -> Instance
@@ -808,6 +810,9 @@ cdef class DataPlane:
             keep_alive = (not h.conn_close if h.minor == 1 else h.conn_keep_alive) and \
                 not self.draining
             c.in_message = False
+            if self.access_log is not None:
+                c.log_method = PyBytes_FromStringAndSize(h.method.p, h.method.n)
+                c.log_target = PyBytes_FromStringAndSize(h.target.p, h.target.n)
             c.dispatching = True
             try:
                 if h.method.n == 4 and strncasecmp(h.method.p, b"HEAD", 4) == 0 or \
@@ -816,6 +821,16 @@ cdef class DataPlane:
             finally:
                 c.dispatching = False
                 buf_consume(&c.inb, body_end)
+
+    cdef void _log(self, Client c, int status, size_t length) except *:
+        """One line of the access log: the request being answered (or "-" for one that
+        could not be read), its status, the answer's body size and the time it took."""
+        try:
+            self.access_log(c.peer, c.log_method or b"-", c.log_target or b"-", status, length,
+                            self.loop.time() - c.message_started)
+        except Exception:
+            log.exception("access log failed")
+        c.log_method = c.log_target = None
 
     cdef void _serve_next(self, Client c) except *:
         """_serve after an answer went out, from another connection's event or a callback:
@@ -836,6 +851,8 @@ cdef class DataPlane:
             return
         if self.draining:
             keep_alive = False  # say so, rather than closing under a client that reuses it
+        if self.access_log is not None:
+            self._log(c, response.status, len(response.body))
         cdef bytes head = response.head(keep_alive)
         cdef bytes body = response.body if not no_body else b""
         if PyBytes_GET_SIZE(body) < 65536:  # one write, one syscall
@@ -1325,6 +1342,8 @@ cdef class DataPlane:
         if c is None or c.closed:
             return
         c.working = None
+        if self.access_log is not None:
+            self._log(c, status, length)
         self._send(c, o.p, o.n)
         if not keep_client:
             c.closing = True

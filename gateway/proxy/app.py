@@ -20,6 +20,7 @@ from .. import auth
 from .._native.chain import AuthFilter, Chain, RouteFilter, VersionFilter
 from .._native.dataplane import DataPlane
 from . import metrics
+from .access_log import AccessLog
 from .filter import Filter
 
 log = logging.getLogger("infergate.gateway")
@@ -37,7 +38,7 @@ _EMPTY_OK = Response(200, b"", None, "text/plain")
 
 class GatewayApp:
     def __init__(self, store, admin_token: str = "", max_body_size: int = 64 << 20,
-                 health_interval: float = 2.0):
+                 health_interval: float = 2.0, access_log: str | None = None):
         self.store = store
         self.admin_token = admin_token
         self.table = RouteTable({}, {})
@@ -54,6 +55,8 @@ class GatewayApp:
         filters: list[Filter] = [RouteFilter(self), AuthFilter(auth.verify),
                                  self.rate_limits.check, VersionFilter()]
         self.chain = Chain(filters, metrics.observe, self.dataplane.forward_exchange)
+        self.access_log = AccessLog(access_log) if access_log else None
+        self.dataplane.access_log = self.access_log
         self.admin = None  # the control plane mounts its handler here (/admin/...)
         self._rebuild_pending = False
         self._address = None
@@ -106,6 +109,8 @@ class GatewayApp:
         self.store.subscribe(self._changed)
         await self.reload()
         self.dataplane.start(asyncio.get_running_loop())
+        if self.access_log is not None:
+            self.access_log.start(asyncio.get_running_loop())
         if self._address is not None:
             host, port, reuse_port = self._address
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -135,6 +140,8 @@ class GatewayApp:
         if self.admin is not None:
             await self.admin.stop()
         self.dataplane.close()
+        if self.access_log is not None:
+            self.access_log.close()
         for pool in self.table.pools.values():
             pool.close()
         await self.rate_limits.close()
