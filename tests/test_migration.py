@@ -237,3 +237,63 @@ def test_gateway_access_log(tmp_path, procs, worker_factory):
         ("POST", "/api/predict/nope", 404), ("-", "-", 400)]
     assert all(r["client"] == "127.0.0.1" and r["ms"] >= 0 for r in records)
     assert records[0]["bytes"] > 0
+
+
+@pytest.fixture
+def http_files(tmp_path):
+    """A local HTTP server for the test's files: (directory, base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_model_and_processor_packages_by_url(gw, http_files, eas_py, digits_batch, tmp_path):
+    """model_path and processor_path as http:// archives, the way EAS service.json files
+    give them: fetched once, extracted safely, failures shown in desc."""
+    import io
+    import tarfile
+    import zipfile
+
+    root, base = http_files
+    x, expected = digits_batch
+    with tarfile.open(root / "model.tar.gz", "w:gz") as tar:
+        tar.add(str(DIGITS_MODEL), arcname="model/digits.onnx")
+    app = os.path.join(os.path.dirname(__file__), "data", "allspark_app", "app.py")
+    with zipfile.ZipFile(root / "processor.zip", "w") as z:
+        z.write(app, "app.py")
+    with tarfile.open(root / "evil.tar", "w") as tar:
+        data = b"owned"
+        info = tarfile.TarInfo("../../escape.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    token = create(gw, "fetched", model_path=f"{base}/model.tar.gz",
+                   model_entry="model/digits.onnx", processor="tensorflow",
+                   token="tok")["token"]
+    create(gw, "fetched-py", processor="python", processor_path=f"{base}/processor.zip",
+           processor_entry="app.py")
+    results = run_cases(tmp_path, [tf_case(gw.url, "fetched", x, token),
+                                   dict(endpoint=gw.url, service="fetched-py", kind="raw",
+                                        data="10 20")])
+    assert_scores(results[0], expected)
+    assert results[1] == {"ok": True, "body": "True"}
+
+    for name, url, why in (("evil", f"{base}/evil.tar", "points outside"),
+                           ("missing", f"{base}/nothing.tar.gz", "404")):
+        spec = write_json(gw.files / f"{name}.json", {"name": name, "model_path": url})
+        cli_ok(gw.url, "create", spec, "--no-wait")
+        view = wait_for(lambda: (v := desc(gw.url, name))["status"] == "Failed" and v, 30,
+                        what=f"{name} to fail")
+        assert why in view["message"] and url in view["message"]
+    assert not (tmp_path / "escape.txt").exists() and not any(
+        p.name == "escape.txt" for p in gw.files.parent.rglob("escape.txt"))

@@ -42,6 +42,7 @@ import orjson
 
 from ..registry import InstanceRecord, ServiceNotFound, StoreError, StoreUnavailable
 from ..server import Request, Response, error_response, json_response
+from . import packages
 from .logs import read_logs
 from .services import (ServiceError, ServiceOps, cached_model_spec, desired_instances,
                        effective_traffic, is_entry_only, owner_of)
@@ -436,6 +437,9 @@ class ControlPlane:
                 else:
                     log_dir = os.path.join(os.path.abspath(os.path.expanduser(location)),
                                            "logs")
+            # Packages fetched by URL, beside the logs (the state directory, or ours).
+            packages.configure(os.environ.get("INFERGATE_PACKAGE_DIR") or os.path.join(
+                os.path.dirname(os.path.abspath(log_dir)), "packages"))
             self.launcher = Launcher(app.store, self.ops, owner, registry_url, worker_host,
                                      log_dir, app.admin_token or "",
                                      default_lock_path(owner, location))

@@ -67,7 +67,9 @@ import time
 from ..registry import CREATING, FAILED, RESTARTING, RUNNING, STOPPED, UPDATING, StoreError
 from ..routing.health import probe
 from ..serviceconfig import gpus_per_instance
-from .services import (ServiceError, ServiceOps, cached_model_spec, desired_instances, owner_of)
+from . import packages
+from .services import (FETCHING, ServiceError, ServiceOps, cached_model_spec, desired_instances,
+                       owner_of)
 
 log = logging.getLogger("infergate.launcher")
 
@@ -408,6 +410,8 @@ class Launcher:
             if not owner:
                 try:
                     spec = cached_model_spec(rec)
+                except packages.NotFetched:
+                    spec = FETCHING  # something to run, once fetched
                 except Exception:
                     spec = None
                 if spec is not None:
@@ -417,6 +421,9 @@ class Launcher:
             if owner == self.owner:
                 try:
                     spec = cached_model_spec(rec)   # once per record version, not per tick
+                except packages.NotFetched as missing:
+                    await self._fetching(rec, missing)
+                    return  # its workers stay as they are until the package is here
                 except Exception as exc:  # a model file that went away since create
                     if rec.status != FAILED:
                         await self._set_status(rec, FAILED, str(exc))
@@ -513,6 +520,22 @@ class Launcher:
             await self._set_status(rec, RUNNING, f"service is running: {n} instance(s)")
 
     # ---- processes --------------------------------------------------------------
+    async def _fetching(self, rec, missing: packages.NotFetched) -> None:
+        """Fetch a service's package in a thread (once), and show how it goes in its
+        status: Creating (or Updating) with the bytes so far, Failed with the reason."""
+        cache = packages.current()
+        url = missing.url
+        if cache.should_fetch(url):
+            done = asyncio.get_running_loop().run_in_executor(None, cache.fetch, url)
+            done.add_done_callback(lambda _: self._wake.set())  # reconcile at once
+        state = cache.state(url) or f"fetching {url}"
+        failed = " failed: " in state
+        status = FAILED if failed else UPDATING if rec.status in (RUNNING, UPDATING) \
+            else CREATING
+        message = f"{missing.field}: {state}"
+        if (rec.status, rec.message) != (status, message):
+            await self._set_status(rec, status, message)
+
     def _instance_id(self, w: Worker) -> str:
         return f"{self.worker_host}:{w.port}"
 

@@ -36,6 +36,7 @@ from ..registry import (CREATING, FAILED, RESTARTING, RUNNING, STOPPED, UPDATING
                         StoreUnavailable, VersionConflict)
 from ..rules import RuleSet
 from ..serviceconfig import ConfigError, flat_rpc, processor_kind, validate_service
+from . import packages
 
 MAX_HISTORY = 50
 LINK_SUFFIX_BYTES = 4  # create -r: <name>_<8 hex digits>
@@ -80,12 +81,19 @@ def desired_instances(config: dict) -> int:
 
 
 def _local_path(field: str, value) -> str:
+    """A local path, or where an http(s) package was fetched (NotFetched until then)."""
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{field} must be a non-empty string")
+    if packages.is_url(value):
+        cache = packages.current()
+        local = cache.local(value) if cache is not None else None
+        if local is None:
+            raise packages.NotFetched(field, value)
+        return local
     path = value[len("file://"):] if value.startswith("file://") else value
     if "://" in path or path.startswith("oss:"):
-        raise ConfigError(f"{field} {value!r}: only paths on the gateway's machine are supported "
-                          "(no http or oss downloads); copy the file there first")
+        raise ConfigError(f"{field} {value!r}: give a path on the gateway's machine or an "
+                          "http(s) URL (oss is not supported)")
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise ConfigError(f"{field} {value!r} does not exist on the gateway's machine")
@@ -185,11 +193,17 @@ def cached_model_spec(rec: ServiceRecord) -> ModelSpec | None:
     return spec
 
 
+# What check_config gives for a package the launcher has still to fetch: something to run.
+FETCHING = ModelSpec("fetching", None, None)
+
+
 def check_config(config) -> ModelSpec | None:
     """validate_service + model files; ServiceError(400) naming the field."""
     try:
         validate_service(config)
         return model_spec(config)
+    except packages.NotFetched:
+        return FETCHING
     except ConfigError as exc:
         raise ServiceError(400, str(exc)) from None
 
@@ -520,7 +534,7 @@ class ServiceOps:
                 raise ServiceError(400, f"service {name!r} was deleted; start its linked services")
             if rec.status in (RUNNING, CREATING, UPDATING, RESTARTING):
                 return None
-            spec = check_config(rec.config) if rec.status == FAILED else model_spec(rec.config)
+            spec = check_config(rec.config)
             if spec is not None:
                 rec.status = CREATING
                 rec.message = "starting %d instance(s)" % desired_instances(rec.config)
