@@ -297,3 +297,38 @@ def test_model_and_processor_packages_by_url(gw, http_files, eas_py, digits_batc
         assert why in view["message"] and url in view["message"]
     assert not (tmp_path / "escape.txt").exists() and not any(
         p.name == "escape.txt" for p in gw.files.parent.rglob("escape.txt"))
+
+
+def test_caller_identities_drive_modelarts_builtins(gw, eas_py, digits_batch, tmp_path):
+    """#USER_NAME and the other built-ins come from the identified caller whose token the
+    request carries; a rule on a built-in is refused while the service has no callers."""
+    x, expected = digits_batch
+    create(gw, "who", model_path=str(DIGITS_MODEL), processor="tensorflow", token="svc-token")
+    create(gw, "who-v2", model_path=str(DIGITS_MODEL), processor="tensorflow")
+    rules = write_json(gw.files / "who-rules.json", [
+        {"condition": "#USER_NAME == 'alice' and #DOMAIN_NAME == 'acme'", "target": "who-v2"}])
+    res = cli(gw.url, "rules", "who", rules)
+    assert res.returncode == 1 and "#USER_NAME" in res.stderr and "no identified callers" \
+        in res.stderr
+    out = cli_ok(gw.url, "callers", "who", "add", "--user-name", "alice", "--domain-name", "acme",
+                 "--user-id", "u-1")
+    alice = out.strip().rsplit(" ", 1)[1]
+    bob = json.loads(cli_ok(gw.url, "callers", "who", "add", "--user-name", "bob",
+                            "--domain-name", "acme", "--json"))["token"]
+    cli_ok(gw.url, "rules", "who", rules)
+    listed = cli_ok(gw.url, "callers", "who")
+    assert "alice" in listed and "bob" in listed and alice in listed
+    before = {n: served(gw.url, n) for n in ("who", "who-v2")}
+    results = run_cases(tmp_path, [tf_case(gw.url, "who", x, alice),
+                                   tf_case(gw.url, "who", x, bob),
+                                   tf_case(gw.url, "who", x, "svc-token"),
+                                   tf_case(gw.url, "who", x, "not-a-caller")])
+    for result in results[:3]:
+        assert_scores(result, expected)
+    assert not results[3]["ok"] and results[3]["code"] == 401
+    after = {n: served(gw.url, n) - before[n] for n in before}
+    assert after == {"who": 2, "who-v2": 1}  # only alice's request matched the rule
+    res = cli(gw.url, "callers", "who", "remove", "alice")
+    assert res.returncode == 0
+    res = cli(gw.url, "callers", "who", "remove", "bob")
+    assert res.returncode == 1 and "rules on caller built-ins" in res.stderr

@@ -11,7 +11,7 @@ cdef bint route_target(const char* p, Py_ssize_t n, RouteTarget* t) noexcept
 
 
 cdef class Exchange:
-    cdef public object request, route, backend
+    cdef public object request, route, backend, caller  # caller: its rule built-ins
     cdef public str service, subpath, version, request_id
     cdef public list extra             # (bytes, bytes) headers added to the upstream request
     cdef public list response_headers  # (str, str) headers added to the client's response

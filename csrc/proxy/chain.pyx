@@ -78,6 +78,7 @@ cdef class Exchange:
         self.subpath = subpath
         self.version = version
         self.started = started
+        self.caller = None
         self.route = None
         self.backend = None
         self.extra = []
@@ -105,20 +106,35 @@ cdef class RouteFilter:
 
 
 cdef class AuthFilter:
-    """The service's token, raw or as an EAS signature: `verify(headers, method, path, body,
-    token, service)` gives the reason to refuse, or None."""
+    """The service's token, raw or as an EAS signature, or an identified caller's (whose
+    identity the version rules then read): `verify(headers, method, path, body, token,
+    service)` gives the reason to refuse, or None."""
 
     def __init__(self, verify):
         self.verify = verify
 
     def __call__(self, Exchange ex):
-        token = ex.route.token
-        if not token:
+        route = ex.route
+        token = route.token
+        callers = route.callers
+        if not token and not callers:
             return None
         request = ex.request
-        reason = self.verify(request.headers, request.method, request.path, request.body,
-                             token, ex.service)
-        return error_response(401, reason) if reason else None
+        reason = None
+        if token:
+            reason = self.verify(request.headers, request.method, request.path, request.body,
+                                 token, ex.service)
+            if reason is None:
+                return None
+        for caller_token, identity in callers:  # an identified caller's token
+            if self.verify(request.headers, request.method, request.path, request.body,
+                           caller_token, ex.service) is None:
+                ex.caller = identity
+                return None
+        if reason is None:
+            reason = self.verify(request.headers, request.method, request.path, request.body,
+                                 callers[0][0], ex.service)
+        return error_response(401, reason)
 
 
 cdef class VersionFilter:
@@ -132,7 +148,7 @@ cdef class VersionFilter:
             if backend is not None:
                 ex.backend = backend
                 return None
-        backend, extra = ex.route.choose(ex.request.headers)
+        backend, extra = ex.route.choose(ex.request.headers, ex.caller)
         if backend is None:
             return error_response(503, f"service {ex.service!r} has no version taking traffic")
         ex.backend = backend

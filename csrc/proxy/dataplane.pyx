@@ -440,6 +440,7 @@ cdef class FastRoute:
     cdef tuple rule_headers    # (lower-cased name bytes, str) of the headers the rules read
     cdef tuple limit_headers   # the same for the headers rate limits are keyed by
     cdef bint limited          # the route has rate limits: the limiter decides first
+    cdef bint callers          # the route has identified callers (their tokens: the chain)
     cdef dict series           # backend -> the metrics Series of (service, version)
 
 
@@ -563,6 +564,7 @@ cdef class DataPlane:
             entry.route = route
             entry.name = name
             entry.token = route.token.encode("latin-1") if route.token else b""
+            entry.callers = bool(route.callers)
             entry.ruleset = route.ruleset
             entry.rule_headers = tuple((n.encode("latin-1"), n) for n in
                                        route.ruleset.header_names) if route.ruleset else ()
@@ -924,7 +926,9 @@ cdef class DataPlane:
         for i in range(h.count):
             if span_is(h.names[i], b"authorization", 13):
                 auth = i
-        if fast.token:
+        if fast.callers and not fast.token:
+            return False  # only identified callers' tokens: the Python chain checks them
+        if fast.token:  # (another token, an identified caller's included: the chain's)
             if auth < 0 or h.values[auth].n != <size_t>PyBytes_GET_SIZE(fast.token) or \
                     memcmp_ct(h.values[auth].p, PyBytes_AS_STRING(fast.token),
                               h.values[auth].n) != 0:

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import quote, urlencode
 
+from ..control.callers import FIELDS as CALLER_FIELDS
 from .errors import CliError
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
@@ -416,6 +417,30 @@ def cmd_instances(args) -> int:
     return 0
 
 
+def cmd_callers(args) -> int:
+    client = _client(args)
+    path = _svc(args.service) + "/callers"
+    if args.action == "add":
+        caller = {key: getattr(args, key) for key in CALLER_FIELDS if getattr(args, key)}
+        if args.token:
+            caller["token"] = args.token
+        added = client.call("POST", path, caller)
+        _print(args, added, lambda c: f"[OK] caller added; its token: {c['token']}")
+        return 0
+    if args.action == "remove":
+        if not args.who:
+            raise CliError("callers SERVICE remove needs the caller's token or user name")
+        client.call("DELETE", path + "?" + urlencode({"caller": args.who}))
+        print(f"[OK] caller {args.who} removed")
+        return 0
+    callers = client.call("GET", path)
+    _print(args, callers, lambda cs: _table(
+        [[c.get(key, "") for key in CALLER_FIELDS] + [c["token"]] for c in cs],
+        [key.replace("_", " ").title() for key in CALLER_FIELDS] + ["Token"])
+        if cs else "no identified callers")
+    return 0
+
+
 def _seconds_ago(text: str) -> float:
     """"30s", "5m", "2h", "1d" (a bare number: seconds) -> that many seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -527,6 +552,19 @@ def register(sub) -> None:
             "back to the original; deleting the original keeps its endpoint and sends all "
             "traffic to the linked service(s).", cmd_delete)
     p.add_argument("service")
+
+    p = add("callers", "list, add or remove a service's identified callers",
+            "ModelArts caller identities: each caller has its own token and user, domain and "
+            "project names and ids; header rules read them as #USER_NAME, #USER_ID, "
+            "#DOMAIN_NAME, #DOMAIN_ID, #PROJECT_NAME, #PROJECT_ID for requests that carry "
+            "that caller's token. add prints the token (generated unless --token).",
+            cmd_callers)
+    p.add_argument("service")
+    p.add_argument("action", nargs="?", choices=("list", "add", "remove"), default="list")
+    p.add_argument("who", nargs="?", help="remove: the caller's token or user name")
+    for key in CALLER_FIELDS:
+        p.add_argument("--" + key.replace("_", "-"), dest=key)
+    p.add_argument("--token", help="add: the caller's token (default: a new random one)")
 
     p = add("logs", "show the logs of a service's workers",
             "The logs of the workers this gateway runs for a service, and of those that "

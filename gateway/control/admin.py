@@ -217,6 +217,18 @@ class AdminApi:
                 rec = await self.ops.set_rules(name, body)
                 return json_response(rec.rules)
             return self._not_allowed(method, path)
+        if action == "callers":
+            if method == "GET":
+                return json_response((await self.ops.get(name)).callers)
+            if method == "POST":
+                return json_response(await self.ops.add_caller(name, body), 201)
+            if method == "DELETE":
+                who = parse_qs(request.query).get("caller", [""])[-1]
+                if not who:
+                    raise ServiceError(400, "name the caller to remove: ?caller=TOKEN_OR_USER")
+                await self.ops.remove_caller(name, who)
+                return json_response((await self.ops.get(name)).callers)
+            return self._not_allowed(method, path)
         if action == "logs" and method == "GET":
             await self.ops.get(name)  # 404 for an unknown service
             if self.launcher is None:

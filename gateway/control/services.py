@@ -36,7 +36,7 @@ from ..registry import (CREATING, FAILED, RESTARTING, RUNNING, STOPPED, UPDATING
                         StoreUnavailable, VersionConflict)
 from ..rules import RuleSet
 from ..serviceconfig import ConfigError, flat_rpc, processor_kind, validate_service
-from . import packages
+from . import callers, packages
 
 MAX_HISTORY = 50
 LINK_SUFFIX_BYTES = 4  # create -r: <name>_<8 hex digits>
@@ -788,6 +788,12 @@ class ServiceOps:
             raise ServiceError(400, str(exc)) from None
 
         async def mutate(rec: ServiceRecord):
+            if ruleset.builtin_uses and not rec.callers:
+                index, builtin = next(iter(ruleset.builtin_uses.items()))
+                raise ServiceError(400, f"rule {index} reads #{builtin}, but service {name!r} "
+                                        "has no identified callers, so it could never hold: add "
+                                        f"one first (infergate callers {name} add --user-name "
+                                        "...)")
             for i, target in enumerate(ruleset.targets):
                 if target == name:
                     if is_entry_only(rec.config):
@@ -803,6 +809,37 @@ class ServiceOps:
         rec = await self._update(name, mutate)
         await self._recheck_targets(name, ruleset.targets)
         return rec
+
+    # ---- identified callers (control/callers.py) -------------------------------
+    async def add_caller(self, name: str, data) -> dict:
+        """Add a caller; returns it, token included."""
+        added = {}
+
+        async def mutate(rec: ServiceRecord):
+            try:
+                caller = callers.checked(data, rec.callers)
+            except callers.CallerError as exc:
+                raise ServiceError(400, str(exc)) from None
+            rec.callers = rec.callers + [caller]
+            added.update(caller)
+            return rec
+
+        await self._update(name, mutate)
+        return added
+
+    async def remove_caller(self, name: str, who: str) -> None:
+        """Remove the callers whose token or user name is `who`."""
+        async def mutate(rec: ServiceRecord):
+            kept = [c for c in rec.callers if who not in (c["token"], c.get("user_name"))]
+            if len(kept) == len(rec.callers):
+                raise ServiceError(404, f"service {name!r} has no caller {who!r}")
+            if not kept and RuleSet(rec.rules).builtin_uses:
+                raise ServiceError(400, f"service {name!r} has rules on caller built-ins: "
+                                        "remove them before its last caller")
+            rec.callers = kept
+            return rec
+
+        await self._update(name, mutate)
 
     # ---- used by the launcher -------------------------------------------------
     async def set_status(self, name: str, status: str, message: str,

@@ -54,6 +54,8 @@ class ServiceRecord:
     history: list = field(default_factory=list)      # previous configs: [{"revision", "config", ...}]
     traffic: dict = field(default_factory=dict)      # target service -> share; {} = own instances
     rules: list = field(default_factory=list)        # header rules, validated elsewhere
+    callers: list = field(default_factory=list)      # identified callers: their tokens and
+                                                     # ModelArts identities (control/callers.py)
     linked_to: str | None = None                     # blue-green: the original service
     released: bool = False                           # released linked service: no own endpoint
     created_at: float = field(default_factory=time.time)

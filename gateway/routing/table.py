@@ -14,6 +14,7 @@ import json
 import logging
 
 from .._native.picker import SmoothWeightedPicker
+from ..control.callers import builtins_of
 from ..rules import RuleSet
 from ..serviceconfig import rpc_settings
 from .upstream import InstancePool
@@ -46,12 +47,14 @@ class Route:
     """An endpoint clients call: /api/predict/<name>."""
 
     __slots__ = ("name", "token", "ruleset", "rule_choices", "traffic", "traffic_picker",
-                 "rate_limits", "record", "versions")
+                 "rate_limits", "record", "versions", "callers")
 
     def __init__(self, record, backends_by_name):
         self.name = record.name
         self.record = record
         self.token = record.token or ""
+        # Identified callers: (token, the rule built-ins of its identity) (control/callers.py).
+        self.callers = tuple((c["token"], builtins_of(c)) for c in record.callers)
         self.rate_limits = (record.config.get("metadata") or {}).get("rate_limits") or []
         shares = record.traffic or {record.name: 100}
         # The versions a request may name (an Open Inference Protocol model_version).
@@ -77,10 +80,11 @@ class Route:
                          if rule.get("header_name") else None)
                 self.rule_choices.append((backends_by_name.get(rule["target"]), extra))
 
-    def choose(self, headers: dict):
-        """(backend, extra header or None): the first matching rule, else the traffic shares."""
+    def choose(self, headers: dict, builtins: dict | None = None):
+        """(backend, extra header or None): the first matching rule (reading the caller's
+        identity as built-ins), else the traffic shares."""
         if self.ruleset is not None:
-            index = self.ruleset.match(headers)
+            index = self.ruleset.match(headers, builtins)
             if index >= 0:
                 backend, extra = self.rule_choices[index]
                 if backend is not None:
@@ -118,7 +122,7 @@ def _backend_inputs(record, instances) -> tuple:
 def _route_inputs(record, backends: dict) -> tuple:
     """Everything a Route is built from, its backends by identity."""
     targets = set(record.traffic or {record.name: 100}) | {r.get("target") for r in record.rules}
-    return (record.token, json.dumps([record.traffic, record.rules,
+    return (record.token, json.dumps([record.traffic, record.rules, record.callers,
                                       (record.config.get("metadata") or {}).get("rate_limits")],
                                      sort_keys=True, default=str),
             tuple(sorted((t, id(backends.get(t))) for t in targets if isinstance(t, str))))

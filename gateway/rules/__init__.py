@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from gateway._native.rules import OP_HEADER, Condition, ConditionSet, java_hash
+from gateway._native.rules import OP_BUILTIN, OP_HEADER, Condition, ConditionSet, java_hash
 from gateway.rules.compiler import compile_condition, disassemble
 from gateway.rules.parser import BUILTINS, RuleSyntaxError, parse
 
@@ -61,13 +61,16 @@ class RuleSet(ConditionSet):
         self._targets = tuple(r["target"] for r in normalized)
         self.conditions = tuple(conditions)
         self._set_conditions(conditions)
-        names = []
-        for cond in conditions:
+        names, builtins = [], {}
+        for index, cond in enumerate(conditions):
             code = cond.code
             for i in range(0, len(code), 2):
                 if code[i] == OP_HEADER and cond.constants[code[i + 1]] not in names:
                     names.append(cond.constants[code[i + 1]])
+                elif code[i] == OP_BUILTIN:
+                    builtins.setdefault(index, cond.constants[code[i + 1]])
         self.header_names = tuple(names)  # lower-cased: the headers the conditions read
+        self.builtin_uses = builtins      # rule index -> a built-in it reads (#USER_NAME...)
 
     @property
     def rules(self) -> list[dict]:
