@@ -132,7 +132,8 @@ def test_commands_against_a_gateway(gateway, tmp_path):
     res = run_cli(gateway.url, "modify", "ext", "-s", str(partial), "-Dmetadata.cpu=2")
     assert res.returncode == 0, res.stderr
     view = json.loads(run_cli(gateway.url, "desc", "ext", "--json").stdout)
-    assert view["revision"] == 2 and view["config"]["metadata"]["rpc.keepalive"] == 2000
+    assert view["revision"] == 1  # metadata changes the running version
+    assert view["config"]["metadata"]["rpc.keepalive"] == 2000
     assert view["config"]["metadata"]["cpu"] == 2 and view["instances"][0]["port"] == 9
     text = run_cli(gateway.url, "desc", "ext").stdout
     assert "LatestVersion" in text and "127.0.0.1:9" in text and "svc-token" in text
@@ -145,7 +146,8 @@ def test_commands_against_a_gateway(gateway, tmp_path):
     assert json.loads(run_cli(gateway.url, "desc", "ext", "--json").stdout)["status"] == "Stopped"
     assert run_cli(gateway.url, "start", "ext").returncode == 0
     assert json.loads(run_cli(gateway.url, "desc", "ext", "--json").stdout)["status"] == "Running"
-    assert run_cli(gateway.url, "version", "ext", "1").returncode == 0
+    res = run_cli(gateway.url, "version", "ext", "2")
+    assert res.returncode == 1 and "no version 2" in res.stderr
 
     res = run_cli(gateway.url, "desc", "nope")
     assert res.returncode == 1 and res.stderr.strip() == (

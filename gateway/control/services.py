@@ -11,8 +11,13 @@ Record conventions (on top of :class:`gateway.registry.ServiceRecord`):
   ``record.token``), plus ``metadata.owner``: the id of the gateway whose
   launcher runs the service's workers.
 * ``history`` holds every version: ``[{"revision", "config", "created_at"}]``;
-  ``revision`` is the current one. ``modify`` adds version latest+1 and
-  switches to it; ``version`` switches to an older (or newer) one.
+  ``revision`` is the current one. A version is a model and a processor
+  (``VERSION_KEYS``): a ``modify`` that changes them adds version latest+1 and
+  switches to it; one that changes only metadata (instances, limits...)
+  changes the running version in place. ``version`` switches to another
+  version's model and processor, keeping today's metadata.
+* ``callers``: identified callers (control/callers.py), their tokens and
+  ModelArts identities, which header rules read as built-ins.
 * Blue-green (EAS ``create -r`` / ``release``): the new service is named
   ``<original>_<8 hex>`` with ``linked_to`` = the original. ``release -w N``
   gives it N% of the original's traffic (``original.traffic``) and closes its

@@ -50,7 +50,7 @@ class ServiceRecord:
     token: str = ""                                  # "" = no auth
     status: str = CREATING
     message: str = ""
-    revision: int = 1                                # config revision, +1 per modify
+    revision: int = 1                                # the running version (model + processor)
     history: list = field(default_factory=list)      # previous configs: [{"revision", "config", ...}]
     traffic: dict = field(default_factory=dict)      # target service -> share; {} = own instances
     rules: list = field(default_factory=list)        # header rules, validated elsewhere
