@@ -64,6 +64,23 @@ def parse_infer_request(data: bytes):
         raise CodecError(f"the ModelInferRequest does not parse: {exc}") from None
 
 
+GRPC_METHODS = ("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata",
+                "ModelConfig", "ModelInfer")
+# The calls about a model (the service's token guards them); liveness and the like not.
+GRPC_MODEL_METHODS = frozenset(f"/{GRPC_SERVICE}/{name}" for name in GRPC_METHODS
+                               if name.startswith("Model"))
+
+
+def grpc_routes(face) -> dict:
+    """{gRPC path: face's method}: ServerLive -> face.server_live, ..., and grpc.health.v1's
+    Check -> face.health_check."""
+    routes = {f"/{GRPC_SERVICE}/{name}": getattr(face, "".join(
+        "_" + c.lower() if c.isupper() else c for c in name).lstrip("_"))
+        for name in GRPC_METHODS}
+    routes["/grpc.health.v1.Health/Check"] = face.health_check
+    return routes
+
+
 def grpc_options(max_message: int) -> list:
     """gRPC messages past the 4 MB default: as large as the HTTP side's body limit."""
     return [("grpc.max_receive_message_length", max_message),

@@ -127,6 +127,15 @@ def _mtime(path: str) -> float:
         return 0.0
 
 
+def _keep(logs: collections.deque, path: str, limit: int) -> None:
+    """Keep `path` among the last `limit` logs; delete the oldest (rotated part too)."""
+    logs.append(path)
+    while len(logs) > limit:
+        old = logs.popleft()
+        _unlink(old)
+        _unlink(old + ".1")
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -579,20 +588,10 @@ class Launcher:
         return hit[1]
 
     def _keep_crash_log(self, name: str, path: str) -> None:
-        logs = self.crash_logs.setdefault(name, collections.deque())
-        logs.append(path)
-        while len(logs) > MAX_CRASH_LOGS:
-            old = logs.popleft()
-            _unlink(old)
-            _unlink(old + ".1")
+        _keep(self.crash_logs.setdefault(name, collections.deque()), path, MAX_CRASH_LOGS)
 
     def _keep_log(self, name: str, path: str) -> None:
-        logs = self.kept_logs.setdefault(name, collections.deque())
-        logs.append(path)
-        while len(logs) > MAX_KEPT_LOGS:
-            old = logs.popleft()
-            _unlink(old)
-            _unlink(old + ".1")
+        _keep(self.kept_logs.setdefault(name, collections.deque()), path, MAX_KEPT_LOGS)
 
     def _rotate_logs(self) -> None:
         """Copy a running worker's log past MAX_LOG_BYTES to .log.1 and truncate it (the

@@ -65,17 +65,7 @@ class GrpcFront:
     def __init__(self, app, max_message: int):
         self.app = app  # GatewayApp: its handle() takes the HTTP form of each call
         self.server = GrpcServer(self.call, max_message)
-        service = f"/{oip.GRPC_SERVICE}/"
-        self.methods = {
-            service + "ServerLive": self.server_live,
-            service + "ServerReady": self.server_ready,
-            service + "ServerMetadata": self.server_metadata,
-            service + "ModelReady": self.model_ready,
-            service + "ModelMetadata": self.model_metadata,
-            service + "ModelConfig": self.model_config,
-            service + "ModelInfer": self.model_infer,
-            "/grpc.health.v1.Health/Check": self.health_check,
-        }
+        self.methods = oip.grpc_routes(self)
         self._server_metadata = pb.ServerMetadataResponse(
             **oip.server_metadata()).SerializeToString()
 

@@ -99,20 +99,7 @@ class GrpcFace:
         self.app = face.app
         self.server = GrpcServer(self.call, max_message, self.status_of)
         self.serving = False
-        service = f"/{oip.GRPC_SERVICE}/"
-        self.methods = {
-            service + "ServerLive": self.server_live,
-            service + "ServerReady": self.server_ready,
-            service + "ServerMetadata": self.server_metadata,
-            service + "ModelReady": self.model_ready,
-            service + "ModelMetadata": self.model_metadata,
-            service + "ModelConfig": self.model_config,
-            service + "ModelInfer": self.model_infer,
-            "/grpc.health.v1.Health/Check": self.health_check,
-        }
-        # Calls about the model need the service's token; liveness and the like do not.
-        self.model_methods = {service + name for name in (
-            "ModelReady", "ModelMetadata", "ModelConfig", "ModelInfer")}
+        self.methods = oip.grpc_routes(self)
         self._server_metadata = pb.ServerMetadataResponse(
             **oip.server_metadata()).SerializeToString()
         self._metadata = self._config = None
@@ -137,7 +124,7 @@ class GrpcFace:
         if method is None:
             return GrpcStatus(UNIMPLEMENTED, f"method {path} is not served here")
         token = self.app.token
-        if token and path in self.model_methods:
+        if token and path in oip.GRPC_MODEL_METHODS:
             given = metadata.get("authorization", "")
             if not hmac.compare_digest(given.encode(), token.encode()):
                 metrics.observe(401, None)
