@@ -254,7 +254,7 @@ def test_condition_is_compiled_not_an_ast():
     assert isinstance(cond, Condition) and type(cond).__module__ == "gateway._native.rules"
     assert all(isinstance(x, int) for x in cond.code)
     assert "uid" in cond.constants  # keys are lowered at compile time
-    assert all(isinstance(p, re.Pattern) for p in cond.patterns)
+    assert all(type(p).__module__.startswith("re2") for p in cond.patterns)  # linear time
     assert cond.source.startswith("#HEADER_Uid")
     assert pickle.loads(pickle.dumps(cond)).evaluate({"uid": "abc", "t": "a"}) == \
         cond.evaluate({"uid": "abc", "t": "a"})

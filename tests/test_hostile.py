@@ -1,0 +1,46 @@
+"""Hostile traffic against running gateways: no request may stall the gateway."""
+from __future__ import annotations
+
+import http.client
+import threading
+
+from conftest import free_port, infergate_cmd
+from gateway_helpers import endpoints, seed_services, start_gateway
+from test_control_plane import ADMIN, admin
+
+
+def test_a_header_rule_cannot_stall_the_gateway(procs, tmp_path, worker_factory):
+    """`(a+)+$` backtracks 2^n steps on n a's: matched by RE2, a 40-byte header costs
+    nothing, and everything else keeps being served meanwhile."""
+    worker = worker_factory()
+    seed_services(str(tmp_path), [{"name": "digits", "config": {"endpoints": endpoints(worker)},
+                                   "rules": [{"condition": "#HEADER_x-user matches '(a+)+$'",
+                                              "target": "digits"}]}])
+    gateway = start_gateway(procs, str(tmp_path))
+    answers = []
+
+    def hostile():
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=20)
+        conn.request("GET", "/api/predict/digits", headers={"X-User": "a" * 40 + "!"})
+        answers.append(conn.getresponse().status)
+        conn.close()
+
+    thread = threading.Thread(target=hostile)
+    thread.start()
+    thread.join(20)
+    assert answers == [200]  # the signature GET, routed by the shares: no hang
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5)
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+
+
+def test_rules_that_need_backtracking_are_refused(procs, tmp_path):
+    port = free_port()
+    gateway = procs.start(infergate_cmd("gateway", "--port", str(port), "--state-dir",
+                                        str(tmp_path), "--admin-token", ADMIN), port)
+    status, _ = admin(gateway.url, "POST", "/admin/services",
+                      {"name": "s", "endpoints": [{"ip": "127.0.0.1", "port": 9}]})
+    assert status == 201
+    status, body = admin(gateway.url, "PUT", "/admin/services/s/rules",
+                         [{"condition": r"#HEADER_x matches '(a)\1'", "target": "s"}])
+    assert status == 400 and "backtracking" in body["message"]
