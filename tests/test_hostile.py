@@ -44,3 +44,25 @@ def test_rules_that_need_backtracking_are_refused(procs, tmp_path):
     status, body = admin(gateway.url, "PUT", "/admin/services/s/rules",
                          [{"condition": r"#HEADER_x matches '(a)\1'", "target": "s"}])
     assert status == 400 and "backtracking" in body["message"]
+
+
+def test_state_files_are_private(procs, tmp_path):
+    """Tokens live in the state directory: 0700, its database files 0600, and an
+    existing loose one is tightened."""
+    import os
+    import stat
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    (state / "state.db").touch(mode=0o644)
+    os.chmod(state / "state.db", 0o644)
+    port = free_port()
+    gateway = procs.start(infergate_cmd("gateway", "--port", str(port), "--state-dir",
+                                        str(state), "--admin-token", ADMIN), port)
+    admin(gateway.url, "POST", "/admin/services",
+          {"name": "s", "token": "secret", "endpoints": [{"ip": "127.0.0.1", "port": 9}]})
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    files = [f for f in os.listdir(state) if f.startswith("state.db")]
+    assert "state.db" in files
+    for name in files:
+        assert stat.S_IMODE(os.stat(state / name).st_mode) == 0o600, name

@@ -37,6 +37,19 @@ from .store import (KIND_INSTANCES, KIND_RESYNC, KIND_SERVICE, ServiceNotFound, 
 log = logging.getLogger("infergate.registry.sqlite")
 
 DB_NAME = "state.db"
+
+
+def _private(directory: str, path: str) -> None:
+    """The state holds tokens in clear: the directory 0700 and the database files 0600,
+    for every local user but us; existing ones are tightened."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    for name in (path, path + "-wal", path + "-shm"):
+        if not os.path.exists(name):
+            if name == path:
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600))
+            continue
+        os.chmod(name, 0o600)
 CHANGE_LOG_KEEP_S = 600.0      # change rows older than this are pruned
 PRUNE_EVERY_S = 30.0
 
@@ -89,12 +102,13 @@ class SqliteStore(Store):
     # ---- plumbing (all on the executor thread) ---------------------------
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            os.makedirs(self.directory, exist_ok=True)
+            _private(self.directory, self.path)
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
                                    check_same_thread=False)
             try:
                 conn.execute("PRAGMA busy_timeout = 10000")
                 conn.execute("PRAGMA journal_mode = WAL")
+                _private(self.directory, self.path)  # the -wal and -shm files it made
                 conn.execute("PRAGMA synchronous = FULL")
                 conn.executescript(_SCHEMA)
                 self._migrate(conn)
