@@ -66,3 +66,27 @@ def test_state_files_are_private(procs, tmp_path):
     assert "state.db" in files
     for name in files:
         assert stat.S_IMODE(os.stat(state / name).st_mode) == 0o600, name
+
+
+def test_paths_cannot_leave_their_service(procs, tmp_path, worker_factory):
+    """`/api/predict/pub/../../secret/...` must not reach `secret` (with no token) through
+    an upstream that normalises paths: dot segments, encoded ones, encoded slashes and
+    doubled slashes are refused (400) before anything is forwarded."""
+    worker = worker_factory()
+    seed_services(str(tmp_path), [
+        {"name": "pub", "config": {"endpoints": endpoints(worker), "upstream_path": "/"}},
+        {"name": "secret", "token": "tok", "config": {"endpoints": endpoints(worker)}}])
+    gateway = start_gateway(procs, str(tmp_path))
+    for path in ("/api/predict/pub/../../api/predict/secret", "/api/predict/pub/%2e%2e/x",
+                 "/api/predict/pub/.%2E/x", "/api/predict/pub/./x", "/api/predict/pub//x",
+                 "/api/predict/pub/a%2f..%2fb", "/api/predict/pub/a\\\\..\\\\b",
+                 "/v2/models/pub/../../secret/infer"):
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5)
+        conn.request("POST", path, body=b"x")
+        response = conn.getresponse()
+        assert response.status == 400, (path, response.status)
+        assert b"refused" in response.read()
+        conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5)
+    conn.request("GET", "/api/predict/pub/api/predict/digits")  # an ordinary subpath
+    assert conn.getresponse().status == 200

@@ -7,7 +7,7 @@ cdef struct RouteTarget:
     const char* path_end     # the '?' of the query, or the end
 
 
-cdef bint route_target(const char* p, Py_ssize_t n, RouteTarget* t) noexcept
+cdef int route_target(const char* p, Py_ssize_t n, RouteTarget* t) noexcept
 
 
 cdef class Exchange:

@@ -35,8 +35,47 @@ cdef inline const char* _segment_end(const char* p, const char* end) noexcept:
     return p
 
 
-cdef bint route_target(const char* p, Py_ssize_t n, RouteTarget* t) noexcept:
-    """Split a request target that names a service; False when it names none.
+cdef inline bint _is_dot(const char* p, const char* end) noexcept:
+    """p starts a "." (or "%2e") of the segment that ends at `end`; advances nothing."""
+    return p < end and (p[0] == b'.' or (end - p >= 3 and p[0] == b'%' and p[1] == b'2' and
+                                          (p[2] == b'e' or p[2] == b'E')))
+
+
+cdef inline const char* _after_dot(const char* p) noexcept:
+    return p + 1 if p[0] == b'.' else p + 3
+
+
+cdef bint _escapes(const char* p, const char* end) noexcept:
+    """Whether a path could leave where it is put: a "." or ".." segment (percent-encoded
+    too), an encoded slash or backslash, a backslash, or an empty segment (a doubled
+    slash); an upstream that normalises paths would resolve those elsewhere."""
+    cdef const char* seg
+    cdef const char* q
+    while p < end:
+        if p[0] != b'/':
+            return True
+        seg = p + 1
+        q = seg
+        while q < end and q[0] != b'/':
+            if q[0] == b'\\' or (q[0] == b'%' and end - q >= 3 and (
+                    (q[1] == b'2' and (q[2] == b'f' or q[2] == b'F')) or
+                    (q[1] == b'5' and (q[2] == b'c' or q[2] == b'C')))):
+                return True
+            q += 1
+        if q == seg and q < end:
+            return True  # "//"
+        if _is_dot(seg, q):
+            if _after_dot(seg) == q:
+                return True  # "."
+            if _is_dot(_after_dot(seg), q) and _after_dot(_after_dot(seg)) == q:
+                return True  # ".."
+        p = q
+    return False
+
+
+cdef int route_target(const char* p, Py_ssize_t n, RouteTarget* t) noexcept:
+    """Split a request target that names a service: 1, or 0 when it names none, or -1 when
+    its path could leave the service (dot segments, encoded slashes, doubled slashes).
 
     /api/predict/<service>[/<subpath>]: the upstream gets the subpath after its
     prefix (an EAS path, or an Open Inference Protocol one: /v2/...).
@@ -56,7 +95,7 @@ cdef bint route_target(const char* p, Py_ssize_t n, RouteTarget* t) noexcept:
         t.service = p + 11
         t.subpath = p
     else:
-        return False
+        return 0
     t.service_n = _segment_end(t.service, end) - t.service
     t.version_n = 0
     v2 = t.subpath
@@ -65,7 +104,7 @@ cdef bint route_target(const char* p, Py_ssize_t n, RouteTarget* t) noexcept:
         if end - q > 10 and memcmp(q, b"/versions/", 10) == 0:
             t.version = q + 10
             t.version_n = _segment_end(t.version, end) - t.version
-    return True
+    return -1 if _escapes(t.subpath, end) else 1
 
 
 cdef class Exchange:
@@ -175,8 +214,13 @@ cdef class Chain:
         cdef bytes path = (<str>request.path).encode("latin-1")
         cdef RouteTarget t
         cdef const char* p = path
-        if not route_target(p, len(path), &t):
+        cdef int found = route_target(p, len(path), &t)
+        if found == 0:
             return error_response(404, f"no route for {request.path}")
+        if found < 0:
+            return error_response(400, f"path {request.path!r} is refused: dot segments, "
+                                       "encoded slashes and doubled slashes could leave the "
+                                       "service")
         cdef Exchange ex = Exchange(
             request, p[t.service - p:t.service - p + t.service_n].decode("latin-1"),
             p[t.subpath - p:t.path_end - p].decode("latin-1"),

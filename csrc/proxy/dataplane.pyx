@@ -915,8 +915,8 @@ cdef class DataPlane:
         """Forward a request of a fast route from here; False: the Python handler takes it."""
         global _id_counter
         cdef RouteTarget t
-        if not route_target(h.target.p, h.target.n, &t):
-            return False
+        if route_target(h.target.p, h.target.n, &t) <= 0:
+            return False  # (one that could leave its service: the chain answers 400)
         entry = self.fast.get(PyBytes_FromStringAndSize(t.service, t.service_n))
         if entry is None:
             return False
