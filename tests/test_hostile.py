@@ -90,3 +90,30 @@ def test_paths_cannot_leave_their_service(procs, tmp_path, worker_factory):
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5)
     conn.request("GET", "/api/predict/pub/api/predict/digits")  # an ordinary subpath
     assert conn.getresponse().status == 200
+
+
+def test_the_admin_api_refuses_what_a_web_page_can_send(procs, tmp_path):
+    """Without an admin token (allowed on loopback), a page in the user's browser must not
+    drive the admin API: form posts (not JSON), foreign Origins, and DNS-rebound Hosts are
+    refused (403); the CLI's own requests pass."""
+    from test_control_plane import cli_ok
+
+    port = free_port()
+    gateway = procs.start(infergate_cmd("gateway", "--port", str(port), "--state-dir",
+                                        str(tmp_path)), port)
+    body = b'{"name": "evil", "endpoints": [{"ip": "127.0.0.1", "port": 9}]}'
+
+    def call(method, path, body=None, **headers):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+
+    assert call("POST", "/admin/services", body, **{"Content-Type": "text/plain"})[0] == 403
+    assert call("POST", "/admin/services", body, **{"Content-Type": "application/json",
+                                                    "Origin": "http://evil.example"})[0] == 403
+    assert call("GET", "/admin/services", Host=f"evil.example:{port}")[0] == 403
+    assert call("GET", "/admin/services")[0] == 200  # Host 127.0.0.1:port
+    status, _ = call("POST", "/admin/services", body, **{"Content-Type": "application/json"})
+    assert status == 201
+    assert "evil" in cli_ok(gateway.url, "list")

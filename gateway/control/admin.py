@@ -75,6 +75,9 @@ def _kind(rec) -> str:
         return "local"
 
 
+_LOCAL_NAMES = frozenset(("localhost", "127.0.0.1", "::1", "ip6-localhost"))
+
+
 class AdminApi:
     """Routes /admin/... to the service operations; the control plane's HTTP face."""
 
@@ -102,6 +105,33 @@ class AdminApi:
             return True
         return hmac.compare_digest(self._presented(request).encode(), self.admin_token.encode())
 
+    def _from_a_browser(self, request: Request) -> str | None:
+        """Why a request looks like a web page's doing (None: it does not).
+
+        A page the user visits may send requests to a gateway on loopback: a form's
+        text/plain POST, or, through DNS rebinding (its own name resolving to
+        127.0.0.1), reads. The admin API takes only JSON bodies (a page cannot send
+        those across origins without the gateway's consent), no request that names a
+        foreign Origin, and, without an admin token, only Host names of this
+        machine's loopback or of the gateway itself."""
+        headers = request.headers
+        origin = headers.get("origin")
+        host = headers.get("host", "")
+        if origin is not None and origin.rstrip("/") not in (f"http://{host}",
+                                                              self.public_url):
+            return f"cross-origin admin requests are refused (Origin {origin})"
+        if request.method in ("POST", "PUT", "PATCH") and request.body and \
+                headers.get("content-type", "").split(";")[0].strip().lower() \
+                != "application/json":
+            return "admin requests with a body must be application/json"
+        if not self.admin_token:
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name.strip("[]").lower() not in _LOCAL_NAMES and \
+                    f"http://{host}" != self.public_url:
+                return (f"Host {host!r} is not this gateway: without an admin token the "
+                        "admin API answers only requests for its own loopback address")
+        return None
+
     # ---- dispatch ---------------------------------------------------------------
     def handle(self, request: Request):
         return self._handle_and_apply(request)
@@ -120,6 +150,9 @@ class AdminApi:
             parts.pop()
         method = request.method
         try:
+            refused = self._from_a_browser(request)
+            if refused is not None:
+                return error_response(403, refused)
             if not self._is_admin(request):
                 return self._unauthorized()
             if parts and parts[0] == "instances" and len(parts) >= 2:
