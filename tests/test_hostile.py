@@ -117,3 +117,54 @@ def test_the_admin_api_refuses_what_a_web_page_can_send(procs, tmp_path):
     status, _ = call("POST", "/admin/services", body, **{"Content-Type": "application/json"})
     assert status == 201
     assert "evil" in cli_ok(gateway.url, "list")
+
+
+def test_sigterm_answers_requests_on_idle_keep_alive_connections(procs, tmp_path,
+                                                                   worker_factory):
+    """On SIGTERM the gateway stops accepting, but a request sent just then on one of its
+    idle keep-alive connections is answered (with Connection: close), not reset."""
+    import signal
+    import socket
+    import time
+
+    worker = worker_factory()
+    seed_services(str(tmp_path), [{"name": "digits", "config": {"endpoints": endpoints(worker)}}])
+    gateway = start_gateway(procs, str(tmp_path))
+    request = b"GET /api/predict/digits HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def answer(sock) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head
+
+    socks = [socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+             for _ in range(16)]
+    for sock in socks:  # each becomes an idle keep-alive connection
+        sock.sendall(request)
+        assert answer(sock).startswith(b"HTTP/1.1 200")
+    gateway.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    heads = []
+    for sock in socks:
+        try:
+            sock.sendall(request)
+            heads.append(answer(sock))
+        except OSError as exc:
+            heads.append(repr(exc).encode())
+    for sock in socks:
+        sock.close()
+    assert all(h.startswith(b"HTTP/1.1 200") and b"Connection: close" in h for h in heads), \
+        heads
+    assert gateway.proc.wait(15) == 0

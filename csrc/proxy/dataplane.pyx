@@ -57,7 +57,9 @@ cdef extern from "sys/socket.h" nogil:
     int connect(int, const void*, unsigned int)
     int setsockopt(int, int, int, const void*, unsigned int)
     int getsockopt(int, int, int, void*, unsigned int*)
+    ssize_t recv(int, void*, size_t, int)
     enum: AF_INET, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC, MSG_NOSIGNAL, SOL_SOCKET, SO_ERROR
+    enum: MSG_PEEK, MSG_DONTWAIT
 cdef extern from "netinet/in.h" nogil:
     struct in_addr:
         unsigned int s_addr
@@ -92,6 +94,7 @@ DEF MAX_HEADERS = 100
 DEF MAX_HEAD = 65536
 DEF READ_CHUNK = 65536
 DEF MAX_TRIES = 3
+DEF DRAIN_IDLE_GRACE = 1.0  # seconds an idle keep-alive connection stays open on shutdown
 
 cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes _ID_PREFIX = os.urandom(8).hex().encode()  # as the chain's request ids
@@ -1506,21 +1509,33 @@ cdef class DataPlane:
             self._close(c)
 
     # --- shutdown ------------------------------------------------------------------------
-    async def drain(self, double timeout=30.0):
-        """Stop accepting, let every accepted request finish, close idle connections."""
+    async def drain(self, double timeout=30.0, double idle_grace=DRAIN_IDLE_GRACE):
+        """Stop accepting; answer every request read or sent meanwhile (with Connection:
+        close); close a keep-alive connection once it has been idle `idle_grace` seconds
+        since the drain began, with nothing waiting in its socket.
+
+        Closing an idle connection at once loses the request its client may be sending
+        at that moment (a reset, for a POST no client retries); the grace answers it."""
         import asyncio
         self.draining = True
         if self.listener is not None:
             epoll_ctl(self.ep, EPOLL_CTL_DEL, self.listener.fileno(), NULL)
             self.listener.close()
             self.listener = None
-        deadline = self.loop.time() + timeout
+        cdef double began = self.loop.time(), now
+        cdef Client client
+        cdef char byte
+        deadline = began + timeout
         while True:
+            now = self.loop.time()
             for c in list(self.clients):
-                if (<Client>c).working is None and not (<Client>c).in_message and \
-                        not (<Client>c).inb.n and not (<Client>c).outb.n:
-                    self._close(c)
-            if not self.clients or self.loop.time() > deadline:
+                client = <Client>c
+                if client.working is None and not client.in_message and not client.inb.n \
+                        and not client.outb.n and \
+                        now - max(client.last_activity, began) >= idle_grace and \
+                        recv(client.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) <= 0:
+                    self._close(client)
+            if not self.clients or now > deadline:
                 break
             await asyncio.sleep(0.02)
 
