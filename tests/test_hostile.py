@@ -168,3 +168,20 @@ def test_sigterm_answers_requests_on_idle_keep_alive_connections(procs, tmp_path
     assert all(h.startswith(b"HTTP/1.1 200") and b"Connection: close" in h for h in heads), \
         heads
     assert gateway.proc.wait(15) == 0
+
+
+def test_an_output_named_many_times_is_answered_once(worker_factory):
+    """output_filter with "scores" 10,000 times: one scores tensor back, not 10,000."""
+    import numpy as np
+
+    from test_control_plane import http, tf_body
+    from gateway.protos import tf_predict_pb2
+
+    worker = worker_factory()
+    request = tf_predict_pb2.PredictRequest.FromString(tf_body(np.zeros((2, 784), np.float32)))
+    request.output_filter.extend(["scores"] * 10000)
+    body = request.SerializeToString()
+    status, answer = http(worker.url, "POST", "/api/predict/digits", body)
+    assert status == 200
+    response = tf_predict_pb2.PredictResponse.FromString(answer)
+    assert list(response.outputs) == ["scores"] and len(answer) < 200

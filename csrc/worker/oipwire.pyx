@@ -425,12 +425,13 @@ cdef class OipServe:
         self.run = run                  # the model's run(feeds, names) -> list of arrays
 
     cdef object _names(self, tuple wanted):
+        """The outputs to run: those asked for, each once, or all."""
         if not wanted:
             return self.output_names
         for name in wanted:
             if name not in self.known_outputs:
                 return None
-        return wanted
+        return wanted if len(wanted) == 1 else tuple(dict.fromkeys(wanted))
 
     def http(self, bytes body, Py_ssize_t header_length):
         """(answer body, its header line, rows run) or None."""

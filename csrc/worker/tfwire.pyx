@@ -306,7 +306,7 @@ cdef class TFServe:
             for name in <tuple>wanted:
                 if name not in self.known_outputs:
                     return self.slow(body)
-            names = wanted
+            names = wanted if len(<tuple>wanted) == 1 else tuple(dict.fromkeys(wanted))
         else:
             names = self.output_names
         feeds = self.check_feeds(feeds)

@@ -203,11 +203,13 @@ class OnnxModel:
         return checked
 
     def check_outputs(self, names) -> tuple:
+        """The outputs asked for, each once (a name repeated 10,000 times must not make an
+        answer 10,000 times as large), or all of them when none is named."""
         for name in names:
             if name not in self.output_names:
                 raise BadInput(f"unknown output {name!r} in output_filter; the model gives "
                                f"{', '.join(repr(n) for n in self.output_names)}")
-        return tuple(names) or self.output_names
+        return tuple(dict.fromkeys(names)) or self.output_names
 
     def run(self, feeds: dict, output_names: tuple) -> list:
         run = self._run
