@@ -1,4 +1,6 @@
-"""Hostile traffic against running gateways: no request may stall the gateway."""
+"""Hostile traffic and faults against running gateways and workers (issue 15): no request
+can stall the gateway, no path escapes its service, no web page drives the admin API,
+no answer is amplified, shutdown loses nothing sent, tokens are not world-readable."""
 from __future__ import annotations
 
 import http.client
@@ -185,3 +187,36 @@ def test_an_output_named_many_times_is_answered_once(worker_factory):
     assert status == 200
     response = tf_predict_pb2.PredictResponse.FromString(answer)
     assert list(response.outputs) == ["scores"] and len(answer) < 200
+
+
+def test_slowloris_cannot_lock_legitimate_clients_out(procs, tmp_path, worker_factory):
+    """300 connections sending a head a byte at a time against a gateway with 256 file
+    descriptors: it keeps room for new clients by closing the slowest ones, so a
+    legitimate request is answered at once instead of waiting behind them."""
+    import socket
+    import time
+
+    worker = worker_factory()
+    seed_services(str(tmp_path), [{"name": "digits", "config": {"endpoints": endpoints(worker)}}])
+    port = free_port()
+    command = " ".join(infergate_cmd("gateway", "--port", str(port), "--state-dir",
+                                     str(tmp_path), "--admin-token", ADMIN))
+    gateway = procs.start(["bash", "-c", f"ulimit -n 256; exec {command}"], port)
+    slow = []
+    try:
+        for _ in range(300):
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+                sock.sendall(b"POST /api/predict/digits HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                slow.append(sock)
+            except OSError:
+                pass  # closed on us to make room: as designed
+            time.sleep(0.001)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/predict/digits")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        for sock in slow:
+            sock.close()
+    assert gateway.proc.poll() is None

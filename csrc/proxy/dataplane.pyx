@@ -49,7 +49,7 @@ cdef extern from "unistd.h" nogil:
     int close(int)
 cdef extern from "errno.h" nogil:
     int errno
-    enum: EAGAIN, EINPROGRESS, EINTR
+    enum: EAGAIN, EINPROGRESS, EINTR, EMFILE, ENFILE
 cdef extern from "sys/socket.h" nogil:
     ssize_t send(int, const void*, size_t, int)
     int socket(int, int, int)
@@ -499,6 +499,7 @@ cdef class DataPlane:
     cdef readonly bint draining
     cdef object sweeper
     cdef long sweeps
+    cdef Py_ssize_t max_clients
     cdef Head head                  # scratch for request heads
     cdef Buf scratch
     cdef Buf out                    # a fast answer, built whole before it is sent
@@ -506,8 +507,11 @@ cdef class DataPlane:
 
     def __init__(self, handler, series_for, retried, limiter=None, answer_error=None,
                  Py_ssize_t max_body_size=64 << 20, double idle_timeout=75.0,
-                 double read_timeout=30.0):
+                 double read_timeout=30.0, Py_ssize_t max_connections=10000):
         self.listener = None
+        # Client connections at most: past it, a new one takes the place of the one that
+        # has made the least progress (slowloris), so that file descriptors never run out.
+        self.max_clients = max(1, max_connections)
         self.handler = handler
         self.series_for = series_for  # (service, version) -> its metrics Series
         self.retried = retried
@@ -653,7 +657,12 @@ cdef class DataPlane:
             addr_len = sizeof(sockaddr_in)
             fd = accept4(lfd, &addr, &addr_len, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
+                if (errno == EMFILE or errno == ENFILE) and self._evict():
+                    continue  # out of descriptors anyway: make room, take the new one
                 return
+            if len(self.clients) >= self.max_clients and not self._evict():
+                close(fd)  # every connection has a request in flight: none to give up
+                continue
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
             c = Client()
             c.fd = fd
@@ -665,6 +674,24 @@ cdef class DataPlane:
                 c.peer = None
             self.clients.add(c)
             self._watch(fd, c, EPOLLIN)
+
+    cdef bint _evict(self) except *:
+        """Close the client connection that has made the least progress, of those with no
+        request in flight: the one whose unfinished request began first (a slowloris
+        sends its head a byte at a time), else the longest idle. False if none."""
+        cdef Client c, oldest = None
+        cdef double since, oldest_since = 0.0
+        for conn in self.clients:
+            c = <Client>conn
+            if c.working is not None or c.closed:
+                continue
+            since = c.message_started if c.in_message else c.last_activity
+            if oldest is None or since < oldest_since:
+                oldest, oldest_since = c, since
+        if oldest is None:
+            return False
+        self._close(oldest)
+        return True
 
     cdef void _readable(self, Conn conn) except *:
         cdef ssize_t got

@@ -31,6 +31,10 @@ def register(sub) -> None:
     p.add_argument("--health-interval", type=float, default=2.0,
                    help="seconds between active health checks of each instance")
     p.add_argument("--max-body-mb", type=int, default=64)
+    p.add_argument("--max-connections", type=int,
+                   help="client connections at most; past it a new one replaces the slowest "
+                        "idle or unfinished one (default: from the descriptor limit, "
+                        "ulimit -n, less a quarter for upstreams)")
     p.add_argument("--access-log", metavar="PATH",
                    help="write one JSON line per answered request to PATH (default: none)")
     p.add_argument("--log-level", default="INFO")
@@ -71,7 +75,7 @@ def run(args) -> int:
         from ..registry import open_store
 
         app = GatewayApp(open_store(location), args.admin_token, args.max_body_mb << 20,
-                         args.health_interval, args.access_log)
+                         args.health_interval, args.access_log, args.max_connections)
         attach_control_plane(app, location, f"http://{host}:{args.port}")
         app.bind(args.host, args.port, reuse_port=args.processes > 1, grpc_port=args.grpc_port)
         return app

@@ -36,9 +36,21 @@ _V2_METADATA = json_response(server_metadata())
 _EMPTY_OK = Response(200, b"", None, "text/plain")
 
 
+def default_max_connections() -> int:
+    """Client connections at most: what the descriptor limit leaves once a quarter (64 at
+    least) is kept for upstream connections, the store and logs; 100,000 at most."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 100_000
+    return max(16, min(100_000, soft - max(64, soft // 4)))
+
+
 class GatewayApp:
     def __init__(self, store, admin_token: str = "", max_body_size: int = 64 << 20,
-                 health_interval: float = 2.0, access_log: str | None = None):
+                 health_interval: float = 2.0, access_log: str | None = None,
+                 max_connections: int | None = None):
         self.store = store
         self.admin_token = admin_token
         self.table = RouteTable({}, {})
@@ -49,7 +61,8 @@ class GatewayApp:
         # by itself (asking the rate limits itself) and hands every other request to
         # handle(), on this loop.
         self.dataplane = DataPlane(self.handle, metrics.series, metrics.retried,
-                                   self.rate_limits, max_body_size=max_body_size)
+                                   self.rate_limits, max_body_size=max_body_size,
+                                   max_connections=max_connections or default_max_connections())
         # Filters run in order over each request's Exchange; each may answer early, or
         # pause the chain (filter.py).
         filters: list[Filter] = [RouteFilter(self), AuthFilter(auth.verify),
