@@ -228,10 +228,10 @@ def test_gateway_access_log(tmp_path, procs, worker_factory):
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
         sock.recv(1000)
-    def records():
+    def logged():
         lines = [json.loads(line) for line in log_path.read_text().splitlines()]
         return [r for r in lines if r["path"] != "/health"]  # the start-up checks
-    records = wait_for(lambda: len(records()) >= 4 and records(), 10, what="4 access log lines")
+    records = wait_for(lambda: len(logged()) >= 4 and logged(), 10, what="4 access log lines")
     assert [(r["method"], r["path"], r["status"]) for r in records] == [
         ("POST", "/api/predict/digits?trace=1", 200), ("POST", "/api/predict/digits", 401),
         ("POST", "/api/predict/nope", 404), ("-", "-", 400)]
