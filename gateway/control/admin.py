@@ -110,26 +110,26 @@ class AdminApi:
 
         A page the user visits may send requests to a gateway on loopback: a form's
         text/plain POST, or, through DNS rebinding (its own name resolving to
-        127.0.0.1), reads. The admin API takes only JSON bodies (a page cannot send
-        those across origins without the gateway's consent), no request that names a
-        foreign Origin, and, without an admin token, only Host names of this
-        machine's loopback or of the gateway itself."""
+        127.0.0.1), reads. The admin API takes no request that names a foreign Origin;
+        without an admin token (which a page cannot send), only JSON bodies (a page
+        cannot send those across origins without the gateway's consent) and only Host
+        names of this machine's loopback or of the gateway itself."""
         headers = request.headers
         origin = headers.get("origin")
         host = headers.get("host", "")
         if origin is not None and origin.rstrip("/") not in (f"http://{host}",
                                                               self.public_url):
             return f"cross-origin admin requests are refused (Origin {origin})"
+        if self.admin_token:
+            return None  # a page cannot send the token (nor any Authorization) cross-origin
         if request.method in ("POST", "PUT", "PATCH") and request.body and \
                 headers.get("content-type", "").split(";")[0].strip().lower() \
                 != "application/json":
             return "admin requests with a body must be application/json"
-        if not self.admin_token:
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if name.strip("[]").lower() not in _LOCAL_NAMES and \
-                    f"http://{host}" != self.public_url:
-                return (f"Host {host!r} is not this gateway: without an admin token the "
-                        "admin API answers only requests for its own loopback address")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name.strip("[]").lower() not in _LOCAL_NAMES and f"http://{host}" != self.public_url:
+            return (f"Host {host!r} is not this gateway: without an admin token the admin API "
+                    "answers only requests for its own loopback address")
         return None
 
     # ---- dispatch ---------------------------------------------------------------
