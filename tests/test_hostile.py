@@ -220,3 +220,34 @@ def test_slowloris_cannot_lock_legitimate_clients_out(procs, tmp_path, worker_fa
         for sock in slow:
             sock.close()
     assert gateway.proc.poll() is None
+
+
+def test_removed_instances_leave_the_instance_up_gauge(procs, tmp_path):
+    """infergate_instance_up must not go on saying 1 for an instance that was removed."""
+    port = free_port()
+    gateway = procs.start(infergate_cmd("gateway", "--port", str(port), "--state-dir",
+                                        str(tmp_path), "--admin-token", ADMIN), port)
+    admin(gateway.url, "POST", "/admin/services",
+          {"name": "s", "endpoints": [{"ip": "127.0.0.1", "port": 9}]})
+
+    def gauge() -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        return "\n".join(line for line in text.splitlines()
+                         if line.startswith("infergate_instance_up{"))
+
+    assert 'instance="127.0.0.1:9"' in gauge()
+    status, _ = admin(gateway.url, "DELETE", "/admin/services/s")
+    assert status == 200
+    assert gauge() == ""
+
+
+def test_a_workers_signature_needs_its_token(worker_factory):
+    from test_control_plane import http
+
+    worker = worker_factory(extra=("--token", "tok"))
+    assert http(worker.url, "GET", "/api/predict/digits")[0] == 401
+    status, body = http(worker.url, "GET", "/api/predict/digits",
+                        headers={"Authorization": "tok"})
+    assert status == 200 and b"images" in body

@@ -85,9 +85,9 @@ class GatewayApp:
         services, instances = await self.store.snapshot()
         self.table = RouteTable(services, instances, self.table)
         self.dataplane.set_routes(self.table.routes)
-        for name, backend in self.table.backends.items():
-            for pool in backend.pools:
-                metrics.instance_up(name, f"{pool.ip}:{pool.port}", pool.healthy)
+        metrics.set_instances({(name, f"{pool.ip}:{pool.port}"): pool.healthy
+                               for name, backend in self.table.backends.items()
+                               for pool in backend.pools})
 
     def _changed(self, kind: str, name: str) -> None:
         # Coalesce bursts of notifications into one rebuild; none once stopping.

@@ -42,6 +42,13 @@ def instance_up(service: str, instance: str, up: bool) -> None:
     _instances[(service, instance)] = 1 if up else 0
 
 
+def set_instances(health: dict) -> None:
+    """The instances of the new route table, {(service, "ip:port"): healthy}: those that
+    left it leave the gauge (a removed instance is not "up")."""
+    _instances.clear()
+    _instances.update({key: 1 if up else 0 for key, up in health.items()})
+
+
 class _Collector:
     def collect(self):
         requests = CounterMetricFamily("infergate_requests", "Requests answered by the gateway",

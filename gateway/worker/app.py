@@ -110,6 +110,11 @@ class WorkerApp:
             if request.method == "GET":
                 if self.model is None:
                     return error_response(404, "a python processor has no model signature")
+                if self.token:  # the model's inputs and outputs are the service's to show
+                    reason = auth.verify(request.headers, request.method, path, request.body,
+                                         self.token, self.service)
+                    if reason:
+                        return error_response(401, reason)
                 return self.signature
             return error_response(405, f"{request.method} is not allowed on {path}")
         if path.startswith("/v2") and (len(path) == 3 or path[3] == "/"):
