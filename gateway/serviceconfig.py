@@ -65,8 +65,9 @@ def flat_rpc(metadata: dict) -> dict:
     for key, value in nested.items():
         dotted = f"rpc.{key}"
         if dotted in flat and flat[dotted] != value:
-            raise ConfigError(f"metadata.{dotted} is {flat[dotted]!r} but metadata.rpc.{key} "
-                              f"is {value!r}: give the setting once")
+            raise ConfigError(f"metadata key \"{dotted}\" is {flat[dotted]!r} but the nested "
+                              f"metadata.rpc object gives {key} {value!r}: give the setting "
+                              f"once")
         flat[dotted] = value
     return flat
 

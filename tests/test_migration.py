@@ -108,7 +108,8 @@ def test_flat_and_nested_rpc_keys_that_disagree_are_refused(gw):
         "metadata": {"rpc.keepalive": 5000, "rpc": {"keepalive": -1}}})
     res = cli(gw.url, "create", spec)
     assert res.returncode == 1
-    assert "metadata.rpc.keepalive is 5000" in res.stderr and "-1" in res.stderr
+    assert 'metadata key "rpc.keepalive" is 5000' in res.stderr
+    assert "metadata.rpc object gives keepalive -1" in res.stderr
     assert cli(gw.url, "desc", "clash").returncode == 1  # nothing was created
     agree = write_json(gw.files / "agree.json", {
         "name": "agree", "model_path": str(DIGITS_MODEL),
