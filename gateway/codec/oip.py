@@ -24,8 +24,10 @@ import math
 
 import numpy as np
 import orjson
+from grpc_health.v1 import health_pb2
 
 from .. import __version__
+from ..protos import oip_pb2 as pb
 from .tensors import CodecError
 
 OBJECT = np.dtype(object)
@@ -56,8 +58,6 @@ GRPC_SERVICE = "inference.GRPCInferenceService"
 def parse_infer_request(data: bytes):
     """A ModelInferRequest from its bytes (handlers take them raw, so that a message that
     does not parse is the client's INVALID_ARGUMENT, not the server's INTERNAL)."""
-    from ..protos import oip_pb2 as pb
-
     try:
         return pb.ModelInferRequest.FromString(data)
     except Exception as exc:  # DecodeError, and others on odd bytes
@@ -79,6 +79,19 @@ def grpc_routes(face) -> dict:
         for name in GRPC_METHODS}
     routes["/grpc.health.v1.Health/Check"] = face.health_check
     return routes
+
+
+# The gRPC answers that never change, serialized once (the worker's and the gateway's),
+# by whether the server, model or service is ready.
+SERVER_LIVE = pb.ServerLiveResponse(live=True).SerializeToString()
+SERVER_READY = {ready: pb.ServerReadyResponse(ready=ready).SerializeToString()
+                for ready in (True, False)}
+MODEL_READY = {ready: pb.ModelReadyResponse(ready=ready).SerializeToString()
+               for ready in (True, False)}
+HEALTH = {serving: health_pb2.HealthCheckResponse(
+    status=health_pb2.HealthCheckResponse.SERVING if serving
+    else health_pb2.HealthCheckResponse.NOT_SERVING).SerializeToString()
+    for serving in (True, False)}
 
 
 def grpc_options(max_message: int) -> list:
@@ -456,8 +469,6 @@ def grpc_from_http(body: bytes, header_length, response) -> None:
 
 def metadata_message(document: dict):
     """A ModelMetadataResponse from the JSON an HTTP model-metadata GET answers."""
-    from ..protos import oip_pb2 as pb
-
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
         name=document.get("name", ""), versions=document.get("versions", []),
@@ -470,8 +481,6 @@ def metadata_message(document: dict):
 
 def config_message(document: dict):
     """A ModelConfigResponse from the JSON an HTTP model-config GET answers."""
-    from ..protos import oip_pb2 as pb
-
     config = pb.ModelConfig(
         name=document.get("name", ""), platform=document.get("platform", ""),
         backend=document.get("backend", ""), max_batch_size=document.get("max_batch_size", 0),

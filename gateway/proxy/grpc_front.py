@@ -23,7 +23,6 @@ import asyncio
 import logging
 
 import orjson
-from grpc_health.v1 import health_pb2
 
 from .._native.grpcwire import (DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, NOT_FOUND,
                                 PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAUTHENTICATED,
@@ -103,16 +102,16 @@ class GrpcFront:
         return response
 
     def server_live(self, caller, message):
-        return _LIVE
+        return oip.SERVER_LIVE
 
     def server_ready(self, caller, message):
-        return _READY if self.app.ready and not self.app.dataplane.draining else _NOT_READY
+        return oip.SERVER_READY[self.app.ready and not self.app.dataplane.draining]
 
     def server_metadata(self, caller, message):
         return self._server_metadata
 
     def health_check(self, caller, message):
-        return _SERVING if self.app.ready and not self.app.dataplane.draining else _NOT_SERVING
+        return oip.HEALTH[self.app.ready and not self.app.dataplane.draining]
 
     @staticmethod
     def _parse(message_type, message: bytes):
@@ -128,9 +127,9 @@ class GrpcFront:
                                                           "/ready"))
         except GrpcStatus as status:
             if status.code == UNAVAILABLE:
-                return _NOT_READY_MODEL
+                return oip.MODEL_READY[False]
             raise
-        return _READY_MODEL
+        return oip.MODEL_READY[True]
 
     async def model_metadata(self, caller, message):
         request = self._parse(pb.ModelMetadataRequest, message)
@@ -179,19 +178,6 @@ def _upstream(build) -> bytes:
         log.warning("unreadable answer from upstream: %s", exc)
         raise GrpcStatus(UNAVAILABLE, "the upstream's answer is not a valid inference "
                                       "response") from None
-
-
-_LIVE = pb.ServerLiveResponse(live=True).SerializeToString()
-_READY = pb.ServerReadyResponse(ready=True).SerializeToString()
-_NOT_READY = pb.ServerReadyResponse(ready=False).SerializeToString()
-_READY_MODEL = pb.ModelReadyResponse(ready=True).SerializeToString()
-_NOT_READY_MODEL = pb.ModelReadyResponse(ready=False).SerializeToString()
-_SERVING = health_pb2.HealthCheckResponse(
-    status=health_pb2.HealthCheckResponse.SERVING).SerializeToString()
-_NOT_SERVING = health_pb2.HealthCheckResponse(
-    status=health_pb2.HealthCheckResponse.NOT_SERVING).SerializeToString()
-
-
 def _header(response: Response, lower_name: bytes):
     """A header's value in a proxied answer (its headers are raw "Name: value" lines)."""
     headers = response.headers

@@ -21,7 +21,6 @@ import hmac
 import logging
 import time
 
-from grpc_health.v1 import health_pb2
 
 from .._native.grpcwire import (DEADLINE_EXCEEDED, INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED,
                                 UNAVAILABLE, UNIMPLEMENTED, GrpcServer, GrpcStatus)
@@ -143,17 +142,17 @@ class GrpcFace:
         return GrpcStatus(NOT_FOUND, wrong) if wrong is not None else answer
 
     def server_live(self, message):
-        return _LIVE
+        return oip.SERVER_LIVE
 
     def server_ready(self, message):
-        return _READY if self.face.ready else _NOT_READY
+        return oip.SERVER_READY[self.face.ready]
 
     def server_metadata(self, message):
         return self._server_metadata
 
     def model_ready(self, message):
         return self._model(message, pb.ModelReadyRequest,
-                           _READY_MODEL if self.face.ready else _NOT_READY_MODEL)
+                           oip.MODEL_READY[self.face.ready])
 
     def model_metadata(self, message):
         return self._model(message, pb.ModelMetadataRequest, self._metadata)
@@ -163,7 +162,7 @@ class GrpcFace:
 
     def health_check(self, message):
         serving = self.serving and self.face.ready
-        return _SERVING if serving else _NOT_SERVING
+        return oip.HEALTH[serving]
 
     def model_infer(self, message: bytes):
         started = time.perf_counter()
@@ -192,14 +191,3 @@ class GrpcFace:
             return GrpcStatus(DEADLINE_EXCEEDED, f"the request took longer than rpc.keepalive "
                               f"({self.app.settings.keepalive} ms)")
         return None
-
-
-_LIVE = pb.ServerLiveResponse(live=True).SerializeToString()
-_READY = pb.ServerReadyResponse(ready=True).SerializeToString()
-_NOT_READY = pb.ServerReadyResponse(ready=False).SerializeToString()
-_READY_MODEL = pb.ModelReadyResponse(ready=True).SerializeToString()
-_NOT_READY_MODEL = pb.ModelReadyResponse(ready=False).SerializeToString()
-_SERVING = health_pb2.HealthCheckResponse(
-    status=health_pb2.HealthCheckResponse.SERVING).SerializeToString()
-_NOT_SERVING = health_pb2.HealthCheckResponse(
-    status=health_pb2.HealthCheckResponse.NOT_SERVING).SerializeToString()
