@@ -33,6 +33,8 @@ class RpcSettings:
     max_batch_timeout: int = 50  # ms
     max_queue_size: int = 64
     keepalive: int = 5000  # ms
+    # ms the gateway gives one try while another instance is left to retry on; 0: keepalive
+    try_timeout: int = 0
     io_threads: int = 4
     worker_threads: int = 5
     # Sizes batches are padded to; None: powers of two on an accelerator, none on the CPU.
@@ -46,6 +48,7 @@ _RPC_KEYS = {
     "max_batch_timeout": (int, 0),
     "max_queue_size": (int, 1),
     "keepalive": (int, 1),
+    "try_timeout": (int, 0),
     "io_threads": (int, 1),
     "worker_threads": (int, 1),
     "batch_sizes": (tuple, 1),

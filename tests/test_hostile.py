@@ -251,3 +251,98 @@ def test_a_workers_signature_needs_its_token(worker_factory):
     status, body = http(worker.url, "GET", "/api/predict/digits",
                         headers={"Authorization": "tok"})
     assert status == 200 and b"images" in body
+
+
+def _load_through_a_hang(gateway_port: int, hung, stop_at: float, until: float,
+                         clients: int = 6) -> list[tuple[float, int, float]]:
+    """`clients` keep-alive clients posting digits requests until `until` (monotonic
+    seconds); `hung` is SIGSTOPped at `stop_at`. (start, status, seconds) of each request."""
+    import signal
+    import time
+
+    import numpy as np
+
+    from test_gateway import digits_request
+
+    body = digits_request(np.zeros((1, 784), dtype=np.float32))
+    done: list[tuple[float, int, float]] = []
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", gateway_port, timeout=30)
+        while (start := time.monotonic()) < until:
+            try:
+                conn.request("POST", "/api/predict/digits", body=body)
+                resp = conn.getresponse()
+                resp.read()
+                status = resp.status
+            except OSError:
+                conn.close()
+                status = 0
+            done.append((start, status, time.monotonic() - start))
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(max(0.0, stop_at - time.monotonic()))
+    hung.kill(signal.SIGSTOP)
+    for t in threads:
+        t.join(30)
+    hung.kill(signal.SIGCONT)
+    return done
+
+
+def test_a_hung_instance_gets_no_new_requests(procs, tmp_path, worker_factory):
+    """SIGSTOP of 1 of 3 workers: the kernel still accepts connections for it, so only
+    outlier detection (it stalls) shows it. Requests already sent to it may fail (every
+    client is soon waiting on one); none sent 1 s after it hung goes to it."""
+    import time
+
+    workers = [worker_factory() for _ in range(3)]
+    seed_services(str(tmp_path), [{"name": "digits", "config": {
+        "endpoints": endpoints(*workers), "metadata": {"rpc.keepalive": 1000}}}])
+    gateway = start_gateway(procs, str(tmp_path))
+    stop_at = time.monotonic() + 1.0
+    done = _load_through_a_hang(gateway.port, workers[0], stop_at, stop_at + 3.5)
+    late = [(start - stop_at, status, seconds) for start, status, seconds in done
+            if start >= stop_at + 1.0]
+    assert len(late) > 100
+    assert all(status == 200 and seconds < 1.0 for _, status, seconds in late), \
+        [r for r in late if r[1] != 200 or r[2] >= 1.0][:5]
+    assert sum(1 for start, _, _ in done if start < stop_at) > 50  # the load was on before
+    with urllib_open(gateway.url + "/metrics") as text:
+        assert f'infergate_outlier_ejections_total{{instance="127.0.0.1:{workers[0].port}"}}' \
+            in text
+
+
+def test_a_per_try_timeout_retries_requests_sent_to_a_hung_instance(procs, tmp_path,
+                                                                       worker_factory):
+    """With rpc.try_timeout, a request that the hung worker holds is retried on another
+    while its deadline allows: no client sees a failure at all."""
+    import time
+
+    workers = [worker_factory() for _ in range(3)]
+    seed_services(str(tmp_path), [{"name": "digits", "config": {
+        "endpoints": endpoints(*workers),
+        "metadata": {"rpc.keepalive": 5000, "rpc.try_timeout": 300}}}])
+    gateway = start_gateway(procs, str(tmp_path))
+    stop_at = time.monotonic() + 1.0
+    done = _load_through_a_hang(gateway.port, workers[0], stop_at, stop_at + 2.0)
+    assert [r for r in done if r[1] != 200] == []
+    assert max(seconds for start, _, seconds in done if start >= stop_at) < 1.5
+
+
+class urllib_open:
+    """The text of a GET, as a context manager."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __enter__(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(self.url, timeout=5) as resp:
+            return resp.read().decode()
+
+    def __exit__(self, *exc):
+        return False

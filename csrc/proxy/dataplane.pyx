@@ -47,6 +47,13 @@ cdef extern from "stdio.h" nogil:
 cdef extern from "unistd.h" nogil:
     ssize_t read(int, void*, size_t)
     int close(int)
+cdef extern from "time.h" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int, timespec*)
+    enum: CLOCK_MONOTONIC
+
 cdef extern from "errno.h" nogil:
     int errno
     enum: EAGAIN, EINPROGRESS, EINTR, EMFILE, ENFILE
@@ -95,6 +102,17 @@ DEF MAX_HEAD = 65536
 DEF READ_CHUNK = 65536
 DEF MAX_TRIES = 3
 DEF DRAIN_IDLE_GRACE = 1.0  # seconds an idle keep-alive connection stays open on shutdown
+# Outlier detection (Envoy's consecutive gateway failures, and a check of our own for a hung
+# instance): see Instance.
+DEF CONSECUTIVE_FAILURES = 5
+DEF STALL_FLOOR = 0.5    # seconds
+DEF STALL_FACTOR = 10.0  # times the instance's usual latency
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return t.tv_sec + t.tv_nsec * 1e-9
+
 
 cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes _ID_PREFIX = os.urandom(8).hex().encode()  # as the chain's request ids
@@ -395,7 +413,16 @@ cdef class Upstream(Conn):
 
 
 cdef class Instance:
-    """One ip:port the data plane forwards to, with its idle keep-alive connections."""
+    """One ip:port the data plane forwards to, with its idle keep-alive connections.
+
+    And what outlier detection reads. An instance is ejected (the `ejected` callback marks
+    it down for a while; its requests already sent go on) after CONSECUTIVE_FAILURES
+    failures in a row (refused or reset connections, 502-504, timeouts), or when it
+    stalls: it holds a request, and has answered nothing, for STALL_FACTOR times its usual
+    latency (STALL_FLOOR seconds at least). A stopped or deadlocked process still accepts
+    connections (the kernel's backlog), so a connect check never sees it, and a request
+    timeout of seconds sees it only after every client is stuck on it.
+    """
     cdef bytes host_line
     cdef bytes sockaddr  # a struct sockaddr_in or sockaddr_in6, as connect() takes it
     cdef int family
@@ -404,8 +431,13 @@ cdef class Instance:
     cdef list waiting    # Flights waiting for a connection (max_connections are open)
     cdef int open, max_connections
     cdef double connect_timeout
-    cdef str where
+    cdef str where, ip
+    cdef int port
     cdef bint retired    # left the route table: its connections close when done
+    cdef int failures              # in a row
+    cdef double answered_at        # monotonic() of its last answer
+    cdef double latency            # its usual latency: a moving average of good answers
+    cdef double ejected_until      # not judged again before this
 
     def __init__(self, str ip, int port, int max_connections=256, double connect_timeout=2.0):
         self.host_line = f"Host: {ip}:{port}\r\n".encode()
@@ -414,6 +446,8 @@ cdef class Instance:
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self.where = f"{ip}:{port}"
+        self.ip = ip
+        self.port = port
         self.resolve(ip, port)
 
     cdef void resolve(self, str ip, int port) except *:
@@ -474,6 +508,8 @@ cdef class Flight:
     cdef tuple tried
     cdef int tries_left, index
     cdef double deadline, started
+    cdef double sent_at           # monotonic() when this try was sent
+    cdef double try_timeout       # seconds a try may take while another try is left; 0: no limit
     cdef bint keep_alive
     cdef bint no_body    # a HEAD request: the answer has no body, whatever its length says
     cdef Upstream conn
@@ -487,6 +523,7 @@ cdef class DataPlane:
 
     cdef int ep
     cdef object listener, loop, handler, answer_error, series_for, retried, limiter
+    cdef public object ejected      # ejected(ip, port, why) -> seconds it is out (0: kept)
     cdef public object access_log   # access_log(peer, method, target, status, bytes, seconds)
     cdef list by_fd                 # fd -> Conn
     cdef dict fast                  # service bytes -> FastRoute
@@ -519,6 +556,7 @@ cdef class DataPlane:
         # (a Filter, gateway/proxy/filter.py, over a LimitView); limiter.headers_of(route)
         # -> the header names its limits are keyed by.
         self.limiter = limiter
+        self.ejected = None
         self.answer_error = answer_error
         self.max_body_size = max_body_size
         self.idle_timeout = idle_timeout
@@ -1191,6 +1229,7 @@ cdef class DataPlane:
         f.request_id = rid
         f.tried = ()
         f.tries_left = min(MAX_TRIES, len(backend.pools))
+        f.try_timeout = backend.try_timeout
         f.index = -1
         f.started = _perf_counter()
         f.deadline = self.loop.time() + backend.timeout
@@ -1247,6 +1286,7 @@ cdef class DataPlane:
 
     cdef void _send_upstream(self, Flight f, Upstream u) except *:
         f.conn = u
+        f.sent_at = monotonic()
         u.flight = f
         u.inb.n = 0
         cdef Buf* s = &self.scratch
@@ -1320,6 +1360,13 @@ cdef class DataPlane:
         cdef int i
         cdef Buf* o = &self.out
         cdef char line[64]
+        cdef Instance inst = u.instance
+        inst.answered_at = monotonic()
+        if 502 <= status <= 504:
+            self._count_failure(inst)
+        else:
+            inst.failures = 0
+            inst.latency += (inst.answered_at - f.sent_at - inst.latency) * 0.1
         if status >= 500 or status == 450:
             response = self._as_response(h, body, length)
             self._release(u, keep)
@@ -1445,6 +1492,7 @@ cdef class DataPlane:
         f.picker.report_failure(f.index)
         self.retried(f.service, "connect")
         cdef Instance inst = f.instances[f.index]
+        self._count_failure(inst)
         f.failed_transport = error_response(502, f"upstream {inst.where} failed: {why}")
         self._attempt(f)
 
@@ -1490,6 +1538,7 @@ cdef class DataPlane:
         for f in [f for f in self.flights if (<Flight>f).conn is not None and
                   (<Flight>f).conn.connecting and (<Flight>f).conn.connect_by <= now]:
             self._guarded(self._connect_timed_out, f)
+        self._guarded(self._judge_outstanding, None)
         self.sweeps += 1
         if self.sweeps % 20 == 0:  # connection timeouts are seconds long: once a second
             for c in list(self.clients):
@@ -1500,6 +1549,61 @@ cdef class DataPlane:
             step(item)
         except Exception:
             log.exception("data plane: a timeout failed")
+
+    def _judge_outstanding(self, _):
+        """Per-try timeouts, and stalled instances (see Instance)."""
+        cdef double now = monotonic(), stall
+        cdef Flight f
+        cdef Instance inst
+        cdef dict oldest = {}  # instance -> the flight it has had longest
+        for item in list(self.flights):
+            f = <Flight>item
+            if f.conn is None:
+                continue
+            if f.try_timeout > 0 and f.tries_left > 0 and now - f.sent_at > f.try_timeout and \
+                    f.picker.available() > len(f.tried):
+                self._try_timed_out(f)
+                continue
+            inst = <Instance>f.instances[f.index]
+            other = oldest.get(inst)
+            if other is None or (<Flight>other).sent_at > f.sent_at:
+                oldest[inst] = f
+        for item, other in oldest.items():
+            inst = <Instance>item
+            f = <Flight>other
+            stall = max(STALL_FLOOR, STALL_FACTOR * inst.latency)
+            if now - f.sent_at > stall and now - inst.answered_at > stall and \
+                    now >= inst.ejected_until:
+                self._eject(inst, f"stalled: nothing answered for {now - f.sent_at:.1f}s "
+                                  f"(usually {inst.latency * 1000:.0f} ms)")
+
+    cdef void _try_timed_out(self, Flight f) except *:
+        cdef Instance inst = f.instances[f.index]
+        f.picker.report_failure(f.index)
+        self._count_failure(inst)
+        self.retried(f.service, "timeout")
+        u = f.conn
+        f.conn = None
+        u.flight = None
+        self._close(u)
+        f.failed_transport = error_response(504, f"upstream {inst.where} did not answer "
+                                                 f"within {f.try_timeout:.1f}s")
+        self._attempt(f)
+
+    cdef void _count_failure(self, Instance inst) except *:
+        inst.failures += 1
+        if inst.failures >= CONSECUTIVE_FAILURES:
+            self._eject(inst, f"{inst.failures} failures in a row")
+
+    cdef void _eject(self, Instance inst, str why) except *:
+        """Ask the route table to take `inst` out for a while (it may keep it: the last
+        instance of a version is never ejected)."""
+        cdef double now = monotonic()
+        if now < inst.ejected_until or self.ejected is None:
+            return
+        inst.failures = 0
+        seconds = self.ejected(inst.ip, inst.port, why)
+        inst.ejected_until = now + (seconds if seconds > 0 else 1.0)  # kept: judged again in 1s
 
     def _connect_timed_out(self, Flight f):
         if f.conn is not None:
@@ -1514,6 +1618,7 @@ cdef class DataPlane:
     cdef void _timed_out(self, Flight f) except *:
         if f.index >= 0:
             f.picker.report_failure(f.index)
+            self._count_failure(<Instance>f.instances[f.index])
         where = f"upstream {(<Instance>f.instances[f.index]).where}" if f.index >= 0 \
             else "no upstream"
         if f.conn is not None:

@@ -34,6 +34,9 @@ V2_MODELS = "/v2/models/"
 V2_SELF = ("/v2", "/v2/", "/v2/health/live", "/v2/health/ready")
 _V2_METADATA = json_response(server_metadata())
 _EMPTY_OK = Response(200, b"", None, "text/plain")
+# Outlier ejection: the first lasts this long, each one after it in a row twice the last.
+EJECTION_SECONDS = 10.0
+MAX_EJECTION_SECONDS = 300.0
 
 
 def default_max_connections() -> int:
@@ -70,6 +73,7 @@ class GatewayApp:
         self.chain = Chain(filters, metrics.observe, self.dataplane.forward_exchange)
         self.access_log = AccessLog(access_log) if access_log else None
         self.dataplane.access_log = self.access_log
+        self.dataplane.ejected = self._eject
         self.admin = None  # the control plane mounts its handler here (/admin/...)
         self._rebuild_pending = False
         self._address = None
@@ -109,6 +113,31 @@ class GatewayApp:
         for name, backend in self.table.backends.items():
             if pool in backend.pools:
                 metrics.instance_up(name, f"{pool.ip}:{pool.port}", pool.healthy)
+
+    def _eject(self, ip: str, port: int, why: str) -> float:
+        """Outlier detection (the data plane's) found ip:port failing or hung: out for
+        EJECTION_SECONDS, doubled for each ejection in a row; 0 when it must stay."""
+        pool = self.table.pools.get((ip, port))
+        if pool is None or pool.ejected or not self.table.may_eject(pool):
+            return 0.0
+        loop = asyncio.get_running_loop()
+        if loop.time() > pool.ejected_until + MAX_EJECTION_SECONDS:
+            pool.ejections = 0  # long back in service: a new fault starts over
+        seconds = min(MAX_EJECTION_SECONDS, EJECTION_SECONDS * 2 ** pool.ejections)
+        pool.ejections += 1
+        pool.ejected = True
+        pool.ejected_until = loop.time() + seconds
+        log.warning("instance %s:%d ejected for %.0fs: %s", ip, port, seconds, why)
+        metrics.ejected(f"{ip}:{port}")
+        self._health_changed(pool)
+        loop.call_later(seconds, self._readmit, pool)
+        return seconds
+
+    def _readmit(self, pool) -> None:
+        pool.ejected = False
+        if not pool.closed:
+            log.info("instance %s:%d back from ejection", pool.ip, pool.port)
+            self._health_changed(pool)
 
     def bind(self, host: str, port: int, reuse_port: bool = False,
              grpc_port: int | None = None) -> None:

@@ -18,6 +18,7 @@ _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _series: dict[tuple, Series] = {}
 _retries: dict[tuple, int] = {}
 _instances: dict[tuple, int] = {}
+_ejections: dict[str, int] = {}
 
 
 def series(service: str, version: str) -> Series:
@@ -36,6 +37,10 @@ def observe(service: str, version: str, status: int, seconds: float, bytes_in: i
 def retried(service: str, reason: str) -> None:
     key = (service, reason)
     _retries[key] = _retries.get(key, 0) + 1
+
+
+def ejected(instance: str) -> None:
+    _ejections[instance] = _ejections.get(instance, 0) + 1
 
 
 def instance_up(service: str, instance: str, up: bool) -> None:
@@ -78,7 +83,12 @@ class _Collector:
                                labels=["service", "instance"])
         for (service, instance), value in list(_instances.items()):
             up.add_metric([service, instance], value)
-        return [requests, latency, bytes_in, bytes_out, retries, up]
+        ejections = CounterMetricFamily("infergate_outlier_ejections",
+                                        "Times outlier detection took an instance out",
+                                        labels=["instance"])
+        for instance, count in list(_ejections.items()):
+            ejections.add_metric([instance], count)
+        return [requests, latency, bytes_in, bytes_out, retries, up, ejections]
 
 
 REGISTRY.register(_Collector())

@@ -28,9 +28,10 @@ DEADLINE_MARGIN = 1.0
 class Backend:
     """One version: a service's instances and how to address them."""
 
-    __slots__ = ("name", "prefix", "pools", "picker", "timeout", "auth_header", "status")
+    __slots__ = ("name", "prefix", "pools", "picker", "timeout", "try_timeout", "auth_header",
+                 "status")
 
-    def __init__(self, name, prefix, pools, weights, timeout, token, status):
+    def __init__(self, name, prefix, pools, weights, timeout, token, status, try_timeout=0.0):
         self.name = name
         self.prefix = prefix
         self.pools = pools
@@ -38,6 +39,7 @@ class Backend:
         for i, pool in enumerate(pools):
             self.picker.set_down(i, not pool.healthy)
         self.timeout = timeout
+        self.try_timeout = try_timeout  # seconds one try may take while another is left; 0: all
         # The gateway authenticated the client; the worker gets the raw token of its service.
         self.auth_header = (b"Authorization", token.encode()) if token else None
         self.status = status
@@ -204,7 +206,8 @@ class RouteTable:
         # the path a Triton behind upstream_path "/" serves).
         prefix = (config.get("upstream_path") or f"/api/predict/{name}").rstrip("/")
         return Backend(name, prefix.encode("latin-1"), members, weights,
-                       settings.keepalive / 1000.0 + DEADLINE_MARGIN, record.token, record.status)
+                       settings.keepalive / 1000.0 + DEADLINE_MARGIN, record.token, record.status,
+                       settings.try_timeout / 1000.0)
 
     def discovery(self, service: str) -> list[dict] | None:
         """The instances a direct-connect client of `service` may call, or None if unknown.
@@ -221,6 +224,18 @@ class RouteTable:
                  **({"grpc_port": pool.grpc_port} if pool.grpc_port else {})}
                 for pool, weight in zip(backend.pools, backend.picker.weights())
                 if weight > 0 and pool.healthy]
+
+    def may_eject(self, pool: InstancePool) -> bool:
+        """Whether outlier detection may take `pool` out: never the last instance of a
+        version that can take traffic, nor more than half of a version's instances (Envoy's
+        max_ejection_percent, so that a fault shared by all cannot empty a version)."""
+        for backend in self.backends.values():
+            if pool in backend.pools:
+                others_up = sum(1 for p in backend.pools if p is not pool and p.healthy)
+                ejected = sum(1 for p in backend.pools if p.ejected) + 1
+                if others_up == 0 or ejected * 2 > len(backend.pools):
+                    return False
+        return pool in self.pools.values()
 
     def mark_health(self, pool: InstancePool) -> None:
         """Apply a pool's health (active checks and registry state) to every picker."""

@@ -23,10 +23,14 @@ class InstancePool:
         self.health_path = "/health"  # None: a TCP connect is the health check
         self.grpc_port = None  # where the instance serves v2 over gRPC, if it does
         self.closed = False  # the instance left the route table
+        # Outlier detection (the data plane's): out until the loop's time `ejected_until`.
+        self.ejected = False
+        self.ejected_until = 0.0
+        self.ejections = 0  # in a row: each doubles the time out
 
     @property
     def healthy(self) -> bool:
-        return self.check_healthy and self.registry_healthy
+        return self.check_healthy and self.registry_healthy and not self.ejected
 
     def close(self) -> None:
         """The instance left the table (the data plane closes its connections)."""
