@@ -253,11 +253,10 @@ def test_a_workers_signature_needs_its_token(worker_factory):
     assert status == 200 and b"images" in body
 
 
-def _load_through_a_hang(gateway_port: int, hung, stop_at: float, until: float,
-                         clients: int = 6) -> list[tuple[float, int, float]]:
+def _load_during(gateway_port: int, fault, fault_at: float, until: float,
+                 clients: int = 6) -> list[tuple[float, int, float]]:
     """`clients` keep-alive clients posting digits requests until `until` (monotonic
-    seconds); `hung` is SIGSTOPped at `stop_at`. (start, status, seconds) of each request."""
-    import signal
+    seconds) while `fault()` runs, from `fault_at`. (start, status, seconds) of each."""
     import time
 
     import numpy as np
@@ -284,12 +283,22 @@ def _load_through_a_hang(gateway_port: int, hung, stop_at: float, until: float,
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
-    time.sleep(max(0.0, stop_at - time.monotonic()))
-    hung.kill(signal.SIGSTOP)
-    for t in threads:
-        t.join(30)
-    hung.kill(signal.SIGCONT)
+    try:
+        time.sleep(max(0.0, fault_at - time.monotonic()))
+        fault()
+    finally:
+        for t in threads:
+            t.join(30)
     return done
+
+
+def _load_through_a_hang(gateway_port: int, hung, stop_at: float, until: float):
+    import signal
+
+    try:
+        return _load_during(gateway_port, lambda: hung.kill(signal.SIGSTOP), stop_at, until)
+    finally:
+        hung.kill(signal.SIGCONT)
 
 
 def test_a_hung_instance_gets_no_new_requests(procs, tmp_path, worker_factory):
@@ -346,3 +355,80 @@ class urllib_open:
 
     def __exit__(self, *exc):
         return False
+
+
+def _gateway_on_redis(procs, redis_server, worker_factory):
+    """A gateway on Redis and three workers that registered themselves in it."""
+    import json
+    import time
+
+    from test_control_plane import http as http_call
+
+    port = free_port()
+    gateway = procs.start(infergate_cmd("gateway", "--host", "127.0.0.1", "--port", str(port),
+                                        "--registry", redis_server.url, "--admin-token", ADMIN),
+                          port)
+    assert admin(gateway.url, "POST", "/admin/services", {"name": "digits"})[0] == 201
+    workers = [worker_factory(extra=("--registry", redis_server.url)) for _ in range(3)]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        status, body = http_call(gateway.url, "GET", "/api/v1/servicediscovery/upstreams/digits")
+        if status == 200 and len(json.loads(body)["endpoints"]["items"]) == 3:
+            return gateway, workers
+        time.sleep(0.1)
+    raise AssertionError("the workers did not register")
+
+
+def test_a_redis_pause_longer_than_a_lease_empties_nothing(procs, redis_server,
+                                                          worker_factory):
+    """Redis stopped for 4 s (leases are 3 s): when it resumes every lease has lapsed by its
+    clock, but the time it was away is not held against them; no request fails."""
+    import signal
+    import time
+
+    gateway, _ = _gateway_on_redis(procs, redis_server, worker_factory)
+
+    def pause():
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(4.0)
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+
+    start = time.monotonic()
+    done = _load_during(gateway.port, pause, start + 0.5, start + 7.5)
+    assert len(done) > 200
+    assert [r for r in done if r[1] != 200] == []
+
+
+def test_a_redis_that_comes_back_empty_gets_the_state_back(procs, redis_server,
+                                                          worker_factory):
+    """Redis restarted without its data: the gateway writes back the services and instances
+    it holds instead of dropping them; no request fails, and the state is in Redis again."""
+    import time
+
+    from gateway.registry.redis_store import RedisStore
+
+    gateway, workers = _gateway_on_redis(procs, redis_server, worker_factory)
+
+    def restart_empty():
+        redis_server.stop()
+        time.sleep(1.0)
+        redis_server.start()
+
+    start = time.monotonic()
+    done = _load_during(gateway.port, restart_empty, start + 0.5, start + 5.0)
+    assert len(done) > 200
+    assert [r for r in done if r[1] != 200] == []
+
+    async def stored():
+        store = RedisStore(redis_server.url)
+        try:
+            services, instances = await store.snapshot()
+        finally:
+            await store.close()
+        return sorted(services), sorted(i.port for i in instances.get("digits", []))
+
+    import asyncio
+
+    assert asyncio.run(stored()) == (["digits"], sorted(w.port for w in workers))

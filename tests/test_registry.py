@@ -319,10 +319,13 @@ async def test_redis_outage_serves_snapshot_and_resyncs(redis_server):
         redis_server.start()                  # same port, empty (no persistence)
         await ev.wait_for("resync", "", timeout=3.0)
         assert s.available
-        assert await s.heartbeat("digits", "127.0.0.1:9001", 30) is False   # re-register
-        await s.register_instance(inst(), ttl=30)
+        # What the store held is written back: the service, and the instance with a lease.
+        services, instances = await s.snapshot()
+        assert services == before[0]
+        assert [(i.instance_id, i.port) for i in instances["digits"]] == [("127.0.0.1:9001", 9001)]
+        assert await s.heartbeat("digits", "127.0.0.1:9001", 30) is True
         await s.put_service(svc("new"))
-        assert [r.name for r in await s.list_services()] == ["new"]
+        assert [r.name for r in await s.list_services()] == ["digits", "new"]
     finally:
         await s.close()
 

@@ -10,6 +10,8 @@ scripts below touch a single slot)::
     infergate:{state}:instances:<service>  hash  instance_id -> {"rec": InstanceRecord, "ttl": s}
     infergate:{state}:deadlines            zset  "<service>\\0<instance_id>" -> lease deadline
     infergate:{state}:instance-services    set   services that have instance hashes
+    infergate:{state}:generation           string  a random id, set once with the state
+    infergate:{state}:tick                 string  server time of the last lease read
     infergate:changes                      pub/sub channel, messages "kind:name"
 
 Service writes are compare-and-set (``_PUT_SERVICE``): the script checks the
@@ -20,6 +22,19 @@ the JSON, so a record and its version are always read as one.
 Lease deadlines use the Redis server clock (``TIME`` inside the scripts), so
 gateways with skewed clocks agree on what has expired. Static instances
 (ttl <= 0) have no deadline.
+
+Faults of Redis itself must not empty the routing table:
+
+* Time Redis spent away (stopped, paused, restarted from its files) is not held
+  against leases: every script that reads them first compares the server clock
+  with ``tick``, and after a gap of more than TICK_GAP_S it gives every lapsed
+  lease a fresh term of ``lease_grace`` seconds, so that workers can heartbeat
+  before anything is deleted. A worker that died meanwhile is gone a term later.
+* A Redis that comes back without its data (no persistence, a failover to an
+  empty replica) has no ``generation``. A gateway that reads a state without one
+  while it holds a state of its own writes that state back (services, and
+  instances with fresh leases) in one script that first checks for the marker,
+  so of several gateways one writes and the others read what it wrote.
 
 Background tasks (``start()``):
 
@@ -41,6 +56,7 @@ import collections
 import json
 import logging
 import time
+import uuid
 from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -58,6 +74,8 @@ log = logging.getLogger("infergate.registry.redis")
 
 DEFAULT_PREFIX = "infergate:"
 SEP = "\x00"                      # between service and instance id in deadline members
+TICK_GAP_S = 1.5                  # no lease read for this long: Redis was away (see above)
+DEFAULT_TTL_S = 3.0               # a lease term, where no instance says its own
 ECHO_WINDOW_S = 5.0               # how long we wait for the echo of our own publish
 
 _CONN_ERRORS: tuple[type[BaseException], ...] = (
@@ -79,8 +97,22 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# KEYS: deadlines (only to route it to the right node) -> server time
-_TIME = _NOW + """
+# After _NOW, in scripts whose KEYS[1] is the deadlines zset and KEYS[2] the tick, with
+# ARGV[1] the gap and ARGV[2] the term a lease gets after one (see the module docstring).
+_LEASES = _NOW + """
+local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
+redis.call('SET', KEYS[2], string.format('%.6f', now))
+if now - previous > tonumber(ARGV[1]) then
+  local renewed = string.format('%.6f', now + tonumber(ARGV[2]))
+  local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.6f', now))
+  for _, m in ipairs(lapsed) do
+    redis.call('ZADD', KEYS[1], renewed, m)
+  end
+end
+"""
+
+# KEYS: deadlines, tick; ARGV: gap, term -> server time
+_TIME = _LEASES + """
 return string.format('%.6f', now)
 """
 
@@ -122,12 +154,13 @@ if redis.call('HLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[3], ARGV[3]) en
 return n
 """
 
-# KEYS: instances hash, deadlines; ARGV: service, sep -> {now, id, payload, deadline|'', ...}
-_LIST = _NOW + """
-local h = redis.call('HGETALL', KEYS[1])
+# KEYS: deadlines, tick, instances hash; ARGV: gap, term, service, sep
+# -> {now, id, payload, deadline|'', ...}
+_LIST = _LEASES + """
+local h = redis.call('HGETALL', KEYS[3])
 local out = {string.format('%.6f', now)}
 for i = 1, #h, 2 do
-  local s = redis.call('ZSCORE', KEYS[2], ARGV[1] .. ARGV[2] .. h[i])
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[3] .. ARGV[4] .. h[i])
   out[#out + 1] = h[i]
   out[#out + 1] = h[i + 1]
   out[#out + 1] = s or ''
@@ -135,10 +168,43 @@ end
 return out
 """
 
-# KEYS: deadlines; ARGV: limit -> lapsed members
-_SCAN_LAPSED = _NOW + """
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.6f', now),
-                  'LIMIT', 0, tonumber(ARGV[1]))
+# KEYS: deadlines, tick, generation; ARGV: gap, term, limit
+# -> {generation or '', lapsed members...}
+_SCAN_LAPSED = _LEASES + """
+local out = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.6f', now),
+                       'LIMIT', 0, tonumber(ARGV[3]))
+table.insert(out, 1, redis.call('GET', KEYS[3]) or '')
+return out
+"""
+
+# KEYS: generation, services, versions, deadlines, instance-services, then one instances
+# hash per instance in ARGV; ARGV: generation, number of services, (name, JSON, version)
+# per service, then (service, id, payload, ttl, member) per instance
+# -> 1 written, 0 another gateway wrote first (the marker exists). What was written
+# meanwhile (a service created again, a worker registered again) is kept.
+_RESTORE = _NOW + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+local a = 3
+for _ = 1, tonumber(ARGV[2]) do
+  if redis.call('HSETNX', KEYS[2], ARGV[a], ARGV[a + 1]) == 1 then
+    redis.call('HSET', KEYS[3], ARGV[a], ARGV[a + 2])
+  end
+  a = a + 3
+end
+local k = 6
+while a <= #ARGV do
+  if redis.call('HSETNX', KEYS[k], ARGV[a + 1], ARGV[a + 2]) == 1 then
+    redis.call('SADD', KEYS[5], ARGV[a])
+    local ttl = tonumber(ARGV[a + 3])
+    if ttl > 0 then
+      redis.call('ZADD', KEYS[4], string.format('%.6f', now + ttl), ARGV[a + 4])
+    end
+  end
+  a = a + 5
+  k = k + 1
+end
+return 1
 """
 
 # KEYS: deadlines, instances hash, instance-services; ARGV: member, id, service
@@ -239,6 +305,10 @@ class RedisStore(Store):
         self._k_deadlines = base + "deadlines"
         self._k_isvcs = base + "instance-services"
         self._k_inst_base = base + "instances:"
+        self._k_tick = base + "tick"
+        self._k_generation = base + "generation"
+        self._generation: str | None = None
+        self._ttls: dict[tuple[str, str], float] = {}  # (service, id) -> lease term
         self.channel = channel or self.prefix + "changes"
         self.expiry_interval = expiry_interval
         self.reconnect_max = reconnect_max
@@ -275,6 +345,7 @@ class RedisStore(Store):
         self._s_cas = reg(_CAS)
         self._s_delete = reg(_DELETE_SERVICE)
         self._s_put_service = reg(_PUT_SERVICE)
+        self._s_restore = reg(_RESTORE)
         self._available = True
         self._supervised = False       # a listener task owns the connection state
         self._outage_logged = False
@@ -473,9 +544,25 @@ class RedisStore(Store):
                 else:
                     log.exception("instance expiry failed")
 
+    @property
+    def lease_grace(self) -> float:
+        """The term a lapsed lease gets after Redis was away: the longest lease known."""
+        return max((t for t in self._ttls.values() if t > 0), default=DEFAULT_TTL_S)
+
+    def _lease_args(self) -> list[str]:
+        return [repr(TICK_GAP_S), repr(self.lease_grace)]
+
     async def expire_lapsed(self, limit: int = 500) -> list[str]:
-        """Delete instances whose lease lapsed; announce and return their services."""
-        members = await self._s_scan(keys=[self._k_deadlines], args=[limit])
+        """Delete instances whose lease lapsed; announce and return their services. (And
+        notice a Redis that lost its data: its next snapshot writes ours back.)"""
+        generation, *members = await self._s_scan(
+            keys=[self._k_deadlines, self._k_tick, self._k_generation],
+            args=[*self._lease_args(), limit])
+        if generation != self._generation:  # new, lost (written back now), or written back
+            known = self._generation
+            await self.snapshot()
+            if known is not None:
+                self._notify(KIND_RESYNC, "")
         services: list[str] = []
         for member in members:
             service, _, iid = member.partition(SEP)
@@ -483,6 +570,7 @@ class RedisStore(Store):
                                               self._k_isvcs], args=[member, iid, service])
             if done:
                 self._cache_delete_instance(service, iid)
+                self._ttls.pop((service, iid), None)
                 if service not in services:
                     services.append(service)
         for service in services:
@@ -564,6 +652,7 @@ class RedisStore(Store):
         wrapped = json.loads(payload)
         inst = InstanceRecord.from_dict(wrapped["rec"])
         ttl = float(wrapped.get("ttl", 0))
+        self._ttls[(inst.service, inst.instance_id)] = ttl
         if ttl > 0:
             if deadline is None or deadline < now:
                 return None                  # lapsed, not yet collected
@@ -585,6 +674,7 @@ class RedisStore(Store):
             raise ServiceNotFound(inst.service)
         if ttl > 0:
             inst.heartbeat_at = float(now)
+        self._ttls[(inst.service, inst.instance_id)] = ttl
         self._cache_put_instance(inst)
         await self._publish(KIND_INSTANCES, inst.service)
 
@@ -634,8 +724,9 @@ class RedisStore(Store):
 
     async def list_instances(self, service: str) -> list[InstanceRecord]:
         async def fetch() -> list[InstanceRecord]:
-            out = await self._s_list(keys=[self._inst_key(service), self._k_deadlines],
-                                     args=[service, SEP])
+            out = await self._s_list(keys=[self._k_deadlines, self._k_tick,
+                                           self._inst_key(service)],
+                                     args=[*self._lease_args(), service, SEP])
             now = float(out[0])
             insts = []
             for i in range(1, len(out), 3):
@@ -654,10 +745,16 @@ class RedisStore(Store):
             pipe = self._client.pipeline(transaction=False)
             pipe.hgetall(self._k_services)
             pipe.smembers(self._k_isvcs)
-            raw_services, inst_services = await pipe.execute()
+            pipe.get(self._k_generation)
+            raw_services, inst_services, generation = await pipe.execute()
+            if generation is None and await self._without_generation(
+                    bool(raw_services or inst_services)):
+                return await fetch()  # our state, written back: read it as others will
+            self._generation = generation or self._generation
             inst_services = sorted(inst_services)
             pipe = self._client.pipeline(transaction=False)
-            pipe.eval(_TIME, 1, self._k_deadlines)     # the clock leases are kept by
+            # The clock leases are kept by (and the lease term after a gap):
+            pipe.eval(_TIME, 2, self._k_deadlines, self._k_tick, *self._lease_args())
             pipe.zrange(self._k_deadlines, 0, -1, withscores=True)
             for s in inst_services:
                 pipe.hgetall(self._inst_key(s))
@@ -679,3 +776,33 @@ class RedisStore(Store):
             return snap
 
         return await self._r(fetch, self._cached_snapshot)
+
+    async def _without_generation(self, has_state: bool) -> bool:
+        """Redis has no generation marker. A new Redis, or one written before markers:
+        mark the state it has. A Redis that lost its data while we hold a state: write
+        ours back (see the module docstring). True when a state was written back."""
+        generation = uuid.uuid4().hex
+        if has_state or not (self._cache_services or self._cache_instances):
+            if await self._client.set(self._k_generation, generation, nx=True):
+                self._generation = generation
+            return False
+        services, instances = self._cached_snapshot()
+        keys = [self._k_generation, self._k_services, self._k_versions, self._k_deadlines,
+                self._k_isvcs]
+        args: list = [generation, len(services)]
+        for name, rec in services.items():
+            args += [name, json.dumps(rec.to_dict()), rec.version]
+        count = 0
+        for service, insts in instances.items():
+            for inst in insts:
+                ttl = self._ttls.get((service, inst.instance_id), DEFAULT_TTL_S)
+                keys.append(self._inst_key(service))
+                args += [service, inst.instance_id,
+                         json.dumps({"rec": inst.to_dict(), "ttl": ttl}), repr(ttl),
+                         service + SEP + inst.instance_id]
+                count += 1
+        if await self._s_restore(keys=keys, args=args):
+            self._generation = generation
+            log.warning("redis at %s came back without its data: wrote back this gateway's "
+                        "%d services and %d instances", self._where, len(services), count)
+        return True

@@ -3,7 +3,9 @@
 A worker joins an existing service only. When the registry answers that the
 service does not exist (it was deleted, or never created) the worker logs it
 once, stops registering and heartbeating, and keeps serving the clients that
-reach it directly; it does not bring the service back as a bare record.
+reach it directly; it does not bring the service back as a bare record. Once
+joined, it gives up only after GONE_ANSWERS such answers in a row: a Redis that
+came back empty says so until a gateway has written its state back.
 
 A worker started without --token takes its service's token from the registry
 and follows changes to it, so clients that reach it directly (the SDK's direct
@@ -21,6 +23,7 @@ log = logging.getLogger("infergate.worker")
 
 HEARTBEAT_SECONDS = 1.0
 TTL_SECONDS = 3.0
+GONE_ANSWERS = 5
 
 
 class Registration:
@@ -69,16 +72,20 @@ class Registration:
     async def _heartbeat(self) -> None:
         from ..control.registration_client import ServiceGone
 
+        gone_answers = 0
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             try:
                 if not await self.client.heartbeat(self.instance, TTL_SECONDS):
                     # Unknown or lapsed: join again -- unless the service is gone.
                     await self.client.register(self.instance, TTL_SECONDS)
+                gone_answers = 0
                 await self._sync_token()
             except ServiceGone as exc:
-                self._gone(exc)
-                return
+                gone_answers += 1
+                if gone_answers >= GONE_ANSWERS:
+                    self._gone(exc)
+                    return
             except Exception as exc:  # registry away: keep serving, keep trying
                 log.warning("heartbeat failed: %s", exc)
 
