@@ -1,4 +1,5 @@
-"""Service tokens: the raw token, or the EAS request signature the SDK sends.
+"""Service tokens: the raw token, or the EAS request signature the SDK sends; and the
+registration credential of launched workers.
 
 Signature: `Authorization: EAS base64(HMAC-SHA1(token, msg))` with
 msg = "POST\\n" + Content-MD5 + "\\n" + Content-Type + "\\n" + Date + "\\n" + resource,
@@ -69,3 +70,11 @@ def sign(token: str, body: bytes, service: str, content_type: str = "application
     signature = base64.b64encode(hmac.new(token.encode(), message.encode(), hashlib.sha1).digest())
     return {"Content-MD5": content_md5, "Date": date, "Content-Type": content_type,
             "Authorization": "EAS " + signature.decode()}
+
+
+def registration_token(admin_token: str, service: str) -> str:
+    """The credential launched workers of `service` register with: it opens that service's
+    instance routes and its record, nothing else, so the user code a worker runs gets no
+    admin rights. Derived from the admin token, so every gateway sharing it agrees."""
+    return hmac.new(admin_token.encode(), b"infergate-registration\0" + service.encode(),
+                    hashlib.sha256).hexdigest()

@@ -432,3 +432,40 @@ def test_a_redis_that_comes_back_empty_gets_the_state_back(procs, redis_server,
     import asyncio
 
     assert asyncio.run(stored()) == (["digits"], sorted(w.port for w in workers))
+
+
+def test_launched_workers_hold_no_admin_token(tmp_path):
+    """User code in a launched worker reads its environment: it finds a registration
+    credential that keeps its own instance registered and opens nothing else of the admin
+    API, and no admin token."""
+    import json
+
+    from test_control_plane import Gateway, cli_ok, desc, http as http_call, wait_for, write_json
+
+    app_dir = tmp_path / "env_app"
+    app_dir.mkdir()
+    (app_dir / "app.py").write_text(
+        "import json\nimport os\nimport allspark\n\n\n"
+        "class Env(allspark.BaseProcessor):\n"
+        "    def process(self, data):\n"
+        "        return json.dumps({k: v for k, v in os.environ.items()\n"
+        "                           if k.startswith('INFERGATE_')}), 200\n")
+    gw = Gateway("--state-dir", str(tmp_path / "state")).start()
+    try:
+        cli_ok(gw.url, "create", write_json(tmp_path / "s.json", {
+            "name": "snoop", "processor": "python", "processor_path": str(app_dir),
+            "processor_entry": "app.py"}))
+        wait_for(lambda: desc(gw.url, "snoop")["status"] == "Running", 30)
+        status, body = http_call(gw.url, "POST", "/api/predict/snoop", body=b"x")
+        assert status == 200, body
+        env = json.loads(body)
+        assert ADMIN not in env.values() and "INFERGATE_ADMIN_TOKEN" not in env
+        credential = env["INFERGATE_REGISTRATION_TOKEN"]
+        auth = {"Authorization": f"Bearer {credential}"}
+        assert http_call(gw.url, "GET", "/admin/services", headers=auth)[0] == 401
+        assert http_call(gw.url, "DELETE", "/admin/services/snoop", headers=auth)[0] == 401
+        assert http_call(gw.url, "GET", "/admin/instances/other", headers=auth)[0] == 401
+        assert http_call(gw.url, "GET", "/admin/instances/snoop", headers=auth)[0] == 200
+        assert desc(gw.url, "snoop")["running_instances"] == 1  # it registered with it
+    finally:
+        gw.stop()

@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, unquote
 
 import orjson
 
+from ..auth import registration_token
 from ..registry import InstanceRecord, ServiceNotFound, StoreError, StoreUnavailable
 from ..server import Request, Response, error_response, json_response
 from . import packages
@@ -105,6 +106,16 @@ class AdminApi:
             return True
         return hmac.compare_digest(self._presented(request).encode(), self.admin_token.encode())
 
+    def _is_registration(self, request: Request, parts: list[str]) -> bool:
+        """A launched worker's registration credential, on what it may do: its service's
+        instance routes, and reading its service."""
+        if not self.admin_token or len(parts) < 2 or not (
+                parts[0] == "instances" or
+                parts[0] == "services" and len(parts) == 2 and request.method == "GET"):
+            return False
+        return hmac.compare_digest(self._presented(request).encode(),
+                                   registration_token(self.admin_token, parts[1]).encode())
+
     def _from_a_browser(self, request: Request) -> str | None:
         """Why a request looks like a web page's doing (None: it does not).
 
@@ -153,7 +164,7 @@ class AdminApi:
             refused = self._from_a_browser(request)
             if refused is not None:
                 return error_response(403, refused)
-            if not self._is_admin(request):
+            if not self._is_admin(request) and not self._is_registration(request, parts):
                 return self._unauthorized()
             if parts and parts[0] == "instances" and len(parts) >= 2:
                 return await self._instances(method, parts[1:], request)

@@ -28,8 +28,10 @@ It reconciles, a few times a second, what the store asks for with what runs:
 
 Workers get the registry URL (which may hold a Redis password) and the tokens
 through their environment (``INFERGATE_REGISTRY``, ``INFERGATE_SERVICE_TOKEN``,
-``INFERGATE_ADMIN_TOKEN``), never on their command line, which every local
-user can read. Lock and log files live in the state directory or in a per-user
+``INFERGATE_REGISTRATION_TOKEN``), never on their command line, which every local
+user can read. They never get the admin token: their registration credential
+(admin.registration_token) opens their own service's instance routes only, as
+the user code they run should have no admin rights. Lock and log files live in the state directory or in a per-user
 directory (``private_dir``), never under a predictable name in /tmp, and are
 opened without following symlinks.
 
@@ -64,6 +66,7 @@ import sys
 import tempfile
 import time
 
+from ..auth import registration_token
 from ..registry import CREATING, FAILED, RESTARTING, RUNNING, STOPPED, UPDATING, StoreError
 from ..routing.health import probe
 from ..serviceconfig import gpus_per_instance
@@ -677,9 +680,11 @@ class Launcher:
         user), and its GPUs."""
         env = dict(os.environ)
         env.update(rec.config.get("env") or {})  # the service.json's own, under ours
+        env.pop("INFERGATE_ADMIN_TOKEN", None)
         env.update(PYTHONUNBUFFERED="1", INFERGATE_REGISTRY=self.registry_url,
                    INFERGATE_SERVICE_TOKEN=rec.token or "",
-                   INFERGATE_ADMIN_TOKEN=self.admin_token or "")
+                   INFERGATE_REGISTRATION_TOKEN=registration_token(self.admin_token, rec.name)
+                   if self.admin_token else "")
         devices = self.devices.assign(rec.name, rec.config.get("metadata") or {})
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = devices

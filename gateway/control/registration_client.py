@@ -7,8 +7,9 @@
   heartbeats extend;
 * ``http://host:port`` (a gateway): the same calls go to the gateway's admin
   API (``/admin/instances/<service>...``), so a worker can join a gateway that
-  keeps its state in the embedded store. The admin token comes from
-  ``token=``, the URL (``http://TOKEN@host:port``) or ``INFERGATE_ADMIN_TOKEN``.
+  keeps its state in the embedded store. The credential comes from ``token=``,
+  the URL (``http://TOKEN@host:port``), ``INFERGATE_REGISTRATION_TOKEN`` (what
+  launched workers get) or ``INFERGATE_ADMIN_TOKEN``.
 
 Every client has ``register(instance, ttl)``, ``heartbeat(instance, ttl) ->
 bool`` (False: unknown or lapsed, register again), ``deregister(instance)``
@@ -150,7 +151,8 @@ class GatewayRegistrationClient:
         netloc = parts.netloc.rpartition("@")[2]
         self.base = urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
         if token is None:
-            token = in_url or os.environ.get("INFERGATE_ADMIN_TOKEN", "")
+            token = in_url or os.environ.get("INFERGATE_REGISTRATION_TOKEN") or \
+                os.environ.get("INFERGATE_ADMIN_TOKEN", "")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = timeout
 
