@@ -469,3 +469,32 @@ def test_launched_workers_hold_no_admin_token(tmp_path):
         assert desc(gw.url, "snoop")["running_instances"] == 1  # it registered with it
     finally:
         gw.stop()
+
+
+def test_a_signature_cannot_be_replayed(procs, tmp_path, worker_factory):
+    """An EAS-signed request seen on the wire opens the service once (and for the second
+    its Date names), not for the next quarter hour; nor with a query string added."""
+    import time
+
+    import numpy as np
+
+    from gateway import auth
+    from test_gateway import digits_request
+    from gateway_helpers import post
+
+    worker = worker_factory(extra=("--token", "tok"))
+    seed_services(str(tmp_path), [{"name": "digits", "token": "tok",
+                                   "config": {"endpoints": endpoints(worker)}}])
+    gateway = start_gateway(procs, str(tmp_path))
+    body = digits_request(np.zeros((1, 784), dtype=np.float32))
+    signed = auth.sign("tok", body, "digits")
+    for url in (gateway.url, worker.url):
+        assert post(f"{url}/api/predict/digits", body, signed)[0] == 200
+        assert post(f"{url}/api/predict/digits", body, signed)[0] == 200  # the SDK's retry
+        assert post(f"{url}/api/predict/digits?x=1", body, signed)[0] == 401
+    time.sleep(auth.REPEAT_S + 0.5)
+    for url in (gateway.url, worker.url):
+        status, answer, _ = post(f"{url}/api/predict/digits", body, signed)
+        assert status == 401 and b"already used" in answer, (url, answer)
+        assert post(f"{url}/api/predict/digits", body, auth.sign("tok", body, "digits"))[0] \
+            == 200

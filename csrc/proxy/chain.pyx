@@ -162,17 +162,17 @@ cdef class AuthFilter:
         reason = None
         if token:
             reason = self.verify(request.headers, request.method, request.path, request.body,
-                                 token, ex.service)
+                                 token, ex.service, None, request.query)
             if reason is None:
                 return None
         for caller_token, identity in callers:  # an identified caller's token
             if self.verify(request.headers, request.method, request.path, request.body,
-                           caller_token, ex.service) is None:
+                           caller_token, ex.service, None, request.query) is None:
                 ex.caller = identity
                 return None
         if reason is None:
             reason = self.verify(request.headers, request.method, request.path, request.body,
-                                 callers[0][0], ex.service)
+                                 callers[0][0], ex.service, None, request.query)
         return error_response(401, reason)
 
 

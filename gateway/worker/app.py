@@ -112,7 +112,7 @@ class WorkerApp:
                     return error_response(404, "a python processor has no model signature")
                 if self.token:  # the model's inputs and outputs are the service's to show
                     reason = auth.verify(request.headers, request.method, path, request.body,
-                                         self.token, self.service)
+                                         self.token, self.service, query=request.query)
                     if reason:
                         return error_response(401, reason)
                 return self.signature
@@ -152,7 +152,7 @@ class WorkerApp:
         started = time.perf_counter()
         if self.token:
             reason = auth.verify(request.headers, request.method, request.path, request.body,
-                                 self.token, self.service)
+                                 self.token, self.service, query=request.query)
             if reason:
                 metrics.observe(401, None)
                 return error_response(401, reason)

@@ -263,7 +263,7 @@ class OipFace:
         token = self.app.token
         if token:
             reason = auth.verify(request.headers, request.method, request.path, request.body,
-                                 token, self.name)
+                                 token, self.name, query=request.query)
             if reason:
                 metrics.observe(401, None)
                 return error_response(401, reason)
