@@ -166,7 +166,8 @@ def main(argv=None) -> None:
         seed(state, ports)
         gw_port = free_port()
         procs.append(start(["gateway", "--port", str(gw_port), "--state-dir", state,
-                            "--admin-token", "bench-admin", "--log-level", "WARNING"],
+                            "--admin-token", "bench-admin", "--open-discovery",
+                            "--log-level", "WARNING"],
                            gw_port, cpu=server_cpu))
         endpoint = f"http://127.0.0.1:{gw_port}"
         # Wait until the gateway announces both workers.

@@ -103,11 +103,13 @@ def verify(headers: dict, method: str, path: str, body: bytes, token: str, servi
 
 
 def sign(token: str, body: bytes, service: str, content_type: str = "application/octet-stream",
-         now: float | None = None) -> dict:
-    """Headers that sign a POST to /api/predict/<service> as the EAS SDK does."""
+         now: float | None = None, method: str = "POST", resource: str | None = None) -> dict:
+    """Headers that sign a POST to /api/predict/<service> as the EAS SDK does (or another
+    request, to the path `resource`)."""
     date = email.utils.formatdate(now, usegmt=True)
     content_md5 = hashlib.md5(body).hexdigest()
-    message = f"POST\n{content_md5}\n{content_type}\n{date}\n/api/predict/{service}".strip()
+    resource = resource or f"/api/predict/{service}"
+    message = f"{method}\n{content_md5}\n{content_type}\n{date}\n{resource}".strip()
     signature = base64.b64encode(hmac.new(token.encode(), message.encode(), hashlib.sha1).digest())
     return {"Content-MD5": content_md5, "Date": date, "Content-Type": content_type,
             "Authorization": "EAS " + signature.decode()}

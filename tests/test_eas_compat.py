@@ -19,8 +19,9 @@ Quirks of the reference client that shape these tests:
 * ``resp.status / 100 == 5`` is only true for 500 under Python 3, so it
   retries 500 alone and raises other 5xx at once;
 * in direct mode it asks ``<endpoint>/api/v1/servicediscovery/upstreams/<svc>``
-  at ``init()`` and then every 3 seconds, and balances with its own
-  (interleaved, not smooth) weighted round robin.
+  at ``init()`` and then every 3 seconds, with no token (so, for a service with
+  one, the gateway must run with ``--open-discovery``), and balances with its
+  own (interleaved, not smooth) weighted round robin.
 """
 from __future__ import annotations
 
@@ -172,7 +173,8 @@ class Fleet:
                 fleet.started.append(proc)
                 return proc
 
-        self.gateway = start_gateway(Starter(), state_dir)
+        # eas-prediction sends no token when it discovers (direct mode).
+        self.gateway = start_gateway(Starter(), state_dir, "--open-discovery")
 
     def worker(self, processor: str, *extra) -> Proc:
         from gateway.models import DIGITS_MODEL

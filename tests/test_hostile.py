@@ -498,3 +498,31 @@ def test_a_signature_cannot_be_replayed(procs, tmp_path, worker_factory):
         assert status == 401 and b"already used" in answer, (url, answer)
         assert post(f"{url}/api/predict/digits", body, auth.sign("tok", body, "digits"))[0] \
             == 200
+
+
+def test_discovery_lists_a_services_instances_to_its_clients_only(procs, tmp_path,
+                                                                  worker_factory):
+    """Where a service has a token, discovery needs it (raw or signed, as our SDK sends it);
+    --open-discovery lists them to anyone, for the unchanged eas-prediction SDK."""
+    import json
+
+    from gateway.sdk.core import discovery_signature
+    from test_control_plane import http as http_call
+
+    worker = worker_factory(extra=("--token", "tok"))
+    seed_services(str(tmp_path), [
+        {"name": "digits", "token": "tok", "config": {"endpoints": endpoints(worker)}},
+        {"name": "public", "config": {"endpoints": endpoints(worker)}}])
+    path = "/api/v1/servicediscovery/upstreams/"
+    gateway = start_gateway(procs, str(tmp_path))
+    status, body = http_call(gateway.url, "GET", path + "digits")
+    assert status == 401 and b"send its token" in body
+    assert http_call(gateway.url, "GET", path + "digits", headers={"Authorization": "x"})[0] \
+        == 401
+    for headers in ({"Authorization": "tok"}, discovery_signature("tok", "digits")):
+        status, body = http_call(gateway.url, "GET", path + "digits", headers=headers)
+        assert status == 200 and json.loads(body)["endpoints"]["items"][0]["port"] == worker.port
+    assert http_call(gateway.url, "GET", path + "public")[0] == 200
+    gateway.stop()
+    gateway = start_gateway(procs, str(tmp_path), "--open-discovery")
+    assert http_call(gateway.url, "GET", path + "digits")[0] == 200

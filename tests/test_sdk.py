@@ -62,11 +62,12 @@ def digits_request(batch: np.ndarray) -> TFRequest:
     return req
 
 
-def discovery(gateway_url: str, service: str = SERVICE) -> list[int]:
-    """Ports the gateway announces for ``service``."""
+def discovery(gateway_url: str, service: str = SERVICE, token: str = TOKEN) -> list[int]:
+    """Ports the gateway announces for ``service`` (to a client with its token)."""
     conn = http.client.HTTPConnection(gateway_url.split("//")[1], timeout=5)
     try:
-        conn.request("GET", f"/api/v1/servicediscovery/upstreams/{service}")
+        conn.request("GET", f"/api/v1/servicediscovery/upstreams/{service}",
+                     headers={"Authorization": token})
         resp = conn.getresponse()
         body = resp.read()
     finally:
@@ -247,14 +248,18 @@ def test_predictions_equal_onnxruntime(cluster, digits, kind):
 def test_token_required(cluster, digits, kind):
     x, _, expected = digits
     for token in ("", "wrong-token"):
-        client = make_client(cluster.gateway.url, kind, token=token)
+        client = None
         try:
+            # Direct mode is refused at discovery: the instances are listed to clients only.
             with pytest.raises(PredictException) as info:
+                client = make_client(cluster.gateway.url, kind, token=token)
                 client.predict(digits_request(x[:1]))
             assert info.value.code == 401
             assert info.value.message and "{" not in info.value.message  # the server's message
+            assert (client is None) == (kind == ENDPOINT_TYPE_DIRECT)
         finally:
-            client.destroy()
+            if client is not None:
+                client.destroy()
     client = make_client(cluster.gateway.url, kind)
     try:
         np.testing.assert_allclose(client.predict(digits_request(x[:1])).get_array("scores"),

@@ -35,6 +35,10 @@ def register(sub) -> None:
                    help="client connections at most; past it a new one replaces the slowest "
                         "idle or unfinished one (default: from the descriptor limit, "
                         "ulimit -n, less a quarter for upstreams)")
+    p.add_argument("--open-discovery", action="store_true",
+                   help="list every service's instances to anyone; by default a service with "
+                        "a token lists them only to requests that carry it. The unchanged "
+                        "eas-prediction SDK sends no token when it discovers (direct mode)")
     p.add_argument("--access-log", metavar="PATH",
                    help="write one JSON line per answered request to PATH (default: none)")
     p.add_argument("--log-level", default="INFO")
@@ -75,7 +79,8 @@ def run(args) -> int:
         from ..registry import open_store
 
         app = GatewayApp(open_store(location), args.admin_token, args.max_body_mb << 20,
-                         args.health_interval, args.access_log, args.max_connections)
+                         args.health_interval, args.access_log, args.max_connections,
+                         args.open_discovery)
         attach_control_plane(app, location, f"http://{host}:{args.port}")
         app.bind(args.host, args.port, reuse_port=args.processes > 1, grpc_port=args.grpc_port)
         return app

@@ -37,7 +37,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from ..registry import (CREATING, FAILED, RESTARTING, RUNNING, STOPPED, UPDATING, ServiceRecord,
+from ..registry import (CREATING, RESTARTING, RUNNING, STOPPED, UPDATING, ServiceRecord,
                         StoreUnavailable, VersionConflict)
 from ..rules import RuleSet
 from ..serviceconfig import ConfigError, flat_rpc, processor_kind, validate_service

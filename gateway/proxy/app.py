@@ -53,9 +53,10 @@ def default_max_connections() -> int:
 class GatewayApp:
     def __init__(self, store, admin_token: str = "", max_body_size: int = 64 << 20,
                  health_interval: float = 2.0, access_log: str | None = None,
-                 max_connections: int | None = None):
+                 max_connections: int | None = None, open_discovery: bool = False):
         self.store = store
         self.admin_token = admin_token
+        self.open_discovery = open_discovery
         self.table = RouteTable({}, {})
         self.health = HealthChecker(lambda: self.table, self._health_changed, health_interval)
         # Rate limits (gateway/ratelimit): global ones on the store's Redis when it is one.
@@ -202,7 +203,7 @@ class GatewayApp:
             return _V2_METADATA if path.startswith("/v2") and len(path) <= 4 else _EMPTY_OK
         for prefix in DISCOVERY:
             if path.startswith(prefix):
-                return self.discovery(path[len(prefix):].split("/")[0])
+                return self.discovery(path[len(prefix):].split("/")[0], request)
         if path == "/health":
             return _OK
         if path == "/ready":
@@ -214,9 +215,19 @@ class GatewayApp:
             return self.admin.handle(request)
         return error_response(404, f"no route for {path}")
 
-    def discovery(self, service: str) -> Response:
+    def discovery(self, service: str, request: Request) -> Response:
+        """The instances of `service`, to its clients: where it has a token, a request that
+        carries it (raw or signed), unless discovery is open (--open-discovery: the
+        unchanged eas-prediction SDK sends no token when it discovers)."""
         items = self.table.discovery(service)
         if items is None:
             return error_response(404, f"unknown service {service!r}")
+        if not self.open_discovery:
+            tokens = self.table.tokens_of(service)
+            if tokens and all(auth.verify(request.headers, request.method, request.path,
+                                          request.body, token, service, query=request.query)
+                              for token in tokens):
+                return error_response(401, f"the instances of service {service!r} are listed "
+                                           "to its clients: send its token")
         return json_response({"correlative": [service], "endpoints": {"items": items}})
 

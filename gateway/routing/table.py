@@ -225,6 +225,15 @@ class RouteTable:
                 for pool, weight in zip(backend.pools, backend.picker.weights())
                 if weight > 0 and pool.healthy]
 
+    def tokens_of(self, service: str) -> list[str]:
+        """The tokens that open `service` (its own and its identified callers'): none when
+        it is open to anyone."""
+        route = self.routes.get(service)
+        backend = self.backends.get(service)
+        own = backend.auth_header[1].decode() if backend is not None and backend.auth_header \
+            else ""
+        return ([own] if own else []) + [token for token, _ in (route.callers if route else ())]
+
     def may_eject(self, pool: InstancePool) -> bool:
         """Whether outlier detection may take `pool` out: never the last instance of a
         version that can take traffic, nor more than half of a version's instances (Envoy's

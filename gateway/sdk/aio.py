@@ -21,7 +21,7 @@ import time
 
 from .core import (ENDPOINT_TYPE_DIRECT, ClientSettings, InstanceTable, ResponseReader, Target,
                    TransportError, connect_error, discovery_answer, discovery_failed,
-                   discovery_head, host_line, install, refresh_failed, stale_connection,
+                   discovery_head, discovery_signature, host_line, install, refresh_failed, stale_connection,
                    tls_context)
 from .errors import PredictException
 
@@ -241,7 +241,8 @@ class AsyncPredictClient(ClientSettings):
         if self.endpoint_type != ENDPOINT_TYPE_DIRECT or self.table is None:
             return False
         items = await fetch_instances_async(self.target, self.service_name,
-                                            max(self.timeout / 1000.0, 1.0))
+                                            max(self.timeout / 1000.0, 1.0),
+                                            discovery_signature(self.token, self.service_name))
         return install(self.table, self.service_name, items)
 
     async def _refresher(self) -> None:

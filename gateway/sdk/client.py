@@ -52,7 +52,8 @@ class PredictClient(ClientSettings):
         if self.endpoint_type == ENDPOINT_TYPE_DIRECT:
             self.discovery = DiscoveryThread(target, self.service_name, self.table,
                                              self.discovery_interval,
-                                             timeout=max(self.timeout / 1000.0, 1.0))
+                                             timeout=max(self.timeout / 1000.0, 1.0),
+                                             token=self.token)
             self.discovery.refresh()
             self.discovery.start()
         else:

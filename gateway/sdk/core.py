@@ -443,6 +443,15 @@ class ClientSettings:
 
 
 # --- discovery -------------------------------------------------------------------------------
+def discovery_signature(token: str, service: str) -> dict | None:
+    """Headers that sign the discovery request: the gateway lists a token-protected
+    service's instances to its clients only."""
+    if not token:
+        return None
+    return auth.sign(token, b"", service, "application/json", method="GET",
+                     resource=DISCOVERY_PATH + service.split("/")[0])
+
+
 def discovery_head(target: Target, service: str, headers: dict | None = None) -> bytes:
     """The discovery request (eas-prediction's, in direct mode) for ``service``."""
     path = f"{target.prefix}{DISCOVERY_PATH}{service.split('/')[0]}"

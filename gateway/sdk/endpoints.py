@@ -23,7 +23,7 @@ import time
 from .core import (DEFAULT_WEIGHT, DISCOVERY_PATH, ENDPOINT_TYPE_DEFAULT, ENDPOINT_TYPE_DIRECT,
                    ENDPOINT_TYPE_GATEWAY, Instance, InstanceTable, ResponseReader, Target,
                    TransportError, connect_error, discovery_answer, discovery_failed,
-                   discovery_head, host_line, install, normalize_endpoint_type, parse_discovery,
+                   discovery_head, discovery_signature, host_line, install, normalize_endpoint_type, parse_discovery,
                    parse_endpoint, refresh_failed, stale_connection, tls_context)
 from .errors import PredictException
 
@@ -193,19 +193,21 @@ class DiscoveryThread(threading.Thread):
     """Refreshes an InstanceTable from the discovery answer every ``interval`` seconds."""
 
     def __init__(self, target: Target, service: str, table: InstanceTable, interval: float,
-                 timeout: float = 5.0):
+                 timeout: float = 5.0, token: str = ""):
         super().__init__(name=f"infergate-sdk-discovery-{service}", daemon=True)
         self.target = target
         self.service = service
         self.table = table
         self.interval = interval
         self.timeout = timeout
+        self.token = token
         self.stopped = threading.Event()
         self.last_error: PredictException | None = None
         self.refreshes = 0  # successful refreshes so far
 
     def refresh(self) -> bool:
-        items = fetch_instances(self.target, self.service, self.timeout)
+        items = fetch_instances(self.target, self.service, self.timeout,
+                                discovery_signature(self.token, self.service))
         changed = install(self.table, self.service, items)
         self.refreshes += 1
         return changed
