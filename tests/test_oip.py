@@ -455,7 +455,8 @@ def test_sdk_infer_request_gateway_and_direct(servers):
         np.testing.assert_allclose(response.get_array("scores"), digits_scores(images),
                                    rtol=1e-5)
     conn = http.client.HTTPConnection("127.0.0.1", servers.gateway.port, timeout=10)
-    conn.request("GET", "/api/v1/servicediscovery/upstreams/digits")
+    conn.request("GET", "/api/v1/servicediscovery/upstreams/digits",
+                 headers={"Authorization": TOKEN})
     items = json.loads(conn.getresponse().read())["endpoints"]["items"]
     conn.close()
     assert [item["grpc_port"] for item in items] == [servers.workers["digits"].grpc_port]

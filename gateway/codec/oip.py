@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2
 
 from .. import __version__
 from ..protos import oip_pb2 as pb
+from .._native.tensorjson import loads
 from .tensors import CodecError
 
 OBJECT = np.dtype(object)
@@ -127,6 +128,8 @@ def dtype_of(datatype, what: str) -> np.dtype:
 
 
 def checked_shape(shape, what: str) -> tuple:
+    if isinstance(shape, np.ndarray):  # as the JSON reader gives a list of numbers
+        shape = shape.tolist()
     if not isinstance(shape, (list, tuple)) or not all(
             isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise CodecError(f"{what}: \"shape\" must be a list of integers, got {shape!r}")
@@ -276,7 +279,7 @@ def parse_http_infer(body: bytes, header_length: str | None) -> HttpInfer:
                              f"body has {len(body)} bytes")
         header, rest = body[:size], memoryview(body)[size:]
     try:
-        request = orjson.loads(header)
+        request = loads(bytes(header))
     except orjson.JSONDecodeError as exc:
         raise CodecError(f"the inference request header is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
