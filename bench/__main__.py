@@ -4,7 +4,7 @@ import importlib
 import sys
 
 
-ALL = ("worker", "oip", "proxy", "batching", "sdk", "ratelimit", "gpu")
+ALL = ("worker", "oip", "proxy", "batching", "sdk", "ratelimit", "chaos", "gpu")
 
 
 def main() -> None:
