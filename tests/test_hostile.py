@@ -562,3 +562,49 @@ def test_a_large_json_body_costs_a_worker_a_few_times_its_size(worker_factory, r
     assert resp.status == 200, answer[:200]
     growth = (kib("VmHWM") - before) * 1024
     assert growth <= 10 * len(body), (growth / len(body), len(body))
+
+
+def test_an_instance_cannot_flood_the_gateway_with_its_answer(procs, tmp_path):
+    """The gateway buffers an instance's answer whole, so it takes at most --max-response-mb
+    of it: past that the client gets a 502 (not retried: another instance would answer as
+    much), whether the answer says its length or streams until it closes."""
+    import socket
+
+    def flooding_upstream(declared: bool) -> int:
+        server = socket.create_server(("127.0.0.1", 0))
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                conn.recv(65536)
+                head = b"HTTP/1.1 200 OK\r\n" + (b"Content-Length: 3000000000\r\n" if declared
+                                                 else b"Connection: close\r\n") + b"\r\n"
+                try:
+                    conn.sendall(head)
+                    for _ in range(2000):  # at most 128 MB
+                        conn.sendall(bytes(65536))
+                except OSError:
+                    pass
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        return server.getsockname()[1]
+
+    seed_services(str(tmp_path), [
+        {"name": name, "config": {"endpoints": [
+            {"ip": "127.0.0.1", "port": flooding_upstream(declared)}]}}
+        for name, declared in (("declared", True), ("streamed", False))])
+    gateway = start_gateway(procs, str(tmp_path), "--max-response-mb", "4")
+    for name in ("declared", "streamed"):
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+        conn.request("POST", f"/api/predict/{name}", body=b"x")
+        resp = conn.getresponse()
+        answer = resp.read()
+        conn.close()
+        assert resp.status == 502 and b"limit of 4 MB" in answer, (name, answer[:200])
+    with open(f"/proc/{gateway.proc.pid}/status") as f:
+        peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    assert peak_kib < 200 * 1024

@@ -532,6 +532,7 @@ cdef class DataPlane:
     cdef set flights
     cdef readonly set clients
     cdef Py_ssize_t max_body_size
+    cdef Py_ssize_t max_response_size  # an instance's answer, buffered whole: at most this
     cdef double idle_timeout, read_timeout
     cdef readonly bint draining
     cdef object sweeper
@@ -543,7 +544,8 @@ cdef class DataPlane:
     cdef epoll_event events[256]
 
     def __init__(self, handler, series_for, retried, limiter=None, answer_error=None,
-                 Py_ssize_t max_body_size=64 << 20, double idle_timeout=75.0,
+                 Py_ssize_t max_body_size=64 << 20, Py_ssize_t max_response_size=256 << 20,
+                 double idle_timeout=75.0,
                  double read_timeout=30.0, Py_ssize_t max_connections=10000):
         self.listener = None
         # Client connections at most: past it, a new one takes the place of the one that
@@ -559,6 +561,7 @@ cdef class DataPlane:
         self.ejected = None
         self.answer_error = answer_error
         self.max_body_size = max_body_size
+        self.max_response_size = max_response_size
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
         self.by_fd = []
@@ -734,14 +737,17 @@ cdef class DataPlane:
     cdef void _readable(self, Conn conn) except *:
         cdef ssize_t got
         cdef size_t room
+        # More than this buffered is refused below (read no further now).
+        cdef size_t limit = <size_t>self.max_body_size + 2 * MAX_HEAD if type(conn) is Client \
+            else <size_t>self.max_response_size + MAX_HEAD
         while True:
             buf_need(&conn.inb, READ_CHUNK)
             room = conn.inb.cap - conn.inb.n
             got = read(conn.fd, conn.inb.p + conn.inb.n, room)
             if got > 0:
                 conn.inb.n += got
-                if <size_t>got < room:
-                    break  # drained for now
+                if <size_t>got < room or conn.inb.n > limit:
+                    break  # drained for now, or too much
                 continue
             if got < 0 and (errno == EAGAIN or errno == EINTR):
                 break
@@ -753,12 +759,26 @@ cdef class DataPlane:
             return
         if type(conn) is Client:
             (<Client>conn).last_activity = self.loop.time()
-            if conn.inb.n > <size_t>self.max_body_size + 2 * MAX_HEAD:
+            if conn.inb.n > limit:
                 self._close(conn)  # more queued than one request may be: not a client's way
                 return
             self._serve(<Client>conn)
+        elif conn.inb.n > limit:
+            self._too_large(<Upstream>conn)
         else:
             self._upstream_data(<Upstream>conn)
+
+    cdef void _too_large(self, Upstream u) except *:
+        """An answer past max_response_size: 502, not retried (another instance would
+        answer as much), and the connection closed."""
+        cdef Flight f = u.flight
+        u.flight = None
+        self._close(u)
+        if f is not None and f.conn is u:
+            f.conn = None
+            self._finish(f, error_response(
+                502, f"upstream {u.instance.where} answered more than the gateway's limit of "
+                     f"{self.max_response_size >> 20} MB (--max-response-mb)"))
 
     cdef void _writable(self, Conn conn) except *:
         cdef ssize_t sent
@@ -1319,6 +1339,9 @@ cdef class DataPlane:
             self._upstream_data(u)
             return
         cdef long long end
+        if h.content_length > self.max_response_size:
+            self._too_large(u)
+            return
         if f.no_body or h.status == 204 or h.status == 304:
             body = u.inb.p
             length = 0

@@ -31,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--health-interval", type=float, default=2.0,
                    help="seconds between active health checks of each instance")
     p.add_argument("--max-body-mb", type=int, default=64)
+    p.add_argument("--max-response-mb", type=int, default=256,
+                   help="an instance's answer at most (the gateway buffers it whole); past it "
+                        "the client gets a 502")
     p.add_argument("--max-connections", type=int,
                    help="client connections at most; past it a new one replaces the slowest "
                         "idle or unfinished one (default: from the descriptor limit, "
@@ -80,7 +83,7 @@ def run(args) -> int:
 
         app = GatewayApp(open_store(location), args.admin_token, args.max_body_mb << 20,
                          args.health_interval, args.access_log, args.max_connections,
-                         args.open_discovery)
+                         args.open_discovery, args.max_response_mb << 20)
         attach_control_plane(app, location, f"http://{host}:{args.port}")
         app.bind(args.host, args.port, reuse_port=args.processes > 1, grpc_port=args.grpc_port)
         return app
