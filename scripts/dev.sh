@@ -4,7 +4,7 @@
 # Creates .venv (the project, editable, with the CPU runtime and the test
 # extras; INFERGATE_RUNTIME=gpu takes onnxruntime-gpu instead) and .venv-eas (the
 # unchanged eas-prediction SDK, which pins an old protobuf, for compatibility
-# tests). System packages (redis-server for the Redis tests; nginx, wrk and h2load
+# tests). System packages (redis-server for the Redis tests and bench/chaos; nginx, wrk and h2load
 # for the benchmarks) come from apt when missing and we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +55,7 @@ case "${1:-}" in
         exec .venv/bin/python -m pytest -q "$@"
         ;;
     bench)
-        apt_install nginx:nginx wrk:wrk h2load:nghttp2-client
+        apt_install nginx:nginx wrk:wrk h2load:nghttp2-client redis-server:redis-server
         setup test,bench
         shift
         exec .venv/bin/python -m bench "$@"
