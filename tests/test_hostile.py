@@ -608,3 +608,22 @@ def test_an_instance_cannot_flood_the_gateway_with_its_answer(procs, tmp_path):
     with open(f"/proc/{gateway.proc.pid}/status") as f:
         peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
     assert peak_kib < 200 * 1024
+
+
+def test_a_slow_model_is_not_taken_for_a_hung_instance(procs, tmp_path):
+    """Outlier detection judges a stall against the instance's own latency: two workers whose
+    every answer takes 0.8 s stay in, from their first request on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway_helpers import post
+    from test_gateway import start_echo_worker
+
+    workers = [start_echo_worker(procs) for _ in range(2)]
+    seed_services(str(tmp_path), [{"name": "echo", "config": {"endpoints": endpoints(*workers)}}])
+    gateway = start_gateway(procs, str(tmp_path))
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: post(f"{gateway.url}/api/predict/echo", b"sleep:0.8",
+                                               timeout=30)[0], range(12)))
+    assert answers == [200] * 12
+    with urllib_open(gateway.url + "/metrics") as text:
+        assert "infergate_outlier_ejections_total{" not in text

@@ -419,7 +419,8 @@ cdef class Instance:
     it down for a while; its requests already sent go on) after CONSECUTIVE_FAILURES
     failures in a row (refused or reset connections, 502-504, timeouts), or when it
     stalls: it holds a request, and has answered nothing, for STALL_FACTOR times its usual
-    latency (STALL_FLOOR seconds at least). A stopped or deadlocked process still accepts
+    latency (STALL_FLOOR seconds at least). Its usual latency is known once it has answered
+    (a slow model's first request is no stall). A stopped or deadlocked process still accepts
     connections (the kernel's backlog), so a connect check never sees it, and a request
     timeout of seconds sees it only after every client is stuck on it.
     """
@@ -1389,7 +1390,10 @@ cdef class DataPlane:
             self._count_failure(inst)
         else:
             inst.failures = 0
-            inst.latency += (inst.answered_at - f.sent_at - inst.latency) * 0.1
+            if inst.latency == 0.0:  # the first answer sets it
+                inst.latency = inst.answered_at - f.sent_at
+            else:
+                inst.latency += (inst.answered_at - f.sent_at - inst.latency) * 0.1
         if status >= 500 or status == 450:
             response = self._as_response(h, body, length)
             self._release(u, keep)
@@ -1595,7 +1599,7 @@ cdef class DataPlane:
             inst = <Instance>item
             f = <Flight>other
             stall = max(STALL_FLOOR, STALL_FACTOR * inst.latency)
-            if now - f.sent_at > stall and now - inst.answered_at > stall and \
+            if inst.latency > 0.0 and now - f.sent_at > stall and now - inst.answered_at > stall and \
                     now >= inst.ejected_until:
                 self._eject(inst, f"stalled: nothing answered for {now - f.sent_at:.1f}s "
                                   f"(usually {inst.latency * 1000:.0f} ms)")
