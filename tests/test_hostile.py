@@ -627,3 +627,28 @@ def test_a_slow_model_is_not_taken_for_a_hung_instance(procs, tmp_path):
     assert answers == [200] * 12
     with urllib_open(gateway.url + "/metrics") as text:
         assert "infergate_outlier_ejections_total{" not in text
+
+
+def test_a_worker_refuses_oversized_heads(worker_factory):
+    """Workers take clients directly too (the SDK's direct mode): the same head limits as the
+    gateway's, 64 KiB and 100 headers, else 431."""
+    import socket
+
+    worker = worker_factory()
+
+    def answer(request: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
+            sock.sendall(request)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            return data
+
+    long_line = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000  # no end
+    assert answer(long_line).startswith(b"HTTP/1.1 431")
+    many = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n"
+    assert answer(many).startswith(b"HTTP/1.1 431")
+    conn = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=5)
+    conn.request("GET", "/health", headers={f"X-{i}": "y" for i in range(50)})
+    assert conn.getresponse().status == 200

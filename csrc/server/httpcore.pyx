@@ -105,6 +105,9 @@ cpdef Response answer_exception(answer_error, exc, request):
 cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Pipelined requests queued beyond this pause reading until the queue drains.
 cdef Py_ssize_t _MAX_PENDING = 32
+# A request head at most, as the gateway's data plane takes it: past either, 431.
+cdef Py_ssize_t _MAX_HEAD = 65536
+cdef Py_ssize_t _MAX_HEADERS = 100
 
 
 cdef class HttpConnection:
@@ -115,7 +118,10 @@ cdef class HttpConnection:
     cdef dict headers
     cdef list raw_headers, body
     cdef Py_ssize_t body_size, max_body_size
+    cdef Py_ssize_t head_bytes  # bytes read since the last complete head, while in a head
+    cdef Py_ssize_t heads       # heads completed on this connection
     cdef bint closing, too_large, in_message, answered, reading_paused, writing_paused
+    cdef bint in_head           # the next bytes are (part of) a request head
     cdef public double last_activity
 
     def __init__(self, server):
@@ -129,6 +135,9 @@ cdef class HttpConnection:
         self.in_message = False
         self.reading_paused = False
         self.writing_paused = False
+        self.in_head = True
+        self.head_bytes = 0
+        self.heads = 0
         self._reset_message()
 
     cdef void _reset_message(self):
@@ -180,8 +189,15 @@ cdef class HttpConnection:
 
     def data_received(self, data):
         self.last_activity = self.loop.time()
+        cdef Py_ssize_t heads = self.heads
+        cdef bint was_in_head = self.in_head
         try:
             self.parser.feed_data(data)
+            if was_in_head and self.in_head and self.heads == heads:  # all of it: one head
+                self.head_bytes += len(data)
+                if self.head_bytes > _MAX_HEAD:
+                    self._fail(431, f"request head is larger than {_MAX_HEAD} bytes")
+                    self.head_bytes = 0
         except _HttpParserUpgrade:
             if not self.answered:
                 self._fail(400, "protocol upgrades are not supported")
@@ -194,7 +210,15 @@ cdef class HttpConnection:
         self.in_message = True
 
     def on_headers_complete(self):
-        if self.too_large:
+        self.in_head = False
+        self.head_bytes = 0
+        self.heads += 1
+        if len(self.raw_headers) > _MAX_HEADERS:
+            self.answered = True
+            self.too_large = True  # its body is not kept either
+            self._enqueue(None, error_response(
+                431, f"request has more than {_MAX_HEADERS} headers"), False)
+        elif self.too_large:
             # Refuse now, before the body arrives, and close: its bytes are not read.
             self.answered = True
             self._enqueue(None, self._too_large(), False)
@@ -229,6 +253,7 @@ cdef class HttpConnection:
 
     def on_message_complete(self):
         self.in_message = False
+        self.in_head = True
         if self.answered:
             return
         if self.too_large:  # a chunked body that outgrew the limit
