@@ -1599,8 +1599,8 @@ cdef class DataPlane:
             inst = <Instance>item
             f = <Flight>other
             stall = max(STALL_FLOOR, STALL_FACTOR * inst.latency)
-            if inst.latency > 0.0 and now - f.sent_at > stall and now - inst.answered_at > stall and \
-                    now >= inst.ejected_until:
+            if inst.latency > 0.0 and now - f.sent_at > stall and \
+                    now - inst.answered_at > stall and now >= inst.ejected_until:
                 self._eject(inst, f"stalled: nothing answered for {now - f.sent_at:.1f}s "
                                   f"(usually {inst.latency * 1000:.0f} ms)")
 

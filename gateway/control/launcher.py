@@ -30,10 +30,10 @@ Workers get the registry URL (which may hold a Redis password) and the tokens
 through their environment (``INFERGATE_REGISTRY``, ``INFERGATE_SERVICE_TOKEN``,
 ``INFERGATE_REGISTRATION_TOKEN``), never on their command line, which every local
 user can read. They never get the admin token: their registration credential
-(admin.registration_token) opens their own service's instance routes only, as
-the user code they run should have no admin rights. Lock and log files live in the state directory or in a per-user
-directory (``private_dir``), never under a predictable name in /tmp, and are
-opened without following symlinks.
+(auth.registration_token) opens their own service's instance routes only, as
+the user code they run should have no admin rights. Lock and log files live in
+the state directory or in a per-user directory (``private_dir``), never under a
+predictable name in /tmp, and are opened without following symlinks.
 
 GPUs: each new worker gets ``CUDA_VISIBLE_DEVICES``, handed out round robin
 over the devices this gateway sees (its own ``CUDA_VISIBLE_DEVICES``, else what

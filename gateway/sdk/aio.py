@@ -21,8 +21,8 @@ import time
 
 from .core import (ENDPOINT_TYPE_DIRECT, ClientSettings, InstanceTable, ResponseReader, Target,
                    TransportError, connect_error, discovery_answer, discovery_failed,
-                   discovery_head, discovery_signature, host_line, install, refresh_failed, stale_connection,
-                   tls_context)
+                   discovery_head, discovery_signature, host_line, install, refresh_failed,
+                   stale_connection, tls_context)
 from .errors import PredictException
 
 log = logging.getLogger("infergate.sdk")

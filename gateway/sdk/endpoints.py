@@ -23,8 +23,9 @@ import time
 from .core import (DEFAULT_WEIGHT, DISCOVERY_PATH, ENDPOINT_TYPE_DEFAULT, ENDPOINT_TYPE_DIRECT,
                    ENDPOINT_TYPE_GATEWAY, Instance, InstanceTable, ResponseReader, Target,
                    TransportError, connect_error, discovery_answer, discovery_failed,
-                   discovery_head, discovery_signature, host_line, install, normalize_endpoint_type, parse_discovery,
-                   parse_endpoint, refresh_failed, stale_connection, tls_context)
+                   discovery_head, discovery_signature, host_line, install,
+                   normalize_endpoint_type, parse_discovery, parse_endpoint, refresh_failed,
+                   stale_connection, tls_context)
 from .errors import PredictException
 
 log = logging.getLogger("infergate.sdk")
