@@ -85,6 +85,11 @@ _CONN_ERRORS: tuple[type[BaseException], ...] = (
 T = TypeVar("T")
 
 
+def _member(service: str, instance_id: str) -> str:
+    """An instance's member of the deadlines zset."""
+    return service + SEP + instance_id
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True for errors that mean "Redis cannot be reached", not "bad request"."""
     if isinstance(exc, _CONN_ERRORS):
@@ -647,6 +652,11 @@ class RedisStore(Store):
         return bool(n or m)
 
     # ---- instances -------------------------------------------------------
+    @staticmethod
+    def _encode_instance(inst: InstanceRecord, ttl: float) -> str:
+        """An instances hash value: the record and its lease term (_decode_instance)."""
+        return json.dumps({"rec": inst.to_dict(), "ttl": ttl})
+
     def _decode_instance(self, payload: str, deadline: float | None,
                          now: float) -> InstanceRecord | None:
         wrapped = json.loads(payload)
@@ -664,11 +674,11 @@ class RedisStore(Store):
         inst = inst.copy()
         inst.heartbeat_at = time.time()
         ttl = float(ttl)
-        payload = json.dumps({"rec": inst.to_dict(), "ttl": ttl})
+        payload = self._encode_instance(inst, ttl)
         now = await self._w(lambda: self._s_register(
             keys=[self._inst_key(inst.service), self._k_deadlines, self._k_isvcs,
                   self._k_services],
-            args=[inst.instance_id, payload, repr(ttl), inst.service + SEP + inst.instance_id,
+            args=[inst.instance_id, payload, repr(ttl), _member(inst.service, inst.instance_id),
                   inst.service, "1" if require_service else "0"]))
         if now == -1:
             raise ServiceNotFound(inst.service)
@@ -681,13 +691,13 @@ class RedisStore(Store):
     async def heartbeat(self, service: str, instance_id: str, ttl: float) -> bool:
         ok = await self._w(lambda: self._s_heartbeat(
             keys=[self._inst_key(service), self._k_deadlines],
-            args=[instance_id, service + SEP + instance_id, repr(float(ttl))]))
+            args=[instance_id, _member(service, instance_id), repr(float(ttl))]))
         return bool(ok)
 
     async def deregister_instance(self, service: str, instance_id: str) -> bool:
         n = await self._w(lambda: self._s_deregister(
             keys=[self._inst_key(service), self._k_deadlines, self._k_isvcs],
-            args=[instance_id, service + SEP + instance_id, service]))
+            args=[instance_id, _member(service, instance_id), service]))
         self._cache_delete_instance(service, instance_id)
         if n:
             await self._publish(KIND_INSTANCES, service)
@@ -766,7 +776,7 @@ class RedisStore(Store):
             for s, h in zip(inst_services, res[2:]):
                 lst = []
                 for iid in sorted(h):
-                    inst = self._decode_instance(h[iid], deadlines.get(s + SEP + iid), now)
+                    inst = self._decode_instance(h[iid], deadlines.get(_member(s, iid)), now)
                     if inst is not None:
                         lst.append(inst)
                 if lst:
@@ -798,8 +808,8 @@ class RedisStore(Store):
                 ttl = self._ttls.get((service, inst.instance_id), DEFAULT_TTL_S)
                 keys.append(self._inst_key(service))
                 args += [service, inst.instance_id,
-                         json.dumps({"rec": inst.to_dict(), "ttl": ttl}), repr(ttl),
-                         service + SEP + inst.instance_id]
+                         self._encode_instance(inst, ttl), repr(ttl),
+                         _member(service, inst.instance_id)]
                 count += 1
         if await self._s_restore(keys=keys, args=args):
             self._generation = generation
