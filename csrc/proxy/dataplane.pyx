@@ -35,8 +35,8 @@ from libc.string cimport memchr, memcmp, memcpy, memmove
 
 from gateway._native.chain cimport RouteTarget, route_target
 from gateway._native.counters cimport Series
-from gateway._native.httpcore cimport (Request, Response, answer_exception, error_response,
-                                       status_line)
+from gateway._native.httpcore cimport (MAX_HEAD, MAX_HEADERS, Request, Response,
+                                       answer_exception, error_response, status_line)
 from gateway._native.picker cimport SmoothWeightedPicker
 
 cdef extern from "string.h" nogil:
@@ -97,8 +97,6 @@ cdef extern from "sys/epoll.h" nogil:
 
 log = logging.getLogger("infergate.dataplane")
 
-DEF MAX_HEADERS = 100
-DEF MAX_HEAD = 65536
 DEF READ_CHUNK = 65536
 DEF MAX_TRIES = 3
 DEF DRAIN_IDLE_GRACE = 1.0  # seconds an idle keep-alive connection stays open on shutdown

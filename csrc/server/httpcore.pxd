@@ -2,6 +2,11 @@
 
 cpdef bytes status_line(int status)
 
+# A request head at most, in the gateway's data plane and the workers' server: past either, 431.
+cdef enum:
+    MAX_HEAD = 65536
+    MAX_HEADERS = 100
+
 
 cdef class Request:
     cdef public str method, path, query

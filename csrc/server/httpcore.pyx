@@ -105,9 +105,6 @@ cpdef Response answer_exception(answer_error, exc, request):
 cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Pipelined requests queued beyond this pause reading until the queue drains.
 cdef Py_ssize_t _MAX_PENDING = 32
-# A request head at most, as the gateway's data plane takes it: past either, 431.
-cdef Py_ssize_t _MAX_HEAD = 65536
-cdef Py_ssize_t _MAX_HEADERS = 100
 
 
 cdef class HttpConnection:
@@ -195,8 +192,8 @@ cdef class HttpConnection:
             self.parser.feed_data(data)
             if was_in_head and self.in_head and self.heads == heads:  # all of it: one head
                 self.head_bytes += len(data)
-                if self.head_bytes > _MAX_HEAD:
-                    self._fail(431, f"request head is larger than {_MAX_HEAD} bytes")
+                if self.head_bytes > MAX_HEAD:
+                    self._fail(431, f"request head is larger than {MAX_HEAD} bytes")
                     self.head_bytes = 0
         except _HttpParserUpgrade:
             if not self.answered:
@@ -213,11 +210,11 @@ cdef class HttpConnection:
         self.in_head = False
         self.head_bytes = 0
         self.heads += 1
-        if len(self.raw_headers) > _MAX_HEADERS:
+        if len(self.raw_headers) > MAX_HEADERS:
             self.answered = True
             self.too_large = True  # its body is not kept either
             self._enqueue(None, error_response(
-                431, f"request has more than {_MAX_HEADERS} headers"), False)
+                431, f"request has more than {MAX_HEADERS} headers"), False)
         elif self.too_large:
             # Refuse now, before the body arrives, and close: its bytes are not read.
             self.answered = True
