@@ -21,6 +21,8 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t
 from libc.string cimport memcpy
 
+from gateway._native.protowire cimport varint
+
 import numpy as np
 import orjson
 
@@ -212,17 +214,6 @@ cdef inline bint _varint(const uint8_t* p, Py_ssize_t n, Py_ssize_t* at,
     return False
 
 
-cdef bytes _varint_bytes(unsigned long long value):
-    cdef uint8_t out[10]
-    cdef int n = 0
-    while value >= 0x80:
-        out[n] = (value & 0x7f) | 0x80
-        value >>= 7
-        n += 1
-    out[n] = value
-    return PyBytes_FromStringAndSize(<char*>out, n + 1)
-
-
 cdef inline bint _field(const uint8_t* p, Py_ssize_t n, Py_ssize_t* at, int* number,
                         Py_ssize_t* start, Py_ssize_t* length) noexcept:
     """The next length-delimited field; False at anything else (or a malformed one)."""
@@ -349,7 +340,7 @@ cdef class GrpcAnswer:
     def __init__(self, str model, str version, output_names, Datatypes types):
         def text(int number, str value):
             data = value.encode()
-            return _varint_bytes(number << 3 | 2) + _varint_bytes(len(data)) + data
+            return varint(number << 3 | 2) + varint(len(data)) + data
         self.start = text(1, model) + text(2, version)
         self.output_names = {n: text(1, n) for n in output_names}
         self.datatypes = {d: text(2, name.decode()) for d, name in types.name_of.items()}
@@ -363,7 +354,7 @@ cpdef object encode_grpc(GrpcAnswer answer, tuple names, list arrays, str reques
     cdef cnp.ndarray array
     if request_id:
         data = request_id.encode()
-        parts += [b"\x1a", _varint_bytes(len(data)), data]
+        parts += [b"\x1a", varint(len(data)), data]
     for i in range(len(arrays)):
         value = arrays[i]
         if type(value) is not cnp.ndarray:
@@ -373,13 +364,13 @@ cpdef object encode_grpc(GrpcAnswer answer, tuple names, list arrays, str reques
         datatype = answer.datatypes.get(array.dtype)
         if name is None or datatype is None or not cnp.PyArray_IS_C_CONTIGUOUS(array):
             return None
-        shape = b"".join([_varint_bytes(<unsigned long long>cnp.PyArray_DIM(array, k))
+        shape = b"".join([varint(<unsigned long long>cnp.PyArray_DIM(array, k))
                           for k in range(array.ndim)])
-        tensor = name + datatype + (b"\x1a" + _varint_bytes(len(shape)) + shape
+        tensor = name + datatype + (b"\x1a" + varint(len(shape)) + shape
                                     if array.ndim else b"")
-        parts += [b"\x2a", _varint_bytes(len(tensor)), tensor]
+        parts += [b"\x2a", varint(len(tensor)), tensor]
     for i in range(len(arrays)):
-        parts += [b"\x32", _varint_bytes(cnp.PyArray_NBYTES(<cnp.ndarray>arrays[i]))]
+        parts += [b"\x32", varint(cnp.PyArray_NBYTES(<cnp.ndarray>arrays[i]))]
         data_size += cnp.PyArray_NBYTES(<cnp.ndarray>arrays[i])
     cdef bytes head = b"".join(parts[:-2 * len(arrays)] if arrays else parts)
     # The raw contents go last, each after its tag and length: lay everything out once.

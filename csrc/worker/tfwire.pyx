@@ -12,6 +12,8 @@ from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport uint64_t
 
+from gateway._native.protowire cimport varint
+
 import math
 
 import numpy as np
@@ -227,17 +229,6 @@ cpdef object decode_request(bytes body):
         elif not skip_field(&c, tag & 7):
             return None
     return signature, inputs, tuple(output_filter)
-
-
-cdef bytes varint(uint64_t n):
-    cdef unsigned char buf[10]
-    cdef int i = 0
-    while n >= 0x80:
-        buf[i] = (n & 0x7F) | 0x80
-        n >>= 7
-        i += 1
-    buf[i] = n
-    return (<char*>buf)[:i + 1]
 
 
 cpdef object encode_response(tuple names, list arrays):
