@@ -48,14 +48,14 @@ case "${1:-}" in
         exec .venv/bin/infergate demo "$@"
         ;;
     test)
-        apt_install redis-server:redis-server
+        apt_install redis-server:redis-server clang:clang
         setup test
         setup_eas
         shift
         exec .venv/bin/python -m pytest -q "$@"
         ;;
     bench)
-        apt_install nginx:nginx wrk:wrk h2load:nghttp2-client redis-server:redis-server
+        apt_install nginx:nginx wrk:wrk h2load:nghttp2-client redis-server:redis-server clang:clang
         setup test,bench
         shift
         exec .venv/bin/python -m bench "$@"
