@@ -4,8 +4,8 @@
 # Creates .venv (the project, editable, with the CPU runtime and the test
 # extras; INFERGATE_RUNTIME=gpu takes onnxruntime-gpu instead) and .venv-eas (the
 # unchanged eas-prediction SDK, which pins an old protobuf, for compatibility
-# tests). System packages (redis-server for the Redis tests and bench/chaos; nginx, wrk and h2load
-# for the benchmarks) come from apt when missing and we are root.
+# tests). System packages (redis-server for the Redis tests and bench/chaos; clang for the fuzz
+# harnesses' instrumented build; nginx, wrk and h2load for the benchmarks) come from apt when missing and we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -36,13 +36,13 @@ def results(tmp_path_factory) -> dict:
 def open_findings(target: str) -> list:
     """The reproducers under tests/fuzz/crashes/<target>/ that still fail."""
     folder = REPO / "tests" / "fuzz" / "crashes" / target
-    failing = []
-    for file in sorted(folder.glob("*")) if folder.is_dir() else []:
-        done = subprocess.run([sys.executable, str(RUN), "--replay", str(file)], cwd=REPO,
-                              capture_output=True, timeout=300)
-        if done.returncode:
-            failing.append(file.name)
-    return failing
+    files = sorted(str(p) for p in folder.glob("*")) if folder.is_dir() else []
+    if not files:
+        return []
+    done = subprocess.run([sys.executable, str(RUN), "--replay", *files], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    return [Path(line.split()[-1]).name for line in done.stdout.splitlines()
+            if line.startswith("FAIL ")]
 
 
 @pytest.mark.parametrize("target", TARGETS)

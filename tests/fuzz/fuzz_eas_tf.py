@@ -37,7 +37,10 @@ def check_fast_against_protobuf(body: bytes) -> None:
     if fast is None:
         return
     signature, feeds, output_filter = fast
-    request = parse_message(pb.PredictRequest, body, "tensorflow PredictRequest")
+    try:
+        request = parse_message(pb.PredictRequest, body, "tensorflow PredictRequest")
+    except BadInput as exc:
+        raise AssertionError(f"the compiled reader took a body protobuf refuses: {exc}") from None
     assert signature == request.signature_name
     assert output_filter == tuple(request.output_filter)
     assert set(feeds) == set(request.inputs)

@@ -13,7 +13,7 @@ import sys
 import atheris
 import numpy as np
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["gateway"]):
     from gateway._native.oipwire import Datatypes, decode_grpc
     from gateway.codec import oip
     from gateway.codec.tensors import CodecError

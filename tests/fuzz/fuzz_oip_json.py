@@ -10,7 +10,7 @@ import atheris
 import numpy as np
 import orjson
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["gateway"]):
     from gateway.codec import oip
     from gateway.codec.tensors import CodecError
 

@@ -11,7 +11,7 @@ import atheris
 import numpy as np
 import orjson
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["gateway"]):
     from gateway._native.tensorjson import loads
 
 COVERS = ("csrc/worker/tensorjson.pyx",)
