@@ -27,9 +27,10 @@ TARGETS = sorted(p.stem[len("fuzz_"):] for p in (REPO / "tests" / "fuzz").glob("
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fuzz") / "results.json"
-    subprocess.run([sys.executable, str(RUN), "--seconds", str(SECONDS_EACH), "--jobs", "2",
-                    "--json", str(out)], cwd=REPO, timeout=1800, capture_output=True)
-    assert out.exists(), "tests/fuzz/run.py wrote no results"
+    done = subprocess.run([sys.executable, str(RUN), "--seconds", str(SECONDS_EACH), "--jobs",
+                           "2", "--json", str(out)], cwd=REPO, timeout=1800, capture_output=True,
+                          text=True, errors="replace")
+    assert out.exists(), f"tests/fuzz/run.py wrote no results:\n{done.stderr[-3000:]}"
     return {r["target"]: r for r in json.loads(out.read_text())}
 
 

@@ -7,7 +7,9 @@ The input's first byte says how long the header-length text is; that text
 follows, then the body. Refusals: None from `decode_binary` (the worker then
 takes the full reader), CodecError from `parse_http_infer`. Whatever the
 compiled reader accepts, the full reader must accept too, with equal feeds,
-outputs and id: they are two readers of one protocol.
+outputs and id: they are two readers of one protocol. Its feeds, answered as
+outputs by `encode_binary`, read back equal through the gateway's reader of
+answers (`grpc_from_http`).
 """
 import sys
 
@@ -15,9 +17,10 @@ import atheris
 import numpy as np
 
 with atheris.instrument_imports(include=["gateway"]):
-    from gateway._native.oipwire import Datatypes, decode_binary
+    from gateway._native.oipwire import Answer, Datatypes, decode_binary, encode_binary
     from gateway.codec import oip
     from gateway.codec.tensors import CodecError
+    from gateway.protos import oip_pb2 as pb
 
 COVERS = ("gateway/codec/oip.py", "csrc/worker/oipwire.pyx")
 TYPES = Datatypes(oip.DTYPES)
@@ -51,6 +54,16 @@ def TestOneInput(data: bytes) -> None:
         assert array.dtype == other.dtype and array.shape == other.shape, name
         assert np.array_equal(array, other, equal_nan=array.dtype.kind == "f"), name
     assert tuple(wanted) == full.outputs and request_id == full.id
+    names = tuple(feeds)
+    answer = Answer("model", "1", names, TYPES)
+    body, header_length = encode_binary(answer, names, list(feeds.values()), request_id)
+    response = pb.ModelInferResponse()
+    oip.grpc_from_http(body, header_length, response)
+    assert [o.name for o in response.outputs] == list(names)
+    for output, raw in zip(response.outputs, response.raw_output_contents):
+        array = feeds[output.name]
+        assert list(output.shape) == list(array.shape)
+        assert raw == array.astype(array.dtype.newbyteorder("<")).tobytes()
 
 
 if __name__ == "__main__":

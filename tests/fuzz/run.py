@@ -297,17 +297,17 @@ def coverage(targets: dict) -> dict:
 
 
 def print_coverage(table: dict) -> None:
-    print(f"{'harness':<16} {'source':<34} {'lines':>6} {'missed':>7} {'covered':>8}")
+    print(f"{'harness':<12} {'source':<40} {'lines':>6} {'missed':>7} {'covered':>8}")
     for target, rows in table.items():
         for rel, statements, missed, percent in rows:
-            print(f"{target:<16} {rel:<34} {statements:>6} {missed:>7} {percent:>7.1f}%")
+            print(f"{target:<12} {rel:<40} {statements:>6} {missed:>7} {percent:>7.1f}%")
 
 
 def print_results(results: list) -> None:
-    print(f"{'harness':<16} {'result':<7} {'seeds':>5} {'execs':>9} {'edges':>6} "
+    print(f"{'harness':<12} {'result':<7} {'seeds':>5} {'execs':>9} {'edges':>6} "
           f"{'corpus':>6} {'peak RSS':>9}")
     for r in results:
-        print(f"{r['target']:<16} {'ok' if r['ok'] else 'FAIL':<7} {r['seeds']:>5} "
+        print(f"{r['target']:<12} {'ok' if r['ok'] else 'FAIL':<7} {r['seeds']:>5} "
               f"{r.get('execs', 0):>9} {r.get('edges', 0):>6} {r.get('corpus', 0):>6} "
               f"{r.get('peak_rss_mb', 0):>6} MB")
     for r in results:
