@@ -6,12 +6,14 @@ returns the reason for a 401, a str; it must never raise. Invariants: a request
 signed by `sign` (as the EAS SDK signs) with the service's token passes, and a
 signed request whose body or token differs does not.
 """
+import hashlib
 import itertools
 import sys
 
 import atheris
 
-with atheris.instrument_imports(include=["gateway"]):
+# email: the standard library's Date parser, instrumented so that the fuzzer learns its forms.
+with atheris.instrument_imports(include=["gateway", "email"]):
     from gateway import auth
 
 COVERS = ("gateway/auth.py",)
@@ -25,9 +27,17 @@ def TestOneInput(data: bytes) -> None:
     service = fdp.ConsumeUnicodeNoSurrogates(12)
     path = f"/api/predict/{service}"
     body = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 64))
-    headers = {name: fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 48)).decode("latin-1")
-               for name in ("authorization", "date", "content-md5", "content-type")
-               if fdp.ConsumeBool()}
+
+    def text(limit: int) -> str:  # a header value, as the server hands it over
+        return fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, limit)).decode("latin-1")
+
+    # Mostly the signed form with the body's own MD5, so that the Date parser is reached.
+    headers = {"authorization": ("EAS " if fdp.ConsumeProbability() < 0.9 else "") + text(40),
+               "date": text(48), "content-type": text(24)}
+    if fdp.ConsumeProbability() < 0.8:
+        headers["content-md5"] = hashlib.md5(body).hexdigest()
+    elif fdp.ConsumeBool():
+        headers["content-md5"] = text(40)
     now = NOW + fdp.ConsumeIntInRange(-20 * 3600, 20 * 3600)
     reason = auth.verify(headers, "POST", path, body, token, service, now=now)
     assert reason is None or isinstance(reason, str)
