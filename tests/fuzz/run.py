@@ -85,7 +85,7 @@ def _copy_tree(tree: Path, pyx_directive: str | None) -> None:
                 continue
             wanted.add(rel)
     for rel in wanted:
-        data = (ROOT / rel).read_bytes()
+        data = original = (ROOT / rel).read_bytes()
         if pyx_directive and rel.suffix == ".pyx":
             first, _, rest = data.partition(b"\n")
             if first.startswith(b"# cython:"):
@@ -97,7 +97,7 @@ def _copy_tree(tree: Path, pyx_directive: str | None) -> None:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-        if data == (ROOT / rel).read_bytes():
+        if data == original:  # its time too, which setup.py compares with its outputs'
             shutil.copystat(ROOT / rel, target)
     for part in ("protos", "csrc", "gateway"):  # sources removed since the last copy
         for path in (src / part).rglob("*.py*"):
