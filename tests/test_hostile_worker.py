@@ -198,6 +198,18 @@ def test_overflowing_sizes_are_400s_not_500s(worker_factory):
         assert b"'images'" in answer or b"binary_data_size" in answer
 
 
+def test_a_tf_shape_numpy_cannot_make_is_a_400(worker_factory):
+    """[0, 2^31, 2^31] holds no values, but numpy cannot make it (the product of its
+    non-zero dimensions overflows): the compiled TF reader took it, a 500."""
+    from gateway.protos import tf_predict_pb2 as tf_pb
+
+    request = tf_pb.PredictRequest()
+    request.inputs["images"].dtype = tf_pb.DT_FLOAT
+    request.inputs["images"].array_shape.dim.extend([0, 1 << 31, 1 << 31])
+    status, answer = post(worker_factory(), "/api/predict/digits", request.SerializeToString())
+    assert status == 400 and b"'images'" in answer, answer
+
+
 def test_a_field_number_past_32_bits_is_not_taken_for_another(grpc_worker):
     """Field number 2^32 + 7 is not raw_input_contents (7): protobuf refuses the message, so
     the worker answers INVALID_ARGUMENT where it answered the misread request."""

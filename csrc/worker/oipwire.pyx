@@ -21,7 +21,7 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t
 from libc.string cimport memcpy
 
-from gateway._native.protowire cimport checked_product, take_tag, take_varint, varint
+from gateway._native.protowire cimport array_nbytes, take_tag, take_varint, varint
 
 import numpy as np
 import orjson
@@ -99,13 +99,10 @@ cpdef object decode_binary(bytes body, Py_ssize_t header_length, Datatypes types
         if type(size_value) is not int or not 0 <= size_value <= n - at:
             return None
         size = size_value
-        count = (<cnp.dtype>dtype).itemsize
         for dim in <list>shape:
             if type(dim) is not int or not 0 <= dim <= n:
                 return None
-            if not checked_product(&count, <Py_ssize_t>dim):
-                return None
-        if size != count:
+        if not array_nbytes(<list>shape, (<cnp.dtype>dtype).itemsize, &count) or size != count:
             return None
         array = _array(<list>shape, <cnp.dtype>dtype, PyBytes_AS_STRING(body) + at, size)
         if array is None:
@@ -270,7 +267,7 @@ cpdef object decode_grpc(bytes message, Datatypes types):
     """(model name, version, request id, feeds, output names asked for) of a
     ModelInferRequest in the common form (raw_input_contents, no parameters), or None."""
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(message)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(message), at = 0, start, length, size, d
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(message), at = 0, start, length, size
     cdef int number
     cdef list inputs = [], raws = [], wanted = []
     model = version = request_id = ""
@@ -309,12 +306,8 @@ cpdef object decode_grpc(bytes message, Datatypes types):
         dtype = types.dtype_of.get(datatype)
         if dtype is None or name in feeds:
             return None
-        size = (<cnp.dtype>dtype).itemsize
-        for d in shape:
-            if not checked_product(&size, d):
-                return None
         start, length = raws[i]
-        if size != length:
+        if not array_nbytes(shape, (<cnp.dtype>dtype).itemsize, &size) or size != length:
             return None
         array = _array(shape, <cnp.dtype>dtype, <const char*>p + start, size)
         if array is None:

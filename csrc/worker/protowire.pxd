@@ -1,6 +1,6 @@
 # Protocol buffers' wire form, as the compiled codecs (tfwire, oipwire) read and write it.
 # Every reader here is checked: a varint past 64 bits, a tag past 32 bits or with field
-# number 0, or a size product that overflows is refused (False), never wrapped: the
+# number 0, or an array size that overflows is refused (False), never wrapped: the
 # codecs then hand the message to protobuf's own parser, which words the error.
 from libc.stdint cimport uint8_t, uint64_t
 
@@ -49,6 +49,16 @@ cdef inline bint take_tag(const uint8_t** p, const uint8_t* end, uint64_t* tag) 
     return (tag[0] & 7) <= 5
 
 
-cdef inline bint checked_product(Py_ssize_t* product, Py_ssize_t factor) noexcept:
-    """product *= factor for sizes (both >= 0); False when it would overflow."""
-    return not mul_overflows(product[0], factor, product)
+cdef inline bint array_nbytes(dims, Py_ssize_t itemsize, Py_ssize_t* size) except -1:
+    """The bytes a numpy array of `dims` (ints >= 0, below 2^63) holds; False when numpy
+    could not make it: the product of its non-zero dimensions overflows, zeros or not."""
+    cdef Py_ssize_t span = itemsize, d
+    cdef bint empty = False
+    for dim in dims:
+        d = dim
+        if d == 0:
+            empty = True
+        elif mul_overflows(span, d, &span):
+            return False
+    size[0] = 0 if empty else span
+    return True

@@ -12,9 +12,7 @@ from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint64_t
 
-from gateway._native.protowire cimport take_tag, take_varint, varint
-
-import math
+from gateway._native.protowire cimport array_nbytes, take_tag, take_varint, varint
 
 import numpy as np
 
@@ -128,7 +126,7 @@ cdef object read_array(Cursor* c):
     cdef uint64_t tag, dtype = 0
     cdef object shape = None
     cdef const uint8_t* start = NULL
-    cdef Py_ssize_t length = 0, itemsize
+    cdef Py_ssize_t length = 0, itemsize, nbytes
     cdef int field = 0
     if not sub_cursor(c, &m):
         return None
@@ -166,7 +164,7 @@ cdef object read_array(Cursor* c):
         return None
     if shape is None:
         shape = ()
-    if length != math.prod(shape) * itemsize:  # Python ints: no overflow on odd shapes
+    if not array_nbytes(shape, itemsize, &nbytes) or length != nbytes:
         return None
     return np.frombuffer(PyByteArray_FromStringAndSize(<char*>start, length), wire).reshape(shape)
 
@@ -192,7 +190,7 @@ cdef object read_input(Cursor* c):
             array = read_array(&entry)
             if array is None:
                 return None
-        elif not skip_field(&entry, tag & 7):
+        else:  # protobuf keeps an entry with anything else whole, as an unknown field
             return None
     if array is None:  # an empty value: the full path says what is missing
         return None
