@@ -184,8 +184,9 @@ def tag(number: int, wire_type: int) -> bytes:
 
 
 def test_overflowing_sizes_are_400s_not_500s(worker_factory):
-    """binary_data_size and dimensions past 2^63 in the binary form's JSON header, and a
-    shape whose product wraps around 2^64 to the payload's size."""
+    """binary_data_size and dimensions past 2^63 in the binary form's JSON header, a
+    shape whose product wraps around 2^64 to the payload's size, and a header length
+    past 2^63."""
     worker = worker_factory()
     for shape, size, raw in (([1, 784], 1 << 63, b""), ([1 << 63, 784], 0, b""),
                              ([1 << 32, 1 << 32], 0, b""), ([1 << 62, 4], 0, b"")):
@@ -196,6 +197,9 @@ def test_overflowing_sizes_are_400s_not_500s(worker_factory):
                               {"Inference-Header-Content-Length": str(len(header))})
         assert status == 400, (shape, size, answer)
         assert b"'images'" in answer or b"binary_data_size" in answer
+    status, answer = post(worker, "/v2/models/digits/infer", b'{"inputs": []}',
+                          {"Inference-Header-Content-Length": "9" * 20})
+    assert status == 400 and b"Inference-Header-Content-Length" in answer, answer
 
 
 def test_a_tf_shape_numpy_cannot_make_is_a_400(worker_factory):

@@ -60,11 +60,11 @@ cdef object _array(list shape, cnp.dtype dtype, const char* data, Py_ssize_t siz
     return array
 
 
-cpdef object decode_binary(bytes body, Py_ssize_t header_length, Datatypes types):
+cpdef object decode_binary(bytes body, object header_length, Datatypes types):
     """(feeds, output names asked for, request id or None) of a request in the common
-    binary form, or None for anything else."""
+    binary form, or None for anything else (`header_length`: an int of any size)."""
     cdef Py_ssize_t n = PyBytes_GET_SIZE(body), at, size, count
-    if header_length <= 0 or header_length > n:
+    if type(header_length) is not int or not 0 < header_length <= n:
         return None
     try:
         document = _loads(memoryview(body)[:header_length])
@@ -409,7 +409,7 @@ cdef class OipServe:
                 return None
         return wanted if len(wanted) == 1 else tuple(dict.fromkeys(wanted))
 
-    def http(self, bytes body, Py_ssize_t header_length):
+    def http(self, bytes body, header_length):
         """(answer body, its header line, rows run) or None."""
         decoded = decode_binary(body, header_length, self.types)
         if decoded is None:

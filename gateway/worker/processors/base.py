@@ -46,7 +46,7 @@ class Call:
 class Processor:
     content_type = "application/octet-stream"
 
-    def __init__(self, model: OnnxModel, max_body_size: int):
+    def __init__(self, model: OnnxModel, max_body_size: int = 64 << 20):
         self.model = model
         self.max_body_size = max_body_size  # what a compressed body may inflate to
 

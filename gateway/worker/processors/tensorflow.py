@@ -14,7 +14,7 @@ class TFProcessor(Processor):
     every malformed one, the full protobuf path.
     """
 
-    def __init__(self, model, max_body_size: int):
+    def __init__(self, model, max_body_size: int = 64 << 20):
         super().__init__(model, max_body_size)
         self.serve = TFServe(model.declared_signature, model.output_names, model.check_feeds,
                              model.run, super().serve)
