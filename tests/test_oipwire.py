@@ -168,10 +168,21 @@ def test_hostile_grpc_requests_are_refused_as_protobuf_refuses_them(message):
         np.testing.assert_array_equal(feeds[name], array)
 
 
-def test_a_field_number_past_32_bits_is_not_a_small_one():
-    """(2^32 + 7) << 3 | 2 truncated to an int read as raw_input_contents (7)."""
-    request = pb.ModelInferRequest(model_name="m")
-    request.inputs.add(name="x", datatype="FP32", shape=[1])
-    good = request.SerializeToString()
-    assert decode_grpc(good + field(7, bytes(4)), TYPES) is not None
-    assert decode_grpc(good + field((1 << 32) + 7, bytes(4)), TYPES) is None
+def test_known_overflows_go_to_the_full_path():
+    """Each overflow the compiled reader had: a field number past 32 bits truncated to 7
+    (raw_input_contents), shapes whose product wraps around 2^64 to the payload's size, and
+    a zero beside dimensions numpy cannot multiply (a ValueError, a 500)."""
+    def message(shape, field_number=7, size=0):
+        request = pb.ModelInferRequest(model_name="m")
+        request.inputs.add(name="x", datatype="FP32", shape=shape)
+        return request.SerializeToString() + field(field_number, bytes(size))
+
+    assert decode_grpc(message([1], size=4), TYPES) is not None
+    assert decode_grpc(message([1], (1 << 32) + 7, 4), TYPES) is None
+    for shape in ([1 << 32, 1 << 32], [1 << 61, 8], [0, (1 << 62) - 1], [0, 1 << 40, 1 << 40]):
+        assert decode_grpc(message(shape), TYPES) is None, shape
+        header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": shape,
+                                         "parameters": {"binary_data_size": 0}}],
+                             "parameters": {"binary_data_output": True}}).encode()
+        assert decode_binary(header, len(header), TYPES) is None, shape
+    assert decode_binary(b"{}", 1 << 64, TYPES) is None  # a header length past 2^63
