@@ -348,6 +348,54 @@ def test_unit_queue_full_and_cancelled_requests():
     assert rec.runs[1][0] == 2  # B and D ran together after A
 
 
+def test_unit_a_cancelled_job_leaves_the_runner_queue_at_once():
+    """Cancelling a queued job's Future (what the servers do when its client goes away)
+    frees its slot and lets its request go at once, before any thread takes it; the
+    husks left for the threads to skip are bounded too."""
+    import gc
+    import weakref
+
+    from gateway.worker.runner import ABANDONED_PER_SLOT, ThreadedRunner
+
+    gate = threading.Event()
+    runner = ThreadedRunner(settings(max_queue_size=2, worker_threads=1))
+
+    class Body:  # a request body whose release can be watched
+        pass
+
+    async def go():
+        runner.bind(asyncio.get_running_loop())
+        busy = runner.submit(soon(), gate.wait, 30)
+        await wait_until(lambda: runner.waiting == 0)  # the thread holds `busy`
+        body = Body()
+        released = weakref.ref(body)
+        queued = [runner.submit(soon(), id, body), runner.submit(soon(), id, Body())]
+        del body
+        with pytest.raises(QueueFull):
+            runner.submit(soon(), id, Body())
+        for job in queued:
+            job.cancel()
+        gc.collect()
+        assert runner.waiting == 0 and released() is None
+        answer = runner.submit(soon(), len, b"abc")  # room again, at once
+        for _ in range(runner.max_entries):  # husks: bounded while the thread is busy
+            try:
+                runner.submit(soon(), len, b"").cancel()
+            except QueueFull:
+                break
+        else:
+            raise AssertionError("abandoned jobs were never bounded")
+        assert runner.jobs.qsize() == runner.max_entries == 2 * (1 + ABANDONED_PER_SLOT)
+        gate.set()
+        assert await busy is True and await answer == 3
+
+    try:
+        run_async(go)
+    finally:
+        gate.set()
+        runner.close()
+
+
 # -- process tests: real workers over loopback ----------------------------------------------------
 
 

@@ -454,3 +454,86 @@ def test_fallback_without_the_wire_fast_path(monkeypatch):
     caffe = caffe_pb.ArrayProto()
     encode_caffe(np.ones((2, 2)), caffe)
     assert_same(decode_caffe(caffe, "d"), np.ones((2, 2), np.float32))
+
+
+# -- gateway.codec.decompress: bounded by a size and by a ratio ------------------------------
+
+def _packed(encoding: str, plain: bytes) -> bytes:
+    import gzip
+    import zlib
+
+    import cramjam
+
+    return {"gzip": gzip.compress, "deflate": zlib.compress,
+            "snappy": lambda b: bytes(cramjam.snappy.compress_raw(b))}[encoding](plain)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "snappy"])
+@settings(max_examples=40, deadline=None)
+@given(plain=st.binary(max_size=4096))
+def test_decompress_round_trips_within_the_limits(encoding, plain):
+    from gateway.codec.decompress import decompress
+
+    assert decompress(_packed(encoding, plain), encoding, 1 << 20) == plain
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "snappy"])
+def test_decompress_stops_at_the_size_limit(encoding):
+    from gateway.codec.decompress import TooLarge, decompress
+
+    plain = bytes(range(256)) * 64  # 16 KiB that compresses a little
+    assert decompress(_packed(encoding, plain), encoding, len(plain)) == plain
+    with pytest.raises(TooLarge, match=f"past the {len(plain) - 1}-byte body limit"):
+        decompress(_packed(encoding, plain), encoding, len(plain) - 1)
+
+
+def test_decompress_stops_at_100_times_the_body_beyond_1_mib():
+    from gateway.codec.decompress import MAX_RATIO, RATIO_FLOOR, TooLarge, decompress
+
+    floor = bytes(RATIO_FLOOR)  # 1 MiB of zeros: about 1000:1, allowed (the floor)
+    assert decompress(_packed("gzip", floor), "gzip", 64 << 20) == floor
+    bomb = _packed("gzip", bytes(4 * RATIO_FLOOR))
+    assert len(bomb) * MAX_RATIO < 4 * RATIO_FLOOR
+    with pytest.raises(TooLarge, match="100 times its size"):
+        decompress(bomb, "gzip", 64 << 20)
+
+
+def test_decompress_refuses_what_does_not_inflate():
+    from gateway.codec.decompress import DecompressError, TooLarge, decompress
+
+    good = _packed("gzip", b"abc" * 100)
+    for body, why in ((good[:-9], "truncated"), (good + good, "after its end"),
+                      (b"not gzip", "not valid gzip"), (b"", "truncated")):
+        with pytest.raises(DecompressError, match=why):
+            decompress(body, "gzip", 1 << 20)
+    with pytest.raises(DecompressError, match="not valid snappy"):
+        decompress(b"\x05abc", "snappy", 1 << 20)  # declares 5 bytes, holds fewer
+    with pytest.raises(DecompressError, match="no length header"):
+        decompress(b"\xff\xff\xff\xff\xff\x01", "snappy", 1 << 20)  # past 32 bits
+    with pytest.raises(TooLarge):  # declared 4 GiB: refused before anything is allocated
+        decompress(b"\xff\xff\xff\xff\x0f" + b"\x00" * 10, "snappy", 1 << 40)
+    with pytest.raises(DecompressError, match="unknown encoding"):
+        decompress(good, "br", 1 << 20)
+
+
+# -- gateway.codec.oip: BYTES payloads checked before allocation ------------------------------
+
+def test_bytes_shapes_are_checked_against_the_payload_first():
+    from gateway.codec import oip
+    from gateway.protos import oip_pb2
+
+    obj = oip.DTYPES["BYTES"]
+    with pytest.raises(CodecError, match="needs at least 4000000000"):
+        oip.from_raw(b"\x01\x00\x00\x00a", obj, (10 ** 9,), "input 'x'", "raw")
+    with pytest.raises(CodecError, match="has 1 values, but shape"):
+        oip.from_json(["a"], obj, (10 ** 9,), "input 'x'")
+    request = oip_pb2.ModelInferRequest()
+    request.inputs.add(name="x", datatype="BYTES", shape=[10 ** 9])
+    request.raw_input_contents.append(b"\x01\x00\x00\x00a")
+    with pytest.raises(CodecError, match="needs at least"):
+        oip.http_from_grpc(request)
+    assert oip.from_raw(b"\x01\x00\x00\x00a", obj, (1,), "x", "raw").tolist() == ["a"]
+    deep = ["a"]
+    for _ in range(5000):
+        deep = [deep]
+    assert oip.from_json(deep, obj, (1,), "x").tolist() == ["a"]  # flattened by a loop

@@ -5,11 +5,14 @@ it leaves to the codec (None), never misreads."""
 import json
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings, strategies as st
+from wire_mutations import DIMS, field, mixed, varint
 
-from gateway._native.oipwire import Answer, Datatypes, decode_binary, encode_binary
+from gateway._native.oipwire import Answer, Datatypes, decode_binary, decode_grpc, encode_binary
 from gateway.codec import oip
 from gateway.codec.tensors import CodecError
+from gateway.protos import oip_pb2 as pb
 
 TYPES = Datatypes(oip.DTYPES)
 FIXED = [name for name, dtype in oip.DTYPES.items() if dtype.kind in "biuf"]
@@ -122,3 +125,64 @@ def test_answers_it_cannot_write_are_left_to_the_codec():
     assert encode_binary(answer, ("other",), [np.zeros(2, np.float32)], None) is None
     strided = np.zeros((4, 4), np.float32)[:, ::2]
     assert encode_binary(Answer("m", "m", ["x"], TYPES), ("x",), [strided], None) is None
+
+
+# -- gRPC: hostile wire forms, held to protobuf's parser ---------------------------------------
+
+
+@st.composite
+def hostile_infer_requests(draw) -> bytes:
+    """ModelInferRequest wire bytes of one input (edge dimensions, a raw payload of the
+    size its shape needs or another) with hostile fields at both levels."""
+    dims = draw(st.lists(DIMS, max_size=3))
+    datatype = draw(st.sampled_from(["FP32", "INT8", "FP64"]))
+    count = 1
+    for d in dims:
+        count *= d
+    size = count * oip.DTYPES[datatype].itemsize if 0 <= count < 64 else draw(st.integers(0, 64))
+    shape = b"".join(varint(d) for d in dims)
+    tensor = mixed(draw, [field(1, b"x"), field(2, datatype.encode()), field(3, shape)])
+    return mixed(draw, [field(1, b"m"), field(5, tensor), field(7, bytes(size))])
+
+
+@settings(max_examples=400, deadline=None)
+@given(hostile_infer_requests())
+def test_hostile_grpc_requests_are_refused_as_protobuf_refuses_them(message):
+    """What protobuf refuses (a field number past 32 bits, 0, an 11-byte varint, a length
+    past the message) decode_grpc refuses; what it takes it reads as protobuf and the
+    codec do; no input raises."""
+    fast = decode_grpc(message, TYPES)
+    try:
+        parsed = pb.ModelInferRequest.FromString(message)
+    except DecodeError:
+        assert fast is None
+        return
+    if fast is None:
+        return
+    model, version, request_id, feeds, wanted = fast
+    assert (model, version, request_id) == (parsed.model_name, parsed.model_version, parsed.id)
+    slow = oip.feeds_from_grpc(parsed)  # the codec takes it too, without a CodecError
+    assert list(feeds) == list(slow) and wanted == tuple(o.name for o in parsed.outputs)
+    for name, array in slow.items():
+        assert feeds[name].dtype == array.dtype and feeds[name].shape == array.shape
+        np.testing.assert_array_equal(feeds[name], array)
+
+
+def test_known_overflows_go_to_the_full_path():
+    """Each overflow the compiled reader had: a field number past 32 bits truncated to 7
+    (raw_input_contents), shapes whose product wraps around 2^64 to the payload's size, and
+    a zero beside dimensions numpy cannot multiply (a ValueError, a 500)."""
+    def message(shape, field_number=7, size=0):
+        request = pb.ModelInferRequest(model_name="m")
+        request.inputs.add(name="x", datatype="FP32", shape=shape)
+        return request.SerializeToString() + field(field_number, bytes(size))
+
+    assert decode_grpc(message([1], size=4), TYPES) is not None
+    assert decode_grpc(message([1], (1 << 32) + 7, 4), TYPES) is None
+    for shape in ([1 << 32, 1 << 32], [1 << 61, 8], [0, (1 << 62) - 1], [0, 1 << 40, 1 << 40]):
+        assert decode_grpc(message(shape), TYPES) is None, shape
+        header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": shape,
+                                         "parameters": {"binary_data_size": 0}}],
+                             "parameters": {"binary_data_output": True}}).encode()
+        assert decode_binary(header, len(header), TYPES) is None, shape
+    assert decode_binary(b"{}", 1 << 64, TYPES) is None  # a header length past 2^63

@@ -4,9 +4,11 @@ Whatever the fast path accepts it must read exactly as protobuf does; whatever
 it cannot read exactly it must hand back (None) to the full path.
 """
 import numpy as np
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from wire_mutations import DIMS, field, mixed, tag, varint
 
 from gateway._native.tfwire import decode_request, encode_response
 from gateway.codec.tensors import decode_array, encode_array
@@ -108,3 +110,40 @@ def test_responses_are_what_protobuf_would_send(data):
 
 def test_other_output_dtypes_go_to_the_full_path():
     assert encode_response(("a", "b"), [np.zeros(2, np.float32), np.zeros(2, np.int64)]) is None
+
+
+@st.composite
+def hostile_requests(draw) -> bytes:
+    """PredictRequest wire bytes of one float or double input (edge dimensions, values of
+    the size its shape needs or another) with hostile fields at every level."""
+    dims = draw(st.lists(DIMS, max_size=3))
+    double = draw(st.booleans())
+    count = 1
+    for d in dims:
+        count *= d
+    size = count * (8 if double else 4) if 0 <= count < 64 else draw(st.integers(0, 64))
+    shape = mixed(draw, [field(1, b"".join(varint(d) for d in dims))], 1)
+    array = mixed(draw, [tag(1, 0) + varint(pb.DT_DOUBLE if double else pb.DT_FLOAT),
+                         field(2, shape), field(4 if double else 3, bytes(size))])
+    entry = mixed(draw, [field(1, b"x"), field(2, array)], 1)
+    return mixed(draw, [field(1, b"sig"), field(2, entry)])
+
+
+@settings(max_examples=400, deadline=None)
+@given(hostile_requests())
+def test_hostile_requests_are_refused_as_protobuf_refuses_them(body):
+    """What protobuf refuses (a field number past 32 bits, 0, an 11-byte varint, a length
+    past the message) decode_request refuses; what it takes it reads as protobuf does."""
+    fast = decode_request(body)
+    try:
+        parsed = pb.PredictRequest.FromString(body)
+    except DecodeError:
+        assert fast is None
+        return
+    if fast is None:
+        return
+    signature, inputs, output_filter = fast
+    assert signature == parsed.signature_name and output_filter == tuple(parsed.output_filter)
+    assert sorted(inputs) == sorted(parsed.inputs)
+    for name, proto in parsed.inputs.items():
+        assert bits(inputs[name]) == bits(decode_array(proto, name))

@@ -21,7 +21,7 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t
 from libc.string cimport memcpy
 
-from gateway._native.protowire cimport varint
+from gateway._native.protowire cimport array_nbytes, take_tag, take_varint, varint
 
 import numpy as np
 import orjson
@@ -60,11 +60,11 @@ cdef object _array(list shape, cnp.dtype dtype, const char* data, Py_ssize_t siz
     return array
 
 
-cpdef object decode_binary(bytes body, Py_ssize_t header_length, Datatypes types):
+cpdef object decode_binary(bytes body, object header_length, Datatypes types):
     """(feeds, output names asked for, request id or None) of a request in the common
-    binary form, or None for anything else."""
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(body), at, size, count, d
-    if header_length <= 0 or header_length > n:
+    binary form, or None for anything else (`header_length`: an int of any size)."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body), at, size, count
+    if type(header_length) is not int or not 0 < header_length <= n:
         return None
     try:
         document = _loads(memoryview(body)[:header_length])
@@ -95,18 +95,14 @@ cpdef object decode_binary(bytes body, Py_ssize_t header_length, Datatypes types
                 type(parameters) is not dict or len(<dict>parameters) != 1 or name in feeds:
             return None
         size_value = (<dict>parameters).get("binary_data_size")
-        if type(size_value) is not int:
+        # (JSON numbers can be any size: compared as Python ints before C takes them)
+        if type(size_value) is not int or not 0 <= size_value <= n - at:
             return None
         size = size_value
-        count = 1
         for dim in <list>shape:
-            if type(dim) is not int:
+            if type(dim) is not int or not 0 <= dim <= n:
                 return None
-            d = dim
-            if d < 0:
-                return None
-            count *= d
-        if size != count * (<cnp.dtype>dtype).itemsize or at + size > n:
+        if not array_nbytes(<list>shape, (<cnp.dtype>dtype).itemsize, &count) or size != count:
             return None
         array = _array(<list>shape, <cnp.dtype>dtype, PyBytes_AS_STRING(body) + at, size)
         if array is None:
@@ -200,31 +196,24 @@ cpdef object encode_binary(Answer answer, tuple names, list arrays, request_id):
 
 cdef inline bint _varint(const uint8_t* p, Py_ssize_t n, Py_ssize_t* at,
                          unsigned long long* out) noexcept:
-    cdef unsigned long long value = 0
-    cdef int shift = 0
-    cdef uint8_t b
-    while at[0] < n and shift < 64:
-        b = p[at[0]]
-        at[0] += 1
-        value |= <unsigned long long>(b & 0x7f) << shift
-        if not b & 0x80:
-            out[0] = value
-            return True
-        shift += 7
-    return False
+    cdef const uint8_t* q = p + at[0]
+    cdef bint ok = take_varint(&q, p + n, out)
+    at[0] = q - p
+    return ok
 
 
 cdef inline bint _field(const uint8_t* p, Py_ssize_t n, Py_ssize_t* at, int* number,
                         Py_ssize_t* start, Py_ssize_t* length) noexcept:
     """The next length-delimited field; False at anything else (or a malformed one)."""
+    cdef const uint8_t* q = p + at[0]
     cdef unsigned long long tag, size
-    if not _varint(p, n, at, &tag) or (tag & 7) != 2 or not _varint(p, n, at, &size) or \
-            size > <unsigned long long>(n - at[0]):
+    if not take_tag(&q, p + n, &tag) or (tag & 7) != 2 or not take_varint(&q, p + n, &size) \
+            or size > <unsigned long long>(p + n - q):
         return False
-    number[0] = <int>(tag >> 3)
-    start[0] = at[0]
+    number[0] = <int>(tag >> 3)  # (at most 2^29 - 1)
+    start[0] = q - p
     length[0] = <Py_ssize_t>size
-    at[0] += <Py_ssize_t>size
+    at[0] = start[0] + length[0]
     return True
 
 
@@ -278,7 +267,7 @@ cpdef object decode_grpc(bytes message, Datatypes types):
     """(model name, version, request id, feeds, output names asked for) of a
     ModelInferRequest in the common form (raw_input_contents, no parameters), or None."""
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(message)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(message), at = 0, start, length, count, size, d
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(message), at = 0, start, length, size
     cdef int number
     cdef list inputs = [], raws = [], wanted = []
     model = version = request_id = ""
@@ -317,12 +306,8 @@ cpdef object decode_grpc(bytes message, Datatypes types):
         dtype = types.dtype_of.get(datatype)
         if dtype is None or name in feeds:
             return None
-        count = 1
-        for d in shape:
-            count *= d
         start, length = raws[i]
-        size = count * (<cnp.dtype>dtype).itemsize
-        if size != length:
+        if not array_nbytes(shape, (<cnp.dtype>dtype).itemsize, &size) or size != length:
             return None
         array = _array(shape, <cnp.dtype>dtype, <const char*>p + start, size)
         if array is None:
@@ -424,7 +409,7 @@ cdef class OipServe:
                 return None
         return wanted if len(wanted) == 1 else tuple(dict.fromkeys(wanted))
 
-    def http(self, bytes body, Py_ssize_t header_length):
+    def http(self, bytes body, header_length):
         """(answer body, its header line, rows run) or None."""
         decoded = decode_binary(body, header_length, self.types)
         if decoded is None:

@@ -10,11 +10,9 @@ Little-endian hosts only (the wire is little-endian; so are x86 and arm64).
 """
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint8_t, uint64_t
 
-from gateway._native.protowire cimport varint
-
-import math
+from gateway._native.protowire cimport array_nbytes, take_tag, take_varint, varint
 
 import numpy as np
 
@@ -27,24 +25,26 @@ cdef uint64_t _MAX_DIM = 1ULL << 48
 
 
 cdef struct Cursor:
-    const unsigned char* p
-    const unsigned char* end
+    const uint8_t* p
+    const uint8_t* end
     bint bad
 
 
 cdef inline uint64_t read_varint(Cursor* c) noexcept:
-    cdef uint64_t value = 0
-    cdef int shift = 0
-    cdef unsigned char b
-    while c.p < c.end and shift < 64:
-        b = c.p[0]
-        c.p += 1
-        value |= <uint64_t>(b & 0x7F) << shift
-        if b < 0x80:
-            return value
-        shift += 7
-    c.bad = True
-    return 0
+    cdef uint64_t value
+    if not take_varint(&c.p, c.end, &value):
+        c.bad = True
+        return 0
+    return value
+
+
+cdef inline uint64_t read_tag(Cursor* c) noexcept:
+    """The next field's tag (protowire.pxd's checks: a malformed one sets `bad`)."""
+    cdef uint64_t tag
+    if not take_tag(&c.p, c.end, &tag):
+        c.bad = True
+        return 0
+    return tag
 
 
 cdef inline bint skip_field(Cursor* c, uint64_t wire_type) noexcept:
@@ -52,18 +52,19 @@ cdef inline bint skip_field(Cursor* c, uint64_t wire_type) noexcept:
     cdef uint64_t n
     if wire_type == 0:
         read_varint(c)
-    elif wire_type == 1:
-        c.p += 8
     elif wire_type == 2:
         n = read_varint(c)
+        if c.bad or n > <uint64_t>(c.end - c.p):
+            return False
+        c.p += n
+    elif wire_type == 1 or wire_type == 5:
+        n = 8 if wire_type == 1 else 4
         if n > <uint64_t>(c.end - c.p):
             return False
         c.p += n
-    elif wire_type == 5:
-        c.p += 4
     else:
         return False
-    return not c.bad and c.p <= c.end
+    return not c.bad
 
 
 cdef inline bint sub_cursor(Cursor* c, Cursor* inner) noexcept:
@@ -96,7 +97,7 @@ cdef object read_shape(Cursor* c):
     if not sub_cursor(c, &m):
         return None
     while m.p < m.end:
-        tag = read_varint(&m)
+        tag = read_tag(&m)
         if m.bad:
             return None
         if tag == (1 << 3 | 2):
@@ -124,13 +125,13 @@ cdef object read_array(Cursor* c):
     cdef Cursor m, values
     cdef uint64_t tag, dtype = 0
     cdef object shape = None
-    cdef const unsigned char* start = NULL
-    cdef Py_ssize_t length = 0, itemsize
+    cdef const uint8_t* start = NULL
+    cdef Py_ssize_t length = 0, itemsize, nbytes
     cdef int field = 0
     if not sub_cursor(c, &m):
         return None
     while m.p < m.end:
-        tag = read_varint(&m)
+        tag = read_tag(&m)
         if m.bad:
             return None
         if tag == (1 << 3 | 0):
@@ -163,7 +164,7 @@ cdef object read_array(Cursor* c):
         return None
     if shape is None:
         shape = ()
-    if length != math.prod(shape) * itemsize:  # Python ints: no overflow on odd shapes
+    if not array_nbytes(shape, itemsize, &nbytes) or length != nbytes:
         return None
     return np.frombuffer(PyByteArray_FromStringAndSize(<char*>start, length), wire).reshape(shape)
 
@@ -176,7 +177,7 @@ cdef object read_input(Cursor* c):
         return None
     name, array = "", None
     while entry.p < entry.end:
-        tag = read_varint(&entry)
+        tag = read_tag(&entry)
         if entry.bad:
             return None
         if tag == (1 << 3 | 2):
@@ -189,7 +190,7 @@ cdef object read_input(Cursor* c):
             array = read_array(&entry)
             if array is None:
                 return None
-        elif not skip_field(&entry, tag & 7):
+        else:  # protobuf keeps an entry with anything else whole, as an unknown field
             return None
     if array is None:  # an empty value: the full path says what is missing
         return None
@@ -205,11 +206,11 @@ cpdef object decode_request(bytes body):
     cdef list output_filter = []
     if not body:
         return None
-    c.p = <const unsigned char*>PyBytes_AS_STRING(body)
+    c.p = <const uint8_t*>PyBytes_AS_STRING(body)
     c.end = c.p + PyBytes_GET_SIZE(body)
     c.bad = False
     while c.p < c.end:
-        tag = read_varint(&c)
+        tag = read_tag(&c)
         if c.bad:
             return None
         if tag == (1 << 3 | 2):

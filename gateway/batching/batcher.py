@@ -43,8 +43,8 @@ the queue (running ones do not count): one more raises QueueFull (450) at once.
 A request whose deadline (rpc.keepalive) passes gets DeadlineExceeded (408)
 right then, from the loop's deadline sweep: a waiting one leaves the queue and
 never runs; a running one's rows are discarded when its batch ends. A request
-whose Future is cancelled (its client went away) never runs; through
-`infer()`, it also leaves the queue's count at once.
+whose Future is cancelled (its client went away) leaves the queue's count at once
+and never runs.
 
 Safety nets. A model whose declared signature has a scalar or a fixed first
 dimension is never batched. A request whose inputs do not all share the first
@@ -196,14 +196,9 @@ class BatchingRunner(InferenceThreads):
 
     async def infer(self, call, deadline: float) -> list:
         """Outputs for `call` on the running loop; if the caller is cancelled, its
-        request leaves the queue at once."""
+        request leaves the queue at once (as every cancelled job does)."""
         self.bind(asyncio.get_running_loop())
-        result = self.submit(deadline, call, None)
-        try:
-            return await result
-        finally:
-            if result.cancelled():
-                self.queued.pop(result, None)
+        return await self.submit(deadline, call, None)
 
     # -- on the batch threads ---------------------------------------------------------------
 

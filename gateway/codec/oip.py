@@ -139,16 +139,34 @@ def checked_shape(shape, what: str) -> tuple:
     return tuple(shape)
 
 
+def shaped(flat: np.ndarray, shape: tuple, what: str) -> np.ndarray:
+    """`flat` in `shape`; a shape numpy cannot make (too many dimensions, or too large
+    with a zero among them) is the client's error."""
+    try:
+        return flat.reshape(shape)
+    except ValueError as exc:
+        raise CodecError(f"{what}: \"shape\" {list(shape)} is not usable: {exc}") from None
+
+
 def from_raw(raw, dtype: np.dtype, shape: tuple, what: str, field: str) -> np.ndarray:
     """An array of `shape` from the protocol's raw bytes (a `field` of the request)."""
     count = math.prod(shape)
     if dtype is OBJECT:
-        return _bytes_elements(raw, count, what, field).reshape(shape)
+        check_bytes_size(len(raw), count, shape, what, field)
+        return shaped(_bytes_elements(raw, count, what, field), shape, what)
     need = count * dtype.itemsize
     if len(raw) != need:
         raise CodecError(f"{what}: {field} is {len(raw)} bytes, but shape {list(shape)} of "
                          f"{DATATYPES[dtype]} needs {need}")
-    return np.frombuffer(raw, dtype.newbyteorder("<")).reshape(shape)
+    return shaped(np.frombuffer(raw, dtype.newbyteorder("<")), shape, what)
+
+
+def check_bytes_size(size: int, count: int, shape: tuple, what: str, field: str) -> None:
+    """Each raw BYTES element takes at least its 4-byte length: checked before anything
+    is allocated for `count` elements (a shape is cheap to claim, objects are not)."""
+    if size < 4 * count:
+        raise CodecError(f"{what}: {field} is {size} bytes, but shape {list(shape)} of BYTES "
+                         f"needs at least {4 * count} (a 4-byte length per element)")
 
 
 def _bytes_elements(raw, count: int, what: str, field: str) -> np.ndarray:
@@ -193,28 +211,38 @@ def from_json(data, dtype: np.dtype, shape: tuple, what: str) -> np.ndarray:
     count = math.prod(shape)
     try:
         if dtype is OBJECT:
-            items = list(_flatten(data))
-            if not all(isinstance(item, str) for item in items):
+            flat = _flatten(data)  # counted before any object array is made for the shape
+            if len(flat) == count and not all(isinstance(item, str) for item in flat):
                 raise ValueError("BYTES data must be strings")
-            flat = np.empty(len(items), dtype=object)
-            flat[:] = items
         else:
             flat = np.asarray(data, dtype=dtype).reshape(-1)
     except (ValueError, TypeError, OverflowError) as exc:
         raise CodecError(f"{what}: \"data\" is not a list of {DATATYPES[dtype]} values: "
                          f"{exc}") from None
-    if flat.size != count:
-        raise CodecError(f"{what}: \"data\" has {flat.size} values, but shape {list(shape)} "
+    if len(flat) != count:
+        raise CodecError(f"{what}: \"data\" has {len(flat)} values, but shape {list(shape)} "
                          f"needs {count}")
-    return flat.reshape(shape)
+    if dtype is OBJECT:
+        items, flat = flat, np.empty(count, dtype=object)
+        flat[:] = items
+    return shaped(flat, shape, what)
 
 
-def _flatten(data):
-    if isinstance(data, list):
-        for item in data:
-            yield from _flatten(item)
-    else:
-        yield data
+def _flatten(data) -> list:
+    """The leaves of nested lists, row-major (a loop: nesting as deep as the JSON reader
+    allows must not reach Python's recursion limit)."""
+    if not isinstance(data, list):
+        return [data]
+    leaves, stack = [], [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            leaves.append(item)
+        else:
+            stack.pop()
+    return leaves
 
 
 def to_json(array: np.ndarray) -> list:
@@ -396,7 +424,7 @@ def feeds_from_grpc(request) -> dict:
                                  f"text") from None
         else:
             array = np.asarray(values, dtype=dtype)
-        feeds[tensor.name] = array.reshape(shape)
+        feeds[tensor.name] = shaped(array, shape, what)
     return feeds
 
 
@@ -428,7 +456,10 @@ def http_from_grpc(request) -> tuple:
             what = f"input {tensor.name!r}"
             dtype = dtype_of(tensor.datatype, what)
             shape = checked_shape(list(tensor.shape), what)
-            if dtype is not OBJECT and len(data) != math.prod(shape) * dtype.itemsize:
+            if dtype is OBJECT:
+                check_bytes_size(len(data), math.prod(shape), shape, what,
+                                 f"raw_input_contents[{i}]")
+            elif len(data) != math.prod(shape) * dtype.itemsize:
                 raise CodecError(f"{what}: raw_input_contents[{i}] is {len(data)} bytes, but "
                                  f"shape {list(shape)} of {tensor.datatype} needs "
                                  f"{math.prod(shape) * dtype.itemsize}")

@@ -26,6 +26,7 @@ from . import gpu_metrics, metrics
 from .model import BadInput, OnnxModel
 from .oip import OipFace
 from .processors import make_processor
+from .processors.base import BodyTooLarge
 from .runner import DeadlineExceeded, QueueFull, ThreadedRunner
 from .user_code import UserProcessor
 from .warmup import WarmUp
@@ -56,7 +57,7 @@ class WorkerApp:
         else:
             self.model = OnnxModel(model_path, intra_op_threads, device, provider_options,
                                    signature_name)
-            self.processor = make_processor(processor, self.model)
+            self.processor = make_processor(processor, self.model, max_body_size)
             self.signature = json_response(self.model.signature())
         self.batcher = None
         if settings.batching and self.model is not None:
@@ -136,7 +137,9 @@ class WorkerApp:
 
     def answer_error(self, exc: BaseException) -> Response | None:
         """What a predict job's exception answers (None: unexpected, a 500)."""
-        if isinstance(exc, BadInput):
+        if isinstance(exc, BodyTooLarge):
+            response = error_response(413, str(exc))
+        elif isinstance(exc, BadInput):
             response = error_response(400, str(exc))
         elif isinstance(exc, QueueFull):
             response = self._queue_full

@@ -18,7 +18,6 @@ The documents the metadata routes answer are built once, at start-up.
 from __future__ import annotations
 
 import time
-import zlib
 
 from .. import auth
 from ..codec import oip
@@ -28,7 +27,7 @@ from .._native.oipwire import (Answer, Datatypes, GrpcAnswer, OipServe, decode_b
 from ..server import Response, error_response, json_response
 from . import metrics
 from .model import BadInput
-from .processors.base import Call
+from .processors.base import Call, inflate
 
 PLATFORM = "onnxruntime_onnx"
 _JSON = "application/json"
@@ -37,22 +36,14 @@ _EMPTY_OK = Response(200, b"", None, "text/plain")
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """A gzip or deflate (zlib) request body, refused past `limit` bytes decompressed."""
+    """A gzip or deflate (zlib) request body, inflated within gateway/codec/decompress.py's
+    bounds (`limit`: the body limit)."""
     encoding = encoding.strip().lower()
     if encoding == "identity":
         return body
     if encoding not in ("gzip", "deflate"):
         raise BadInput(f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
-    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        plain = inflater.decompress(body, limit)
-    except zlib.error as exc:
-        raise BadInput(f"the body is not valid {encoding} data: {exc}") from None
-    if inflater.unconsumed_tail:
-        raise BadInput(f"the {encoding} body inflates past the {limit}-byte body limit")
-    if not inflater.eof:
-        raise BadInput(f"the {encoding} body is truncated")
-    return plain
+    return inflate(body, encoding, limit)
 
 
 class HttpInferJob:

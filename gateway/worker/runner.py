@@ -10,13 +10,19 @@ about four times the rest of the hop.
 Admission control lives here: a job is refused with QueueFull (450) when
 rpc.max_queue_size jobs already wait for a thread, and its Future gets
 DeadlineExceeded (408) when rpc.keepalive passes before its result is ready.
-A job that expires or is abandoned (its Future cancelled) while queued leaves
-the queue's count at once, and no thread runs it. `InferenceThreads` holds all
-of this; the batcher (gateway/batching) runs its jobs differently on the same
-base.
+A job that expires or is abandoned while queued leaves the queue's count at
+once, and no thread runs it. Abandoned means its Future was cancelled: the
+servers cancel it when the client goes away (connection closed, stream reset),
+and the Future (`Job`) withdraws itself then, so that clients that leave cannot
+hold slots that others need (Rapid Reset filled the queue with them). What
+stays in the threads' queue until a thread skips it is a husk without the
+request; there are at most ABANDONED_PER_SLOT of them a slot, then 450 too.
+`InferenceThreads` holds all of this; the batcher (gateway/batching) runs its
+jobs differently on the same base.
 """
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -25,8 +31,28 @@ from .._native.deadlines import Deadlines
 from ..serviceconfig import RpcSettings
 
 
+# Husks of abandoned jobs the threads' queue may hold, per rpc.max_queue_size slot (each a
+# few hundred bytes; threads skip them at once, as soon as they take the next job).
+ABANDONED_PER_SLOT = 256
+# What a withdrawn job's entry keeps of its job: nothing (its request is let go at once).
+_WITHDRAWN = (None, None)
+
+
 class QueueFull(Exception):
     pass
+
+
+class Job(asyncio.Future):
+    """A queued job's Future: cancelled (its client went away), it withdraws its job from
+    the queue at once."""
+
+    __slots__ = ("threads",)
+
+    def cancel(self, msg=None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self.threads.withdraw(self)
+        return True
 
 
 class DeadlineExceeded(Exception):
@@ -62,10 +88,11 @@ class InferenceThreads:
         self.max_queue = max(1, int(max_queue))
         self.thread_count = max(1, int(thread_count))
         self.jobs = queue.SimpleQueue()
-        # Jobs not yet taken by a thread, by their Future. A thread claims a job, and
-        # the loop withdraws one, with dict.pop: atomic under the GIL, so exactly one
-        # of them gets it.
+        # Jobs not yet taken by a thread: their Future -> their entry in `jobs`. A thread
+        # claims a job, and the loop withdraws one, with dict.pop: atomic under the GIL,
+        # so exactly one of them gets it.
         self.queued: dict = {}
+        self.max_entries = self.max_queue * (1 + ABANDONED_PER_SLOT)
         self.threads: list[threading.Thread] = []
         self.loop = None
         self.deadlines = None  # on the app's event loop, from bind()
@@ -89,7 +116,7 @@ class InferenceThreads:
     def submit(self, deadline: float, *job):
         """A Future of what the threads make of `job`; raises QueueFull or
         DeadlineExceeded at once when the job cannot be taken."""
-        if len(self.queued) >= self.max_queue:
+        if len(self.queued) >= self.max_queue or self.jobs.qsize() >= self.max_entries:
             self.rejected += 1
             raise QueueFull()
         now = time.monotonic()
@@ -99,10 +126,20 @@ class InferenceThreads:
         if not self.threads:
             self._start_threads()
         loop = self.loop
-        result = loop.create_future()
-        self.queued[result] = True
-        self.jobs.put((result, self.deadlines.add(result, loop.time() + remaining), now, job))
+        result = Job(loop=loop)
+        result.threads = self
+        entry = [result, self.deadlines.add(result, loop.time() + remaining), now, job]
+        self.queued[result] = entry
+        self.jobs.put(entry)
         return result
+
+    def withdraw(self, result) -> None:
+        """On the loop: a queued job's Future was cancelled; its slot, its deadline and its
+        request go now (a thread that takes its entry later skips it)."""
+        entry = self.queued.pop(result, None)
+        if entry is not None:
+            entry[1].discard(result)
+            entry[3] = _WITHDRAWN
 
     def claim(self, result) -> bool:
         """On a thread: take a queued job; False when it expired or was abandoned
@@ -119,7 +156,9 @@ class InferenceThreads:
     def _expire(self, result) -> None:
         if result.done():
             return
-        if self.queued.pop(result, None) is not None:
+        entry = self.queued.pop(result, None)
+        if entry is not None:
+            entry[3] = _WITHDRAWN
             self.expired_waiting += 1
         else:
             self.expired_running += 1

@@ -16,11 +16,11 @@ _BY_KIND = {"tensorflow": TFProcessor, "pytorch": TorchProcessor, "caffe": Caffe
             "json": JsonProcessor}
 
 
-def make_processor(name: str, model) -> Processor:
+def make_processor(name: str, model, max_body_size: int) -> Processor:
     kind = processor_kind(name)
     if kind == "python":
         raise ValueError("the python processor runs user code, not a model processor")
-    return _BY_KIND[kind](model)
+    return _BY_KIND[kind](model, max_body_size)
 
 
 __all__ = ["Call", "Processor", "make_processor"]

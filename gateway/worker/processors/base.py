@@ -1,7 +1,22 @@
 from __future__ import annotations
 
 from ..model import BadInput, OnnxModel
+from ...codec.decompress import DecompressError, TooLarge, decompress
 from ...codec.tensors import CodecError
+
+
+class BodyTooLarge(BadInput):
+    """A compressed body inflates past its limits: answered 413."""
+
+
+def inflate(body: bytes, encoding: str, max_size: int) -> bytes:
+    """gateway/codec/decompress.py's decompress, its refusals as the worker answers them."""
+    try:
+        return decompress(body, encoding, max_size)
+    except TooLarge as exc:
+        raise BodyTooLarge(str(exc)) from None
+    except DecompressError as exc:
+        raise BadInput(str(exc)) from None
 
 
 class Call:
@@ -31,8 +46,9 @@ class Call:
 class Processor:
     content_type = "application/octet-stream"
 
-    def __init__(self, model: OnnxModel):
+    def __init__(self, model: OnnxModel, max_body_size: int = 64 << 20):
         self.model = model
+        self.max_body_size = max_body_size  # what a compressed body may inflate to
 
     def decode(self, body: bytes) -> Call:
         raise NotImplementedError
@@ -61,4 +77,5 @@ def parse_message(message_type, body: bytes, what: str):
     return message
 
 
-__all__ = ["BadInput", "Call", "CodecError", "Processor", "parse_message"]
+__all__ = ["BadInput", "BodyTooLarge", "Call", "CodecError", "Processor", "inflate",
+           "parse_message"]

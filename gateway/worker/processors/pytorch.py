@@ -1,36 +1,39 @@
+"""The EAS PyTorch format; the SDK may snappy-compress a body (TorchRequest(flag=True)),
+so a body that is not a request with inputs is tried as raw snappy, inflated within
+gateway/codec/decompress.py's bounds."""
 from __future__ import annotations
-
-import cramjam
 
 from ...codec.tensors import CodecError, decode_array, encode_array
 from ...protos import pytorch_predict_pb2 as pb
-from .base import BadInput, Call, Processor, parse_message
-
-
-def _snappy(body: bytes):
-    try:
-        return bytes(cramjam.snappy.decompress_raw(body))
-    except Exception:
-        return None
+from .base import BadInput, BodyTooLarge, Call, Processor, inflate, parse_message
 
 
 class TorchProcessor(Processor):
     """EAS PyTorch format: positional `inputs` or named `map_inputs`; snappy bodies accepted."""
 
+    def _snappy(self, body: bytes):
+        """The request a snappy body holds; None when the body is not snappy data."""
+        try:
+            plain = inflate(body, "snappy", self.max_body_size)
+        except BodyTooLarge:
+            raise
+        except BadInput:
+            return None
+        return parse_message(pb.PredictRequest, plain, "pytorch PredictRequest")
+
     def decode(self, body: bytes) -> Call:
         try:
             request = parse_message(pb.PredictRequest, body, "pytorch PredictRequest")
         except BadInput:
-            # The SDK may snappy-compress the body (TorchRequest(flag=True)).
-            plain = _snappy(body) if body else None
-            if plain is None:
+            unpacked = self._snappy(body) if body else None
+            if unpacked is None:
                 raise
-            request = parse_message(pb.PredictRequest, plain, "pytorch PredictRequest")
+            request = unpacked
         else:
             if not request.inputs and not request.map_inputs and body:
-                plain = _snappy(body)
-                if plain is not None:
-                    request = parse_message(pb.PredictRequest, plain, "pytorch PredictRequest")
+                unpacked = self._snappy(body)
+                if unpacked is not None:
+                    request = unpacked
         model_inputs = self.model.inputs
         if request.inputs and request.map_inputs:
             raise BadInput("use either positional inputs or map_inputs, not both")

@@ -14,8 +14,8 @@ class TFProcessor(Processor):
     every malformed one, the full protobuf path.
     """
 
-    def __init__(self, model):
-        super().__init__(model)
+    def __init__(self, model, max_body_size: int = 64 << 20):
+        super().__init__(model, max_body_size)
         self.serve = TFServe(model.declared_signature, model.output_names, model.check_feeds,
                              model.run, super().serve)
 
