@@ -17,6 +17,10 @@
   other store objects (other processes, or another object in this process)
   notice through ``PRAGMA data_version`` polled every ``poll_interval``
   seconds and replay the rows they did not write.
+* Signatures remembered against replays (gateway.auth) live in their own file,
+  DIR/replay.db, on their own thread: one small write per signed request must
+  neither wait behind nor wake the control plane (data_version), and is not
+  fsynced (WAL with synchronous=NORMAL survives a process crash).
 """
 from __future__ import annotations
 
@@ -31,14 +35,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from .records import InstanceRecord, ServiceRecord
-from .store import (KIND_INSTANCES, KIND_RESYNC, KIND_SERVICE, ServiceNotFound, Snapshot, Store,
-                    StoreUnavailable, VersionConflict)
+from .store import (KIND_INSTANCES, KIND_RESYNC, KIND_SERVICE, PRUNE_SIGNATURES, ServiceNotFound,
+                    Snapshot, Store, StoreUnavailable, VersionConflict)
 
 log = logging.getLogger("infergate.registry.sqlite")
 
 DB_NAME = "state.db"
-
-
+REPLAY_DB_NAME = "replay.db"
 def _private(directory: str, path: str) -> None:
     """The state holds tokens in clear: the directory 0700 and the database files 0600,
     for every local user but us; existing ones are tightened."""
@@ -78,6 +81,21 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 """
 
+_REPLAY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS signatures (
+    key        TEXT NOT NULL,       -- service and token fingerprint
+    signature  TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    expires    REAL NOT NULL,
+    PRIMARY KEY (key, signature)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS signatures_expiry ON signatures(key, expires);
+CREATE TABLE IF NOT EXISTS signature_counts (
+    key TEXT PRIMARY KEY,
+    n   INTEGER NOT NULL            -- rows of signatures with this key
+) WITHOUT ROWID;
+"""
+
 _LIVE = "(deadline IS NULL OR deadline >= ?)"
 
 Event = tuple[str, str]
@@ -98,6 +116,9 @@ class SqliteStore(Store):
         self._task: asyncio.Task | None = None
         self._closed = False
         self._failing = False
+        self._replay_executor = ThreadPoolExecutor(max_workers=1,
+                                                   thread_name_prefix="infergate-replay")
+        self._replay_conn: sqlite3.Connection | None = None
 
     # ---- plumbing (all on the executor thread) ---------------------------
     def _db(self) -> sqlite3.Connection:
@@ -208,8 +229,16 @@ class SqliteStore(Store):
                 self._conn.close()
                 self._conn = None
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
+        def shut_replay() -> None:
+            if self._replay_conn is not None:
+                self._replay_conn.close()
+                self._replay_conn = None
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, shut)
         self._executor.shutdown(wait=False)
+        await loop.run_in_executor(self._replay_executor, shut_replay)
+        self._replay_executor.shutdown(wait=False)
 
     async def _poll_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -479,3 +508,65 @@ class SqliteStore(Store):
         snap = (recs, insts)
         self._cache_set_snapshot(snap)
         return snap
+
+    # ---- replay memory (on its own thread and file) ------------------------------------
+    async def remember_signature(self, key: str, signature: str, now: float, expires: float,
+                                 capacity: int) -> float | None:
+        if self._closed:
+            raise StoreUnavailable("registry store is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._replay_executor, self._remember, key,
+                                              signature, now, expires, capacity)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"replay db in {self.directory}: {exc}") from exc
+
+    def _replay_db(self) -> sqlite3.Connection:
+        if self._replay_conn is None:
+            path = os.path.join(self.directory, REPLAY_DB_NAME)
+            _private(self.directory, path)
+            conn = sqlite3.connect(path, timeout=5.0, isolation_level=None,
+                                   check_same_thread=False)
+            try:
+                conn.execute("PRAGMA busy_timeout = 5000")
+                conn.execute("PRAGMA journal_mode = WAL")
+                _private(self.directory, path)
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.executescript(_REPLAY_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            self._replay_conn = conn
+        return self._replay_conn
+
+    def _remember(self, key: str, signature: str, now: float, expires: float,
+                  capacity: int) -> float | None:
+        conn = self._replay_db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            forgotten = conn.execute(
+                "DELETE FROM signatures WHERE key = ? AND signature IN (SELECT signature FROM "
+                "signatures WHERE key = ? AND expires < ? LIMIT ?)",
+                (key, key, now, PRUNE_SIGNATURES)).rowcount
+            row = conn.execute("SELECT first_seen FROM signatures WHERE key = ? AND "
+                               "signature = ?", (key, signature)).fetchone()
+            count = conn.execute("SELECT n FROM signature_counts WHERE key = ?",
+                                 (key,)).fetchone()
+            remembered = (count[0] if count else 0) - forgotten
+            if row is not None:
+                first_seen = row[0]
+            elif remembered >= capacity:
+                first_seen = None
+            else:
+                conn.execute("INSERT INTO signatures VALUES (?, ?, ?, ?)",
+                             (key, signature, now, expires))
+                remembered += 1
+                first_seen = now
+            if forgotten or first_seen == now:
+                conn.execute("INSERT OR REPLACE INTO signature_counts VALUES (?, ?)",
+                             (key, remembered))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return first_seen
