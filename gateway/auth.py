@@ -17,12 +17,14 @@ same signature). The memory is kept per service and token (a token holder can
 fill only its own share) and, full, refuses new signatures rather than forget
 old ones. A worker remembers in its process (SeenSignatures); a gateway in its
 state store (StoreSignatures, shared by its processes and kept over restarts),
-where a POST's check is an awaitable. Signed GETs (discovery, a model's
-signature) change nothing and their callers cannot wait: they are remembered per
-process. The raw token costs none of this.
+where a POST's check is an awaitable (while the store is unavailable, the process's
+memory stands in, as routes are served from the last snapshot). Signed GETs
+(discovery, a model's signature) change nothing and their callers cannot wait: they
+are remembered per process. The raw token costs none of this.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import hashlib
@@ -30,6 +32,8 @@ import heapq
 import hmac
 import time
 from typing import Awaitable, Union
+
+from .registry import StoreError
 
 MAX_CLOCK_SKEW = 15 * 60.0
 # eas-prediction writes its *local* time and labels it GMT. A client whose clock
@@ -39,17 +43,17 @@ ZONE_DRIFT = 60.0
 MAX_ZONE_OFFSET = 14 * 3600.0
 REPLAY_WINDOW_S = MAX_ZONE_OFFSET + ZONE_DRIFT  # how long after its Date a signature works
 REPEAT_S = 2.0
-# Signatures remembered per service and token: in a process (about 200 bytes each), and
-# by default in a gateway's store (--replay-memory; about 100 bytes each on disk or in Redis).
+# Signatures remembered per service and token: in a process (about 250 bytes each), and
+# by default in a gateway's store (--replay-memory; about 150 bytes each in SQLite's
+# replay.db, 240 in Redis' memory).
 LOCAL_CAPACITY = 100_000
 SHARED_CAPACITY = 1_000_000
+REPLAY_CHECK_TIMEOUT_S = 5.0  # a store slower than this (down, swamped): the process's memory
 
 REPLAYED = "this signature was already used: sign each request anew"
 MEMORY_FULL = ("too many signatures of this token are remembered against replays (its "
                "share of the replay memory is full until their Dates expire): send the "
                "token itself over TLS, or use another token")
-MEMORY_DOWN = ("signatures cannot be checked against replays now (the state store is "
-               "unavailable): retry, or send the token itself over TLS")
 
 Verdict = Union[str, None]
 
@@ -86,13 +90,13 @@ class StoreSignatures:
         self.capacity = capacity
 
     async def verdict(self, key: str, signature: str, now: float, expires: float) -> Verdict:
-        from .registry import StoreError
-
         try:
-            first_seen = await self.store.remember_signature(key, signature, now, expires,
-                                                             self.capacity)
-        except StoreError:
-            return MEMORY_DOWN
+            first_seen = await asyncio.wait_for(self.store.remember_signature(
+                key, signature, now, expires, self.capacity), REPLAY_CHECK_TIMEOUT_S)
+        except (StoreError, asyncio.TimeoutError):
+            # The store is down or swamped: the gateway serves on (as its routes do, from
+            # the last snapshot), each process then checking replays on its own.
+            first_seen = _local.remember(key, signature, now, expires)
         return _verdict(first_seen, now)
 
 

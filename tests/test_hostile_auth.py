@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import free_port, infergate_cmd
 from gateway import auth
 from gateway_helpers import endpoints, error_message, post, seed_services, start_gateway
 from test_gateway import digits_request
@@ -27,14 +28,29 @@ def signed_bodies(count: int) -> list[tuple[bytes, dict]]:
     return signed
 
 
-def test_replays_are_refused_by_every_process_and_after_a_restart(procs, tmp_path,
+@pytest.fixture(params=["state-dir", "redis"])
+def store_location(request, tmp_path) -> tuple[str, str]:
+    """(the gateway's store flag, its value): the embedded store, or Redis."""
+    if request.param == "redis":
+        return "--registry", request.getfixturevalue("redis_server").url
+    return "--state-dir", str(tmp_path)
+
+
+def start_gateway_on(procs, store_location, *extra: str):
+    port = free_port()
+    return procs.start(infergate_cmd("gateway", "--host", "127.0.0.1", "--port", str(port),
+                                     *store_location, "--admin-token", "admin-secret", *extra),
+                       port)
+
+
+def test_replays_are_refused_by_every_process_and_after_a_restart(procs, store_location,
                                                                    worker_factory):
     """With --processes 2 each connection lands on either process: a signature used on
     one must be refused by the other, and by the gateway started again."""
     worker = worker_factory()  # no token of its own: the gateway is the only check
-    seed_services(str(tmp_path), [{"name": "digits", "token": "tok",
-                                   "config": {"endpoints": endpoints(worker)}}])
-    gateway = start_gateway(procs, str(tmp_path), "--processes", "2")
+    seed_services(store_location[1], [{"name": "digits", "token": "tok",
+                                       "config": {"endpoints": endpoints(worker)}}])
+    gateway = start_gateway_on(procs, store_location, "--processes", "2")
     url = f"{gateway.url}/api/predict/digits"
     requests = signed_bodies(40)
     for body, headers in requests:
@@ -46,7 +62,7 @@ def test_replays_are_refused_by_every_process_and_after_a_restart(procs, tmp_pat
     assert status == 401 and "already used" in error_message(answer)
 
     gateway.stop()
-    gateway = start_gateway(procs, str(tmp_path), "--processes", "2")
+    gateway = start_gateway_on(procs, store_location, "--processes", "2")
     url = f"{gateway.url}/api/predict/digits"
     passed = [i for i, (body, headers) in enumerate(requests[:10])
               if post(url, body, headers)[0] != 401]
@@ -101,9 +117,7 @@ def memory(request, tmp_path):
         from gateway.registry import open_store
 
         if request.param == "redis":
-            server = request.getfixturevalue("redis_server")
-            server.start()
-            store = open_store(server.url)
+            store = open_store(request.getfixturevalue("redis_server").url)
         else:
             store = open_store(str(tmp_path))
         auth.remember_signatures_in(store)
@@ -163,3 +177,44 @@ def test_a_full_share_refuses_until_its_signatures_expire(memory):
     headers = {k.lower(): v for k, v in auth.sign("tok", body, "digits", now=t1).items()}
     assert _verdict(auth.verify(headers, "POST", "/api/predict/digits", body, "tok", "digits",
                                 now=t1)) is None
+
+
+def test_a_flood_of_signatures_does_not_take_the_stores_redis(redis_server):
+    """Replay checks wait for a few Redis connections of their own: 500 at once neither
+    exhaust the client's pool nor make the store think Redis is down."""
+    from gateway.registry import open_store
+
+    async def flood():
+        store = open_store(redis_server.url)
+        await store.start()
+        try:
+            now = time.time()
+            firsts = await asyncio.gather(*(
+                store.remember_signature("digits:flood", f"signature-{i}", now, now + 60, 10_000)
+                for i in range(500)))
+            return firsts, store.available, await store.list_services()
+        finally:
+            await store.close()
+
+    firsts, available, services = asyncio.run(flood())
+    assert len(firsts) == 500 and all(first is not None for first in firsts)
+    assert available and services == []
+
+
+def test_signed_requests_are_served_while_the_store_is_down(procs, redis_server,
+                                                          worker_factory):
+    """Without its Redis a gateway serves on from its last snapshot: signed requests too,
+    each process then remembering signatures itself (a replay to it is refused)."""
+    worker = worker_factory()
+    seed_services(redis_server.url, [{"name": "digits", "token": "tok",
+                                      "config": {"endpoints": endpoints(worker)}}])
+    gateway = start_gateway_on(procs, ("--registry", redis_server.url))
+    url = f"{gateway.url}/api/predict/digits"
+    assert post(url, *signed_bodies(1)[0])[0] == 200
+    redis_server.stop()
+    fresh = digits_request(np.ones((1, 784), dtype=np.float32))
+    signed = auth.sign("tok", fresh, "digits")
+    assert post(url, fresh, signed)[0] == 200
+    time.sleep(auth.REPEAT_S + 0.5)
+    status, answer, _ = post(url, fresh, signed)
+    assert status == 401 and "already used" in error_message(answer)

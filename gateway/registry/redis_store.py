@@ -81,6 +81,7 @@ SEP = "\x00"                      # between service and instance id in deadline 
 TICK_GAP_S = 1.5                  # no lease read for this long: Redis was away (see above)
 DEFAULT_TTL_S = 3.0               # a lease term, where no instance says its own
 ECHO_WINDOW_S = 5.0               # how long we wait for the echo of our own publish
+REPLAY_IN_FLIGHT = 32             # replay checks at once (redis-py's pool holds 100 connections)
 
 _CONN_ERRORS: tuple[type[BaseException], ...] = (
     rexc.ConnectionError, rexc.TimeoutError, rexc.ClusterDownError, rexc.ClusterError,
@@ -379,6 +380,7 @@ class RedisStore(Store):
         self._s_put_service = reg(_PUT_SERVICE)
         self._s_restore = reg(_RESTORE)
         self._s_remember = reg(_REMEMBER_SIGNATURE)
+        self._replay_slots = asyncio.Semaphore(REPLAY_IN_FLIGHT)
         self._available = True
         self._supervised = False       # a listener task owns the connection state
         self._outage_logged = False
@@ -848,7 +850,11 @@ class RedisStore(Store):
     async def remember_signature(self, key: str, signature: str, now: float, expires: float,
                                  capacity: int) -> float | None:
         base = f"{self.prefix}{{seen:{key}}}:"
-        first_seen = await self._w(lambda: self._s_remember(
-            keys=[base + "expiry", base + "first"],
-            args=[repr(now), signature, repr(expires), capacity, PRUNE_SIGNATURES]))
+        try:
+            async with self._replay_slots:  # a flood of signed requests must not take the pool
+                first_seen = await self._w(lambda: self._s_remember(
+                    keys=[base + "expiry", base + "first"],
+                    args=[repr(now), signature, repr(expires), capacity, PRUNE_SIGNATURES]))
+        except rexc.RedisError as exc:  # e.g. out of memory: nothing remembered, so refuse
+            raise StoreUnavailable(f"redis at {self._where} refused a signature: {exc}") from exc
         return None if first_seen is None else float(first_seen)
