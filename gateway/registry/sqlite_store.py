@@ -18,9 +18,10 @@
   notice through ``PRAGMA data_version`` polled every ``poll_interval``
   seconds and replay the rows they did not write.
 * Signatures remembered against replays (gateway.auth) live in their own file,
-  DIR/replay.db, on their own thread: one small write per signed request must
-  neither wait behind nor wake the control plane (data_version), and is not
-  fsynced (WAL with synchronous=NORMAL survives a process crash).
+  DIR/replay.db, on their own thread: a write per signed request must neither
+  wait behind nor wake the control plane (data_version), and is not fsynced
+  (WAL with synchronous=NORMAL survives a process crash). The checks that arrive
+  while a transaction runs share the next one.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ log = logging.getLogger("infergate.registry.sqlite")
 
 DB_NAME = "state.db"
 REPLAY_DB_NAME = "replay.db"
+SIGNATURES_PER_TRANSACTION = 256  # replay checks that share one transaction at most
 def _private(directory: str, path: str) -> None:
     """The state holds tokens in clear: the directory 0700 and the database files 0600,
     for every local user but us; existing ones are tightened."""
@@ -101,6 +103,13 @@ _LIVE = "(deadline IS NULL OR deadline >= ?)"
 Event = tuple[str, str]
 
 
+def _fail(checks: list[tuple], error: StoreUnavailable) -> None:
+    """Answer the waiting replay checks (key, ..., future) with `error`."""
+    for *_, answer in checks:
+        if not answer.done():
+            answer.set_exception(error)
+
+
 class SqliteStore(Store):
     def __init__(self, directory: str | os.PathLike, *, poll_interval: float = 0.2) -> None:
         super().__init__()
@@ -119,6 +128,8 @@ class SqliteStore(Store):
         self._replay_executor = ThreadPoolExecutor(max_workers=1,
                                                    thread_name_prefix="infergate-replay")
         self._replay_conn: sqlite3.Connection | None = None
+        self._replay_queue: list[tuple] = []   # (key, signature, now, expires, capacity, future)
+        self._replay_writer: asyncio.Task | None = None
 
     # ---- plumbing (all on the executor thread) ---------------------------
     def _db(self) -> sqlite3.Connection:
@@ -234,6 +245,9 @@ class SqliteStore(Store):
                 self._replay_conn.close()
                 self._replay_conn = None
 
+        if self._replay_writer is not None:
+            await self._stop_tasks([self._replay_writer])
+        _fail(self._replay_queue, StoreUnavailable("registry store is closed"))
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, shut)
         self._executor.shutdown(wait=False)
@@ -512,14 +526,35 @@ class SqliteStore(Store):
     # ---- replay memory (on its own thread and file) ------------------------------------
     async def remember_signature(self, key: str, signature: str, now: float, expires: float,
                                  capacity: int) -> float | None:
+        """Queued: the checks that arrive while one transaction runs share the next (a
+        commit per signed request would cost more than the checks themselves)."""
         if self._closed:
             raise StoreUnavailable("registry store is closed")
+        answer = asyncio.get_running_loop().create_future()
+        self._replay_queue.append((key, signature, now, expires, capacity, answer))
+        if self._replay_writer is None:
+            self._replay_writer = asyncio.create_task(self._write_signatures())
+        return await answer
+
+    async def _write_signatures(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._replay_executor, self._remember, key,
-                                              signature, now, expires, capacity)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"replay db in {self.directory}: {exc}") from exc
+            while self._replay_queue:
+                batch = self._replay_queue[:SIGNATURES_PER_TRANSACTION]
+                del self._replay_queue[:SIGNATURES_PER_TRANSACTION]
+                try:
+                    results = await loop.run_in_executor(
+                        self._replay_executor, self._remember, [item[:5] for item in batch])
+                except BaseException as exc:  # (cancelled: the store is closing)
+                    _fail(batch, StoreUnavailable(f"replay db in {self.directory}: {exc!r}"))
+                    if isinstance(exc, sqlite3.Error):
+                        continue
+                    raise
+                for (*_, answer), first_seen in zip(batch, results):
+                    if not answer.done():  # (its request may have given up waiting)
+                        answer.set_result(first_seen)
+        finally:
+            self._replay_writer = None
 
     def _replay_db(self) -> sqlite3.Connection:
         if self._replay_conn is None:
@@ -539,34 +574,37 @@ class SqliteStore(Store):
             self._replay_conn = conn
         return self._replay_conn
 
-    def _remember(self, key: str, signature: str, now: float, expires: float,
-                  capacity: int) -> float | None:
+    def _remember(self, batch: list[tuple[str, str, float, float, int]]) -> list[float | None]:
+        """remember_signature for each of `batch`, in one transaction."""
         conn = self._replay_db()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            forgotten = conn.execute(
-                "DELETE FROM signatures WHERE key = ? AND signature IN (SELECT signature FROM "
-                "signatures WHERE key = ? AND expires < ? LIMIT ?)",
-                (key, key, now, PRUNE_SIGNATURES)).rowcount
-            row = conn.execute("SELECT first_seen FROM signatures WHERE key = ? AND "
-                               "signature = ?", (key, signature)).fetchone()
-            count = conn.execute("SELECT n FROM signature_counts WHERE key = ?",
-                                 (key,)).fetchone()
-            remembered = (count[0] if count else 0) - forgotten
-            if row is not None:
-                first_seen = row[0]
-            elif remembered >= capacity:
-                first_seen = None
-            else:
-                conn.execute("INSERT INTO signatures VALUES (?, ?, ?, ?)",
-                             (key, signature, now, expires))
-                remembered += 1
-                first_seen = now
-            if forgotten or first_seen == now:
-                conn.execute("INSERT OR REPLACE INTO signature_counts VALUES (?, ?)",
-                             (key, remembered))
+            counts: dict[str, int] = {}  # rows per key, as this transaction leaves them
+            results: list[float | None] = []
+            for key, signature, now, expires, capacity in batch:
+                if key not in counts:
+                    forgotten = conn.execute(
+                        "DELETE FROM signatures WHERE key = ? AND signature IN (SELECT "
+                        "signature FROM signatures WHERE key = ? AND expires < ? LIMIT ?)",
+                        (key, key, now, PRUNE_SIGNATURES)).rowcount
+                    row = conn.execute("SELECT n FROM signature_counts WHERE key = ?",
+                                       (key,)).fetchone()
+                    counts[key] = (row[0] if row else 0) - forgotten
+                row = conn.execute("SELECT first_seen FROM signatures WHERE key = ? AND "
+                                   "signature = ?", (key, signature)).fetchone()
+                if row is not None:
+                    results.append(row[0])
+                elif counts[key] >= capacity:
+                    results.append(None)
+                else:
+                    conn.execute("INSERT INTO signatures VALUES (?, ?, ?, ?)",
+                                 (key, signature, now, expires))
+                    counts[key] += 1
+                    results.append(now)
+            conn.executemany("INSERT OR REPLACE INTO signature_counts VALUES (?, ?)",
+                             counts.items())
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return first_seen
+        return results
