@@ -218,3 +218,12 @@ def test_signed_requests_are_served_while_the_store_is_down(procs, redis_server,
     time.sleep(auth.REPEAT_S + 0.5)
     status, answer, _ = post(url, fresh, signed)
     assert status == 401 and "already used" in error_message(answer)
+
+
+def test_the_replay_memory_needs_room_for_a_signature():
+    from gateway.cli.errors import CliError
+    from gateway.cli.main import build_parser
+
+    args = build_parser().parse_args(["gateway", "--replay-memory", "0"])
+    with pytest.raises(CliError, match="--replay-memory must be at least 1"):
+        args.run(args)
