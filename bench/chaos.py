@@ -1,6 +1,6 @@
 """Faults under load: what clients see when instances, Redis and the gateway fail.
 
-`python -m bench chaos [-- --redis-restarts 20 --soak 1000000]`
+`python -m bench chaos [-- --redis-restarts 20 --soak 1000000 --only faults|h2]`
 
 One gateway on Redis (an append-only file, so a restart keeps the data) and three
 workers that register themselves with leases. Sixteen keep-alive clients post
@@ -24,6 +24,9 @@ gateway's RSS before and after, after a warm-up.
 Targets (issue 15): 0 failed or lost requests for every fault but the hang, whose
 failures may only be requests already sent to it; 0 slow requests after the hang's
 first second; RSS growth <= 20 MB over 1M requests.
+
+Then the HTTP/2 attacks on the gRPC ports (bench/chaos_h2.py; `--only h2` runs only
+those, `--only faults` only the rows above).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ import urllib.request
 
 import numpy as np
 
+from bench import chaos_h2
 from bench.procs import free_port, start, stop, wait_port
 from gateway.models import DIGITS_MODEL
 
@@ -244,7 +248,18 @@ def main(argv: list[str]) -> None:
     p.add_argument("--empty-restarts", type=int, default=3)
     p.add_argument("--soak", type=int, default=1_000_000, help="requests (0: no soak)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--only", choices=("faults", "h2"),
+                   help="run only the faults under load, or only the HTTP/2 attacks")
+    chaos_h2.add_arguments(p)
     args = p.parse_args(argv)
+    if args.only != "h2":
+        faults(args)
+    if args.only != "faults":
+        print("\n--- HTTP/2 attacks on the gRPC ports ---", flush=True)
+        chaos_h2.run(args)
+
+
+def faults(args) -> None:
     rng = random.Random(args.seed)
     body = digits_body()
     redis = Redis()

@@ -4,23 +4,36 @@ registration credential of launched workers.
 Signature: `Authorization: EAS base64(HMAC-SHA1(token, msg))` with
 msg = "POST\\n" + Content-MD5 + "\\n" + Content-Type + "\\n" + Date + "\\n" + resource,
 stripped of surrounding whitespace as the SDK does. The body's MD5 must match
-the Content-MD5 header and the Date must be within 15 minutes of our clock.
+the Content-MD5 header and the Date must be fresh (date_is_fresh). The query
+string is not signed, so a signed request carries none.
 
-A signature is not a password: one seen on the wire must not open the service
-for the next quarter hour. Each process remembers the signatures it accepted
-(SeenSignatures) and takes one again only within REPEAT_S of its first use (the
-SDK's Date has whole seconds, so identical requests, and its retries, within one
-second carry the same signature). The query string is not signed, so a signed
-request carries none.
+A signature is not a password: one seen on the wire must open the service once.
+Its Date stays acceptable for up to REPLAY_WINDOW_S (the zone offsets that
+eas-prediction's mislabelled local time needs recur every 15 minutes for 14
+hours), so a signature is remembered until its Date can no longer be accepted,
+and taken again only within REPEAT_S of its first use (the SDK's Date has whole
+seconds, so identical requests, and its retries, within one second carry the
+same signature). The memory is kept per service and token (a token holder can
+fill only its own share) and, full, refuses new signatures rather than forget
+old ones. A worker remembers in its process (SeenSignatures); a gateway in its
+state store (StoreSignatures, shared by its processes and kept over restarts),
+where a POST's check is an awaitable (while the store is unavailable, the process's
+memory stands in, as routes are served from the last snapshot). Signed GETs
+(discovery, a model's signature) change nothing and their callers cannot wait: they
+are remembered per process. The raw token costs none of this.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
-import collections
 import email.utils
 import hashlib
+import heapq
 import hmac
 import time
+from typing import Awaitable, Union
+
+from .registry import StoreError
 
 MAX_CLOCK_SKEW = 15 * 60.0
 # eas-prediction writes its *local* time and labels it GMT. A client whose clock
@@ -28,35 +41,88 @@ MAX_CLOCK_SKEW = 15 * 60.0
 # 15 minutes, within 14 hours): accept that, give or take this much drift.
 ZONE_DRIFT = 60.0
 MAX_ZONE_OFFSET = 14 * 3600.0
+REPLAY_WINDOW_S = MAX_ZONE_OFFSET + ZONE_DRIFT  # how long after its Date a signature works
 REPEAT_S = 2.0
-MAX_REMEMBERED = 100_000  # signatures; past it the oldest is forgotten (about 20 MB)
+# Signatures remembered per service and token: in a process (about 250 bytes each), and
+# by default in a gateway's store (--replay-memory; about 150 bytes each in SQLite's
+# replay.db, 240 in Redis' memory).
+LOCAL_CAPACITY = 100_000
+SHARED_CAPACITY = 1_000_000
+REPLAY_CHECK_TIMEOUT_S = 5.0  # a store slower than this (down, swamped): the process's memory
+
+REPLAYED = "this signature was already used: sign each request anew"
+MEMORY_FULL = ("too many signatures of this token are remembered against replays (its "
+               "share of the replay memory is full until their Dates expire): send the "
+               "token itself over TLS, or use another token")
+
+Verdict = Union[str, None]
 
 
 class SeenSignatures:
-    """The signatures accepted in the last REMEMBER_S seconds, by when first seen."""
+    """Signatures remembered by this process, per service and token, until they expire."""
 
-    REMEMBER_S = 2 * (MAX_CLOCK_SKEW + ZONE_DRIFT)  # as long as a Date stays fresh
-
-    def __init__(self, capacity: int = MAX_REMEMBERED):
+    def __init__(self, capacity: int = LOCAL_CAPACITY):
         self.capacity = capacity
-        self.first_seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.by_key: dict[str, tuple[dict[str, float], list[tuple[float, str]]]] = {}
 
-    def admit(self, signature: str, now: float) -> bool:
-        """Whether `signature` (verified) may pass now: new, or a repeat within REPEAT_S."""
-        first_seen = self.first_seen
-        while first_seen:
-            oldest, seen = next(iter(first_seen.items()))
-            if now - seen <= self.REMEMBER_S and len(first_seen) < self.capacity:
-                break
-            del first_seen[oldest]
+    def remember(self, key: str, signature: str, now: float, expires: float) -> float | None:
+        """When `signature` was first remembered under `key` (now, if new); None when the
+        key's share is full. Entries whose `expires` passed are forgotten first."""
+        first_seen, expiry = self.by_key.setdefault(key, ({}, []))
+        while expiry and expiry[0][0] < now:
+            del first_seen[heapq.heappop(expiry)[1]]
         seen = first_seen.get(signature)
-        if seen is None:
-            first_seen[signature] = now
-            return True
-        return now - seen <= REPEAT_S
+        if seen is not None:
+            return seen
+        if len(first_seen) >= self.capacity:
+            return None
+        first_seen[signature] = now
+        heapq.heappush(expiry, (expires, signature))
+        return now
 
 
-_seen = SeenSignatures()
+class StoreSignatures:
+    """Signatures remembered in a gateway's state store (SQLite in the state dir, or
+    Redis): shared by its processes, and by every gateway on the same Redis."""
+
+    def __init__(self, store, capacity: int = SHARED_CAPACITY):
+        self.store = store
+        self.capacity = capacity
+
+    async def verdict(self, key: str, signature: str, now: float, expires: float) -> Verdict:
+        try:
+            first_seen = await asyncio.wait_for(self.store.remember_signature(
+                key, signature, now, expires, self.capacity), REPLAY_CHECK_TIMEOUT_S)
+        except (StoreError, asyncio.TimeoutError):
+            # The store is down or swamped: the gateway serves on (as its routes do, from
+            # the last snapshot), each process then checking replays on its own.
+            first_seen = _local.remember(key, signature, now, expires)
+        return _verdict(first_seen, now)
+
+
+def _verdict(first_seen: float | None, now: float) -> Verdict:
+    if first_seen is None:
+        return MEMORY_FULL
+    return None if now - first_seen <= REPEAT_S else REPLAYED
+
+
+_local = SeenSignatures()
+_shared: StoreSignatures | None = None
+
+
+def remember_signatures_in(store, capacity: int = SHARED_CAPACITY) -> None:
+    """Make this process (a gateway's) remember signed POSTs in `store`."""
+    global _shared
+    _shared = StoreSignatures(store, capacity)
+
+
+def _replay_verdict(method: str, service: str, token: str, signature: str, sent: float,
+                    now: float) -> Verdict | Awaitable[Verdict]:
+    key = service + ":" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    expires = sent + REPLAY_WINDOW_S
+    if _shared is not None and method != "GET":
+        return _shared.verdict(key, signature, now, expires)
+    return _verdict(_local.remember(key, signature, now, expires), now)
 
 
 def date_is_fresh(sent: float, now: float) -> bool:
@@ -69,8 +135,9 @@ def date_is_fresh(sent: float, now: float) -> bool:
 
 
 def verify(headers: dict, method: str, path: str, body: bytes, token: str, service: str,
-           now: float | None = None, query: str = "") -> str | None:
-    """None when the request may pass, else the reason to answer 401 with."""
+           now: float | None = None, query: str = "") -> Verdict | Awaitable[Verdict]:
+    """None when the request may pass, else the reason to answer 401 with; for a signed
+    POST to a gateway (remember_signatures_in), an awaitable of either."""
     auth = headers.get("authorization")
     if not auth:
         return f"service {service!r} needs a token: send it in the Authorization header"
@@ -90,16 +157,15 @@ def verify(headers: dict, method: str, path: str, body: bytes, token: str, servi
         sent = email.utils.parsedate_to_datetime(date).timestamp()
     except (TypeError, ValueError):
         return "signed requests need a valid Date header"
-    if not date_is_fresh(sent, time.time() if now is None else now):
+    now = time.time() if now is None else now
+    if not date_is_fresh(sent, now):
         return "the request's Date is more than 15 minutes from the server's clock"
     resource = path  # the SDK signs /api/predict/<service>[/<subpath>] as it calls it
     message = f"{method}\n{content_md5}\n{headers.get('content-type', '')}\n{date}\n{resource}".strip()
     expected = base64.b64encode(hmac.new(token.encode(), message.encode(), hashlib.sha1).digest())
     if not hmac.compare_digest(expected, auth[4:].strip().encode("latin-1")):
         return "invalid signature"
-    if not _seen.admit(expected.decode(), time.monotonic()):
-        return "this signature was already used: sign each request anew"
-    return None
+    return _replay_verdict(method, service, token, expected.decode(), sent, now)
 
 
 def sign(token: str, body: bytes, service: str, content_type: str = "application/octet-stream",

@@ -147,7 +147,8 @@ cdef class RouteFilter:
 cdef class AuthFilter:
     """The service's token, raw or as an EAS signature, or an identified caller's (whose
     identity the version rules then read): `verify(headers, method, path, body, token,
-    service)` gives the reason to refuse, or None."""
+    service)` gives the reason to refuse, or None, or (a signature that must be checked
+    against replays in the store) an awaitable of either."""
 
     def __init__(self, verify):
         self.verify = verify
@@ -165,15 +166,30 @@ cdef class AuthFilter:
                                  token, ex.service, None, request.query)
             if reason is None:
                 return None
+            if not isinstance(reason, str):
+                return _verdict(reason, ex, None)
         for caller_token, identity in callers:  # an identified caller's token
-            if self.verify(request.headers, request.method, request.path, request.body,
-                           caller_token, ex.service, None, request.query) is None:
+            verdict = self.verify(request.headers, request.method, request.path, request.body,
+                                  caller_token, ex.service, None, request.query)
+            if verdict is None:
                 ex.caller = identity
                 return None
+            if not isinstance(verdict, str):
+                return _verdict(verdict, ex, identity)
         if reason is None:
             reason = self.verify(request.headers, request.method, request.path, request.body,
                                  callers[0][0], ex.service, None, request.query)
         return error_response(401, reason)
+
+
+async def _verdict(pending, Exchange ex, identity):
+    """A valid signature's replay check: None (ex's caller is `identity`) or a 401."""
+    reason = await pending
+    if reason is not None:
+        return error_response(401, reason)
+    if identity is not None:
+        ex.caller = identity
+    return None
 
 
 cdef class VersionFilter:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ipaddress
 import os
 
+from ..auth import SHARED_CAPACITY
 from .errors import CliError
 
 DEFAULT_STATE_DIR = os.path.join(os.path.expanduser("~"), ".infergate")
@@ -42,6 +43,11 @@ def register(sub) -> None:
                    help="list every service's instances to anyone; by default a service with "
                         "a token lists them only to requests that carry it. The unchanged "
                         "eas-prediction SDK sends no token when it discovers (direct mode)")
+    p.add_argument("--replay-memory", type=int, default=SHARED_CAPACITY, metavar="N",
+                   help="EAS signatures remembered against replays per service token and per "
+                        "caller token, in the state store, until their Dates expire (14 h); "
+                        "past N that token's signed requests get 401 until some expire "
+                        f"(default {SHARED_CAPACITY:,})")
     p.add_argument("--access-log", metavar="PATH",
                    help="write one JSON line per answered request to PATH (default: none)")
     p.add_argument("--log-level", default="INFO")
@@ -69,6 +75,8 @@ def run(args) -> int:
                        f"got {args.registry!r}; use --state-dir for the embedded store")
     if args.state_dir and os.path.exists(args.state_dir) and not os.path.isdir(args.state_dir):
         raise CliError(f"--state-dir {args.state_dir!r} exists and is not a directory")
+    if args.replay_memory < 1:
+        raise CliError(f"--replay-memory must be at least 1, got {args.replay_memory}")
     for flag, port in (("--port", args.port), ("--grpc-port", args.grpc_port)):
         if port is not None and not 0 < port < 65536:
             raise CliError(f"{flag} must be from 1 to 65535, got {port}")
@@ -77,11 +85,14 @@ def run(args) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
 
     async def make_app():
+        from .. import auth
         from ..control import attach_control_plane
         from ..proxy.app import GatewayApp
         from ..registry import open_store
 
-        app = GatewayApp(open_store(location), args.admin_token, args.max_body_mb << 20,
+        store = open_store(location)
+        auth.remember_signatures_in(store, args.replay_memory)
+        app = GatewayApp(store, args.admin_token, args.max_body_mb << 20,
                          args.health_interval, args.access_log, args.max_connections,
                          args.open_discovery, args.max_response_mb << 20)
         attach_control_plane(app, location, f"http://{host}:{args.port}")

@@ -13,6 +13,9 @@ scripts below touch a single slot)::
     infergate:{state}:generation           string  a random id, set once with the state
     infergate:{state}:tick                 string  server time of the last lease read
     infergate:changes                      pub/sub channel, messages "kind:name"
+    infergate:{seen:<key>}:expiry          zset  signature -> when it expires (gateway.auth's
+                                                 replay memory, one pair per service and token,
+    infergate:{seen:<key>}:first           hash  signature -> when first seen   in its own slot)
 
 Service writes are compare-and-set (``_PUT_SERVICE``): the script checks the
 stored version against the one the writer read and writes the record (JSON with
@@ -67,8 +70,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .records import InstanceRecord, ServiceRecord
-from .store import (KIND_INSTANCES, KIND_RESYNC, KIND_SERVICE, KINDS, ServiceNotFound, Snapshot,
-                    Store, StoreError, StoreUnavailable, VersionConflict)
+from .store import (KIND_INSTANCES, KIND_RESYNC, KIND_SERVICE, KINDS, PRUNE_SIGNATURES,
+                    ServiceNotFound, Snapshot, Store, StoreError, StoreUnavailable,
+                    VersionConflict)
 
 log = logging.getLogger("infergate.registry.redis")
 
@@ -77,6 +81,7 @@ SEP = "\x00"                      # between service and instance id in deadline 
 TICK_GAP_S = 1.5                  # no lease read for this long: Redis was away (see above)
 DEFAULT_TTL_S = 3.0               # a lease term, where no instance says its own
 ECHO_WINDOW_S = 5.0               # how long we wait for the echo of our own publish
+REPLAY_IN_FLIGHT = 32             # replay checks at once (redis-py's pool holds 100 connections)
 
 _CONN_ERRORS: tuple[type[BaseException], ...] = (
     rexc.ConnectionError, rexc.TimeoutError, rexc.ClusterDownError, rexc.ClusterError,
@@ -222,6 +227,29 @@ if redis.call('HLEN', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], ARGV[3]) en
 return 1
 """
 
+# KEYS: a replay key's expiry zset and first-seen hash; ARGV: now, signature, expires,
+# capacity, most expired entries forgotten -> when the signature was first seen (now if it
+# is new), or nil when the key holds `capacity` unexpired ones. The keys expire with the
+# last entry.
+_REMEMBER_SIGNATURE = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, ARGV[5])
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+local first = redis.call('HGET', KEYS[2], ARGV[2])
+if first then return first end
+if redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf') >= tonumber(ARGV[4]) then return false end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+local ttl = math.ceil(tonumber(ARGV[3]) - tonumber(ARGV[1])) + 1
+if redis.call('TTL', KEYS[1]) < ttl then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return ARGV[1]
+"""
+
 # KEYS: instances hash; ARGV: id, expected, new -> 1 set, 0 changed meanwhile, -1 gone
 _CAS = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -351,6 +379,8 @@ class RedisStore(Store):
         self._s_delete = reg(_DELETE_SERVICE)
         self._s_put_service = reg(_PUT_SERVICE)
         self._s_restore = reg(_RESTORE)
+        self._s_remember = reg(_REMEMBER_SIGNATURE)
+        self._replay_slots = asyncio.Semaphore(REPLAY_IN_FLIGHT)
         self._available = True
         self._supervised = False       # a listener task owns the connection state
         self._outage_logged = False
@@ -816,3 +846,15 @@ class RedisStore(Store):
             log.warning("redis at %s came back without its data: wrote back this gateway's "
                         "%d services and %d instances", self._where, len(services), count)
         return True
+
+    async def remember_signature(self, key: str, signature: str, now: float, expires: float,
+                                 capacity: int) -> float | None:
+        base = f"{self.prefix}{{seen:{key}}}:"
+        try:
+            async with self._replay_slots:  # a flood of signed requests must not take the pool
+                first_seen = await self._w(lambda: self._s_remember(
+                    keys=[base + "expiry", base + "first"],
+                    args=[repr(now), signature, repr(expires), capacity, PRUNE_SIGNATURES]))
+        except rexc.RedisError as exc:  # e.g. out of memory: nothing remembered, so refuse
+            raise StoreUnavailable(f"redis at {self._where} refused a signature: {exc}") from exc
+        return None if first_seen is None else float(first_seen)

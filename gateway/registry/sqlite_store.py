@@ -17,6 +17,11 @@
   other store objects (other processes, or another object in this process)
   notice through ``PRAGMA data_version`` polled every ``poll_interval``
   seconds and replay the rows they did not write.
+* Signatures remembered against replays (gateway.auth) live in their own file,
+  DIR/replay.db, on their own thread: a write per signed request must neither
+  wait behind nor wake the control plane (data_version), and is not fsynced
+  (WAL with synchronous=NORMAL survives a process crash). The checks that arrive
+  while a transaction runs share the next one.
 """
 from __future__ import annotations
 
@@ -31,14 +36,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from .records import InstanceRecord, ServiceRecord
-from .store import (KIND_INSTANCES, KIND_RESYNC, KIND_SERVICE, ServiceNotFound, Snapshot, Store,
-                    StoreUnavailable, VersionConflict)
+from .store import (KIND_INSTANCES, KIND_RESYNC, KIND_SERVICE, PRUNE_SIGNATURES, ServiceNotFound,
+                    Snapshot, Store, StoreUnavailable, VersionConflict)
 
 log = logging.getLogger("infergate.registry.sqlite")
 
 DB_NAME = "state.db"
-
-
+REPLAY_DB_NAME = "replay.db"
+SIGNATURES_PER_TRANSACTION = 256  # replay checks that share one transaction at most
 def _private(directory: str, path: str) -> None:
     """The state holds tokens in clear: the directory 0700 and the database files 0600,
     for every local user but us; existing ones are tightened."""
@@ -78,9 +83,31 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 """
 
+_REPLAY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS signatures (
+    key        TEXT NOT NULL,       -- service and token fingerprint
+    signature  TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    expires    REAL NOT NULL,
+    PRIMARY KEY (key, signature)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS signatures_expiry ON signatures(key, expires);
+CREATE TABLE IF NOT EXISTS signature_counts (
+    key TEXT PRIMARY KEY,
+    n   INTEGER NOT NULL            -- rows of signatures with this key
+) WITHOUT ROWID;
+"""
+
 _LIVE = "(deadline IS NULL OR deadline >= ?)"
 
 Event = tuple[str, str]
+
+
+def _fail(checks: list[tuple], error: StoreUnavailable) -> None:
+    """Answer the waiting replay checks (key, ..., future) with `error`."""
+    for *_, answer in checks:
+        if not answer.done():
+            answer.set_exception(error)
 
 
 class SqliteStore(Store):
@@ -98,6 +125,11 @@ class SqliteStore(Store):
         self._task: asyncio.Task | None = None
         self._closed = False
         self._failing = False
+        self._replay_executor = ThreadPoolExecutor(max_workers=1,
+                                                   thread_name_prefix="infergate-replay")
+        self._replay_conn: sqlite3.Connection | None = None
+        self._replay_queue: list[tuple] = []   # (key, signature, now, expires, capacity, future)
+        self._replay_writer: asyncio.Task | None = None
 
     # ---- plumbing (all on the executor thread) ---------------------------
     def _db(self) -> sqlite3.Connection:
@@ -208,8 +240,19 @@ class SqliteStore(Store):
                 self._conn.close()
                 self._conn = None
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
+        def shut_replay() -> None:
+            if self._replay_conn is not None:
+                self._replay_conn.close()
+                self._replay_conn = None
+
+        if self._replay_writer is not None:
+            await self._stop_tasks([self._replay_writer])
+        _fail(self._replay_queue, StoreUnavailable("registry store is closed"))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, shut)
         self._executor.shutdown(wait=False)
+        await loop.run_in_executor(self._replay_executor, shut_replay)
+        self._replay_executor.shutdown(wait=False)
 
     async def _poll_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -479,3 +522,89 @@ class SqliteStore(Store):
         snap = (recs, insts)
         self._cache_set_snapshot(snap)
         return snap
+
+    # ---- replay memory (on its own thread and file) ------------------------------------
+    async def remember_signature(self, key: str, signature: str, now: float, expires: float,
+                                 capacity: int) -> float | None:
+        """Queued: the checks that arrive while one transaction runs share the next (a
+        commit per signed request would cost more than the checks themselves)."""
+        if self._closed:
+            raise StoreUnavailable("registry store is closed")
+        answer = asyncio.get_running_loop().create_future()
+        self._replay_queue.append((key, signature, now, expires, capacity, answer))
+        if self._replay_writer is None:
+            self._replay_writer = asyncio.create_task(self._write_signatures())
+        return await answer
+
+    async def _write_signatures(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._replay_queue:
+                batch = self._replay_queue[:SIGNATURES_PER_TRANSACTION]
+                del self._replay_queue[:SIGNATURES_PER_TRANSACTION]
+                try:
+                    results = await loop.run_in_executor(
+                        self._replay_executor, self._remember, [item[:5] for item in batch])
+                except BaseException as exc:  # (cancelled: the store is closing)
+                    _fail(batch, StoreUnavailable(f"replay db in {self.directory}: {exc!r}"))
+                    if isinstance(exc, sqlite3.Error):
+                        continue
+                    raise
+                for (*_, answer), first_seen in zip(batch, results):
+                    if not answer.done():  # (its request may have given up waiting)
+                        answer.set_result(first_seen)
+        finally:
+            self._replay_writer = None
+
+    def _replay_db(self) -> sqlite3.Connection:
+        if self._replay_conn is None:
+            path = os.path.join(self.directory, REPLAY_DB_NAME)
+            _private(self.directory, path)
+            conn = sqlite3.connect(path, timeout=5.0, isolation_level=None,
+                                   check_same_thread=False)
+            try:
+                conn.execute("PRAGMA busy_timeout = 5000")
+                conn.execute("PRAGMA journal_mode = WAL")
+                _private(self.directory, path)
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.executescript(_REPLAY_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            self._replay_conn = conn
+        return self._replay_conn
+
+    def _remember(self, batch: list[tuple[str, str, float, float, int]]) -> list[float | None]:
+        """remember_signature for each of `batch`, in one transaction."""
+        conn = self._replay_db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            counts: dict[str, int] = {}  # rows per key, as this transaction leaves them
+            results: list[float | None] = []
+            for key, signature, now, expires, capacity in batch:
+                if key not in counts:
+                    forgotten = conn.execute(
+                        "DELETE FROM signatures WHERE key = ? AND signature IN (SELECT "
+                        "signature FROM signatures WHERE key = ? AND expires < ? LIMIT ?)",
+                        (key, key, now, PRUNE_SIGNATURES)).rowcount
+                    row = conn.execute("SELECT n FROM signature_counts WHERE key = ?",
+                                       (key,)).fetchone()
+                    counts[key] = (row[0] if row else 0) - forgotten
+                row = conn.execute("SELECT first_seen FROM signatures WHERE key = ? AND "
+                                   "signature = ?", (key, signature)).fetchone()
+                if row is not None:
+                    results.append(row[0])
+                elif counts[key] >= capacity:
+                    results.append(None)
+                else:
+                    conn.execute("INSERT INTO signatures VALUES (?, ?, ?, ?)",
+                                 (key, signature, now, expires))
+                    counts[key] += 1
+                    results.append(now)
+            conn.executemany("INSERT OR REPLACE INTO signature_counts VALUES (?, ?)",
+                             counts.items())
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return results

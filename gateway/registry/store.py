@@ -29,6 +29,8 @@ KIND_SERVICE = "service"
 KIND_INSTANCES = "instances"
 KIND_RESYNC = "resync"
 KINDS = (KIND_SERVICE, KIND_INSTANCES, KIND_RESYNC)
+# remember_signature forgets at most this many expired signatures a call (bounds its time)
+PRUNE_SIGNATURES = 500
 
 Callback = Callable[[str, str], Union[None, Awaitable[None]]]
 Snapshot = tuple[dict[str, ServiceRecord], dict[str, list[InstanceRecord]]]
@@ -183,6 +185,15 @@ class Store(abc.ABC):
     async def snapshot(self) -> Snapshot:
         """(services by name, live instances by service name) in one call.
         Instances of services without a record (bare workers) are included."""
+
+    # ---- replay memory (gateway.auth) ----------------------------------------
+    @abc.abstractmethod
+    async def remember_signature(self, key: str, signature: str, now: float, expires: float,
+                                 capacity: int) -> float | None:
+        """When ``signature`` was first remembered under ``key`` (``now`` if it was not,
+        and is now, until ``expires``); None when ``key`` already holds ``capacity``
+        unexpired signatures (nothing remembered: full refuses, it never forgets early).
+        Times are wall-clock seconds, shared by every process using the backend."""
 
     # ---- notifications ---------------------------------------------------
     def subscribe(self, callback: Callback) -> Subscription:
