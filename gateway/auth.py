@@ -155,7 +155,7 @@ def verify(headers: dict, method: str, path: str, body: bytes, token: str, servi
     date = headers.get("date", "")
     try:
         sent = email.utils.parsedate_to_datetime(date).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a year past C's long overflows
         return "signed requests need a valid Date header"
     now = time.time() if now is None else now
     if not date_is_fresh(sent, now):

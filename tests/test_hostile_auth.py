@@ -227,3 +227,17 @@ def test_the_replay_memory_needs_room_for_a_signature():
     args = build_parser().parse_args(["gateway", "--replay-memory", "0"])
     with pytest.raises(CliError, match="--replay-memory must be at least 1"):
         args.run(args)
+
+
+def test_a_date_past_any_calendar_is_a_401_naming_it(procs, tmp_path, worker_factory):
+    """A signed request whose Date has a 20-digit year (found by tests/fuzz/fuzz_eas_auth.py)
+    is refused as a bad Date, not answered with a 500 before authentication."""
+    worker = worker_factory()
+    seed_services(str(tmp_path), [{"name": "digits", "token": "tok",
+                                   "config": {"endpoints": endpoints(worker)}}])
+    gateway = start_gateway_on(procs, ("--state-dir", str(tmp_path)))
+    body = digits_request(np.zeros((1, 784), dtype=np.float32))
+    headers = dict(auth.sign("tok", body, "digits"),
+                   Date="Mon, 1 Jan 99999999999999999999 00:00:00 GMT")
+    status, answer, _ = post(f"{gateway.url}/api/predict/digits", body, headers)
+    assert status == 401 and "Date" in error_message(answer)
