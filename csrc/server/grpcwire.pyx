@@ -169,6 +169,17 @@ cdef int _on_frame_recv(nghttp2_session* session, const nghttp2_frame* frame,
     return 0
 
 
+cdef int _on_frame_send(nghttp2_session* session, const nghttp2_frame* frame,
+                        void* user_data) noexcept:
+    if frame.hd.type == NGHTTP2_HEADERS and frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
+        try:
+            (<GrpcConnection>user_data)._answer_sent(frame.hd.stream_id)
+        except BaseException:
+            log.exception("gRPC: an answer failed")
+            return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
 cdef int _on_data_chunk(nghttp2_session* session, uint8_t flags, int32_t stream_id,
                         const uint8_t* data, size_t n, void* user_data) noexcept:
     try:
@@ -217,6 +228,7 @@ cdef void _setup() except *:
     nghttp2_session_callbacks_set_on_begin_headers_callback(CALLBACKS, _on_begin_headers)
     nghttp2_session_callbacks_set_on_header_callback(CALLBACKS, _on_header)
     nghttp2_session_callbacks_set_on_frame_recv_callback(CALLBACKS, _on_frame_recv)
+    nghttp2_session_callbacks_set_on_frame_send_callback(CALLBACKS, _on_frame_send)
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(CALLBACKS, _on_data_chunk)
     nghttp2_session_callbacks_set_on_stream_close_callback(CALLBACKS, _on_stream_close)
     nghttp2_option_set_no_auto_window_update(OPTIONS, 1)
@@ -349,6 +361,16 @@ cdef class GrpcConnection:
                                   nghttp2_session_get_last_proc_stream_id(self.session),
                                   NGHTTP2_NO_ERROR, NULL, 0)
             self._flush()
+
+    def close(self):
+        """GOAWAY, and close once it is written (calls in flight are cut)."""
+        self.close_gracefully()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self):
+        if self.transport is not None:
+            self.transport.abort()
 
     def expire(self, double now, double idle_timeout):
         """The timeouts: an idle connection, a request that does not arrive whole, an
@@ -596,9 +618,14 @@ cdef class GrpcConnection:
             provider.read_callback = _read_answer
             nghttp2_submit_response(self.session, stream.id, RESPONSE, 2, &provider)
             stream.deadline = self.loop.time() + self.read_timeout
-        if not stream.request_done:
-            # Answered before the request ended (RFC 9113 8.1): the client may stop sending.
-            nghttp2_submit_rst_stream(self.session, NGHTTP2_FLAG_NONE, stream.id,
+
+    cdef void _answer_sent(self, int32_t stream_id) except *:
+        """The answer's last frame is out. If the request has not ended, the client may stop
+        sending it (RFC 9113 8.1): RST_STREAM NO_ERROR. (Not sooner: nghttp2 drops what
+        is still queued on a stream once a reset is submitted.)"""
+        cdef Stream stream = self.streams.get(stream_id)
+        if stream is not None and not stream.request_done:
+            nghttp2_submit_rst_stream(self.session, NGHTTP2_FLAG_NONE, stream_id,
                                       NGHTTP2_NO_ERROR)
 
 
@@ -671,8 +698,7 @@ class GrpcServer:
         if not idle:
             return False
         oldest = min(idle, key=lambda conn: conn.idle_since)
-        oldest.close_gracefully()
-        oldest.transport.close()
+        oldest.close()
         self.connections.discard(oldest)
         return True
 
@@ -699,6 +725,6 @@ class GrpcServer:
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
-            conn.transport.abort()
+            conn.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()

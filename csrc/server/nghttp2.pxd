@@ -103,6 +103,8 @@ cdef extern from "nghttp2/nghttp2.h":
         void* user_data) noexcept
     ctypedef int (*nghttp2_on_frame_recv_callback)(
         nghttp2_session* session, const nghttp2_frame* frame, void* user_data) noexcept
+    ctypedef int (*nghttp2_on_frame_send_callback)(
+        nghttp2_session* session, const nghttp2_frame* frame, void* user_data) noexcept
     ctypedef int (*nghttp2_on_data_chunk_recv_callback)(
         nghttp2_session* session, uint8_t flags, int32_t stream_id, const uint8_t* data,
         size_t len, void* user_data) noexcept
@@ -118,6 +120,8 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_session_callbacks* cbs, nghttp2_on_header_callback cb)
     void nghttp2_session_callbacks_set_on_frame_recv_callback(
         nghttp2_session_callbacks* cbs, nghttp2_on_frame_recv_callback cb)
+    void nghttp2_session_callbacks_set_on_frame_send_callback(
+        nghttp2_session_callbacks* cbs, nghttp2_on_frame_send_callback cb)
     void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(
         nghttp2_session_callbacks* cbs, nghttp2_on_data_chunk_recv_callback cb)
     void nghttp2_session_callbacks_set_on_stream_close_callback(

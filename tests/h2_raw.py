@@ -1,0 +1,192 @@
+"""A raw HTTP/2 client for tests of our gRPC servers: frames written byte for byte
+(hyperframe and hpack, the h2 package's own layers), so that a test can send what no
+well-behaved client would, and read every frame the server sends back."""
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+from hpack import Decoder, Encoder
+from hyperframe.frame import (ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame,
+                              PingFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# RFC 9113 section 7 error codes.
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
+COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xb
+SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    """One frame as bytes, whatever it holds."""
+    return struct.pack(">I", len(payload))[1:] + bytes((kind, flags)) + \
+        struct.pack(">I", stream) + payload
+
+
+def grpc_message(message: bytes = b"") -> bytes:
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+class Answer:
+    """What came back on one stream."""
+
+    def __init__(self):
+        self.headers: list[tuple[str, str]] = []
+        self.data = b""
+        self.reset: int | None = None   # RST_STREAM error code
+        self.ended = False
+
+    @property
+    def status(self) -> int | None:
+        values = [v for k, v in self.headers if k == "grpc-status"]
+        return int(values[-1]) if values else None
+
+    @property
+    def message(self) -> str:
+        values = [v for k, v in self.headers if k == "grpc-message"]
+        return values[-1] if values else ""
+
+
+class RawH2:
+    """One connection: send frames, read the server's, keep what each stream got."""
+
+    def __init__(self, port: int, settings: dict | None = None, timeout: float = 10.0,
+                 handshake: bool = True):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.encoder, self.decoder = Encoder(), Decoder()
+        self.answers: dict[int, Answer] = {}
+        self.goaway: GoAwayFrame | None = None
+        self.frames: list[Frame] = []   # every frame read, in order
+        self.closed = False
+        self._buf = b""
+        if handshake:
+            s = SettingsFrame(0)
+            s.settings = settings or {}
+            self.send(PREFACE + s.serialize())
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def headers_frame(self, stream: int, path: str = SERVER_LIVE, metadata=(),
+                      end_stream: bool = False, end_headers: bool = True,
+                      method: str = "POST") -> bytes:
+        block = self.block([(":method", method), (":scheme", "http"), (":path", path),
+                            (":authority", "localhost"), ("content-type", "application/grpc"),
+                            ("te", "trailers"), *metadata])
+        flags = (0x1 if end_stream else 0) | (0x4 if end_headers else 0)
+        return frame(0x1, flags, stream, block)
+
+    def block(self, fields) -> bytes:
+        return self.encoder.encode(list(fields))
+
+    def call(self, stream: int, path: str = SERVER_LIVE, message: bytes = b"",
+             metadata=()) -> None:
+        """A whole unary call: HEADERS, then its one message with END_STREAM."""
+        self.send(self.headers_frame(stream, path, metadata) +
+                  frame(0x0, 0x1, stream, grpc_message(message)))
+
+    # reading
+    def read_frame(self, deadline: float) -> Frame | None:
+        """The next frame, or None at EOF; TimeoutError past the deadline."""
+        while True:
+            if len(self._buf) >= 9:
+                length = int.from_bytes(self._buf[:3], "big")
+                if len(self._buf) >= 9 + length:
+                    head, body = self._buf[:9], self._buf[9:9 + length]
+                    self._buf = self._buf[9 + length:]
+                    f, length = Frame.parse_frame_header(memoryview(head))
+                    f.parse_body(memoryview(body))
+                    self._take(f)
+                    return f
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the server sent nothing more in time")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except socket.timeout:
+                raise TimeoutError("the server sent nothing more in time") from None
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                self.closed = True
+                return None
+            self._buf += chunk
+
+    def _take(self, f: Frame) -> None:
+        self.frames.append(f)
+        if isinstance(f, (HeadersFrame, ContinuationFrame)):
+            answer = self.answers.setdefault(f.stream_id, Answer())
+            answer.headers += [(k.decode() if isinstance(k, bytes) else k,
+                                v.decode() if isinstance(v, bytes) else v)
+                               for k, v in self.decoder.decode(f.data)]
+        elif isinstance(f, DataFrame):
+            self.answers.setdefault(f.stream_id, Answer()).data += f.data
+        elif isinstance(f, RstStreamFrame):
+            self.answers.setdefault(f.stream_id, Answer()).reset = f.error_code
+        elif isinstance(f, GoAwayFrame):
+            self.goaway = f
+        if isinstance(f, (HeadersFrame, DataFrame)) and "END_STREAM" in f.flags:
+            self.answers[f.stream_id].ended = True
+
+    def until(self, done, timeout: float = 10.0) -> None:
+        """Read until done() holds; AssertionError if the connection ends first."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if self.read_frame(deadline) is None:
+                assert done(), "the server closed the connection"
+                return
+
+    def answer(self, stream: int, timeout: float = 10.0) -> Answer:
+        """The stream's answer once it ended (trailers) or was reset."""
+        self.until(lambda: stream in self.answers and (
+            self.answers[stream].ended or self.answers[stream].reset is not None), timeout)
+        return self.answers[stream]
+
+    def goaway_code(self, timeout: float = 10.0) -> int:
+        """The error code of the server's GOAWAY, read until the connection closes."""
+        deadline = time.monotonic() + timeout
+        while self.read_frame(deadline) is not None:
+            pass
+        assert self.goaway is not None, "the connection closed without a GOAWAY"
+        return self.goaway.error_code
+
+    def reset_code(self, stream: int, timeout: float = 10.0) -> int:
+        self.until(lambda: stream in self.answers and self.answers[stream].reset is not None,
+                   timeout)
+        return self.answers[stream].reset
+
+    def ping(self, timeout: float = 10.0) -> bool:
+        """Whether the connection still answers a PING."""
+        p = PingFrame(0)
+        p.opaque_data = b"pingpong"
+        self.send(p.serialize())
+        try:
+            self.until(lambda: any(isinstance(f, PingFrame) and "ACK" in f.flags
+                                   and f.opaque_data == b"pingpong" for f in self.frames),
+                       timeout)
+        except AssertionError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def window_update(stream: int, increment: int) -> bytes:
+    return frame(0x8, 0, stream, struct.pack(">I", increment))
+
+
+def settings(*pairs: tuple[int, int], ack: bool = False) -> bytes:
+    return frame(0x4, 0x1 if ack else 0, 0, b"".join(struct.pack(">HI", k, v)
+                                                      for k, v in pairs))
+
+
+def rst_stream(stream: int, code: int = CANCEL) -> bytes:
+    return frame(0x3, 0, stream, struct.pack(">I", code))
+
+
+__all__ = ["RawH2", "Answer", "frame", "grpc_message", "window_update", "settings",
+           "rst_stream", "WindowUpdateFrame", "RstStreamFrame", "GoAwayFrame"]
