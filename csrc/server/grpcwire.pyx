@@ -63,8 +63,8 @@ DEF MAX_FRAME = 16384
 # - the rapid-reset limit (CVE-2023-44487): 200 RST_STREAM at once, 50 a second after;
 # - 256 SETTINGS and PING acks waiting at most: past that the client is flooding
 #   (it sends and never reads) and the session ends;
-# - our own HPACK table for answers capped at the default 4 KiB;
-# - no record of closed streams (they only serve RFC 7540 priorities, which we ignore).
+# - our own HPACK table for answers capped at the default 4 KiB.
+# (nghttp2 keeps a bounded record of closed streams: frames on them get STREAM_CLOSED.)
 DEF MAX_SETTINGS = 16
 DEF RESET_BURST = 200
 DEF RESET_RATE = 50
@@ -125,6 +125,18 @@ _static(&TRAILERS_OK[0], N_GRPC_STATUS, V_ZERO)
 
 cdef nghttp2_session_callbacks* CALLBACKS = NULL
 cdef nghttp2_option* OPTIONS = NULL
+
+
+cdef int _on_begin_frame(nghttp2_session* session, const nghttp2_frame_hd* hd,
+                         void* user_data) noexcept:
+    """HEADERS on a stream id at or below the last one opened, and no longer open: a
+    reused or lower id, which RFC 9113 5.1.1 makes a PROTOCOL_ERROR (nghttp2 would
+    ignore the ones it has no record of)."""
+    cdef GrpcConnection conn = <GrpcConnection>user_data
+    if hd.type == NGHTTP2_HEADERS and hd.stream_id <= conn.last_stream and \
+            hd.stream_id not in conn.streams:
+        nghttp2_session_terminate_session(session, NGHTTP2_PROTOCOL_ERROR)
+    return 0
 
 
 cdef int _on_begin_headers(nghttp2_session* session, const nghttp2_frame* frame,
@@ -225,6 +237,7 @@ cdef void _setup() except *:
     global CALLBACKS, OPTIONS
     if nghttp2_session_callbacks_new(&CALLBACKS) or nghttp2_option_new(&OPTIONS):
         raise MemoryError()
+    nghttp2_session_callbacks_set_on_begin_frame_callback(CALLBACKS, _on_begin_frame)
     nghttp2_session_callbacks_set_on_begin_headers_callback(CALLBACKS, _on_begin_headers)
     nghttp2_session_callbacks_set_on_header_callback(CALLBACKS, _on_header)
     nghttp2_session_callbacks_set_on_frame_recv_callback(CALLBACKS, _on_frame_recv)
@@ -237,7 +250,6 @@ cdef void _setup() except *:
     nghttp2_option_set_max_outbound_ack(OPTIONS, MAX_OUTBOUND_ACK)
     nghttp2_option_set_max_deflate_dynamic_table_size(OPTIONS, HEADER_TABLE)
     nghttp2_option_set_max_continuations(OPTIONS, MAX_CONTINUATIONS)
-    nghttp2_option_set_no_closed_streams(OPTIONS, 1)
 
 
 _setup()
@@ -273,6 +285,7 @@ cdef class GrpcConnection:
     cdef nghttp2_session* session
     cdef object server, transport, handler, answer_error, peer, loop
     cdef dict streams
+    cdef int32_t last_stream     # the highest stream id opened
     cdef Py_ssize_t max_message, max_buffered, buffered
     cdef double read_timeout, paused_since
     cdef readonly double idle_since   # when its last call ended (or it opened)
@@ -444,6 +457,8 @@ cdef class GrpcConnection:
         stream.data = bytearray()
         stream.deadline = self.loop.time() + self.read_timeout
         self.streams[stream_id] = stream
+        if stream_id > self.last_stream:
+            self.last_stream = stream_id
 
     cdef void _header(self, int32_t stream_id, const uint8_t* name, size_t namelen,
                       const uint8_t* value, size_t valuelen) except *:

@@ -95,6 +95,8 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_data_source source
         nghttp2_data_source_read_callback read_callback
 
+    ctypedef int (*nghttp2_on_begin_frame_callback)(
+        nghttp2_session* session, const nghttp2_frame_hd* hd, void* user_data) noexcept
     ctypedef int (*nghttp2_on_begin_headers_callback)(
         nghttp2_session* session, const nghttp2_frame* frame, void* user_data) noexcept
     ctypedef int (*nghttp2_on_header_callback)(
@@ -114,6 +116,8 @@ cdef extern from "nghttp2/nghttp2.h":
 
     int nghttp2_session_callbacks_new(nghttp2_session_callbacks** callbacks_ptr)
     void nghttp2_session_callbacks_del(nghttp2_session_callbacks* callbacks)
+    void nghttp2_session_callbacks_set_on_begin_frame_callback(
+        nghttp2_session_callbacks* cbs, nghttp2_on_begin_frame_callback cb)
     void nghttp2_session_callbacks_set_on_begin_headers_callback(
         nghttp2_session_callbacks* cbs, nghttp2_on_begin_headers_callback cb)
     void nghttp2_session_callbacks_set_on_header_callback(
@@ -137,7 +141,6 @@ cdef extern from "nghttp2/nghttp2.h":
     void nghttp2_option_set_max_deflate_dynamic_table_size(nghttp2_option* option,
                                                            size_t val)
     void nghttp2_option_set_max_continuations(nghttp2_option* option, size_t val)
-    void nghttp2_option_set_no_closed_streams(nghttp2_option* option, int val)
 
     int nghttp2_session_server_new2(nghttp2_session** session_ptr,
                                     const nghttp2_session_callbacks* callbacks,
