@@ -61,6 +61,11 @@ class RawH2:
         self.frames: list[Frame] = []   # every frame read, in order
         self.closed = False
         self._buf = b""
+        # Our send windows (RFC 9113 6.9): the connection's, each stream's, and the
+        # initial one the server's SETTINGS give new streams.
+        self.window = 65535
+        self.stream_windows: dict[int, int] = {}
+        self.initial_window = 65535
         if handshake:
             s = SettingsFrame(0)
             s.settings = settings or {}
@@ -86,6 +91,32 @@ class RawH2:
         """A whole unary call: HEADERS, then its one message with END_STREAM."""
         self.send(self.headers_frame(stream, path, metadata) +
                   frame(0x0, 0x1, stream, grpc_message(message)))
+
+    def send_data(self, stream: int, data: bytes, end_stream: bool = False,
+                  timeout: float = 30.0) -> bool:
+        """DATA within the server's windows, waiting for WINDOW_UPDATEs as a client must;
+        False if the stream was answered or reset first (the rest is not sent)."""
+        deadline = time.monotonic() + timeout
+        at = 0
+        while at < len(data) or (end_stream and at == len(data) == 0):
+            answer = self.answers.get(stream)
+            if answer is not None and (answer.ended or answer.reset is not None):
+                return False
+            room = min(16384, self.window, self.stream_windows.setdefault(
+                stream, self.initial_window), len(data) - at)
+            if room <= 0 and len(data):
+                if self.read_frame(deadline) is None:
+                    return False
+                continue
+            last = at + room >= len(data)
+            self.send(frame(0x0, 0x1 if end_stream and last else 0, stream,
+                            data[at:at + room]))
+            self.window -= room
+            self.stream_windows[stream] -= room
+            at += room
+            if not len(data):
+                break
+        return True
 
     # reading
     def read_frame(self, deadline: float) -> Frame | None:
@@ -128,6 +159,19 @@ class RawH2:
             self.answers.setdefault(f.stream_id, Answer()).reset = f.error_code
         elif isinstance(f, GoAwayFrame):
             self.goaway = f
+        elif isinstance(f, WindowUpdateFrame):
+            if f.stream_id:
+                self.stream_windows[f.stream_id] = self.stream_windows.get(
+                    f.stream_id, self.initial_window) + f.window_increment
+            else:
+                self.window += f.window_increment
+        if isinstance(f, SettingsFrame) and "ACK" not in f.flags:
+            self.send(SettingsFrame(0, flags=["ACK"]).serialize())  # as every client does
+        if isinstance(f, SettingsFrame) and SettingsFrame.INITIAL_WINDOW_SIZE in f.settings:
+            delta = f.settings[SettingsFrame.INITIAL_WINDOW_SIZE] - self.initial_window
+            self.initial_window += delta
+            for stream in self.stream_windows:
+                self.stream_windows[stream] += delta
         if isinstance(f, (HeadersFrame, DataFrame)) and "END_STREAM" in f.flags:
             self.answers[f.stream_id].ended = True
 
@@ -157,6 +201,14 @@ class RawH2:
         self.until(lambda: stream in self.answers and self.answers[stream].reset is not None,
                    timeout)
         return self.answers[stream].reset
+
+    def stream_error(self, stream: int, timeout: float = 10.0) -> int:
+        """The code of a stream error: its RST_STREAM, or the GOAWAY of a server that made
+        it a connection error (RFC 9113 5.4.1 allows that)."""
+        try:
+            return self.reset_code(stream, timeout)
+        except AssertionError:
+            return self.goaway_code(timeout)
 
     def ping(self, timeout: float = 10.0) -> bool:
         """Whether the connection still answers a PING."""

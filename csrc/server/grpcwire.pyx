@@ -129,12 +129,14 @@ cdef nghttp2_option* OPTIONS = NULL
 
 cdef int _on_begin_frame(nghttp2_session* session, const nghttp2_frame_hd* hd,
                          void* user_data) noexcept:
-    """HEADERS on a stream id at or below the last one opened, and no longer open: a
-    reused or lower id, which RFC 9113 5.1.1 makes a PROTOCOL_ERROR (nghttp2 would
-    ignore the ones it has no record of)."""
+    """HEADERS on a stream id at or below the last one opened, of which nghttp2 has no
+    record (open, or among the recently closed it keeps): a lower id never opened, or one
+    long closed, which RFC 9113 5.1.1 makes a PROTOCOL_ERROR (nghttp2 would ignore it).
+    Those it has a record of it judges itself: a stream we reset gets its header blocks
+    decoded and ignored, as HPACK needs."""
     cdef GrpcConnection conn = <GrpcConnection>user_data
     if hd.type == NGHTTP2_HEADERS and hd.stream_id <= conn.last_stream and \
-            hd.stream_id not in conn.streams:
+            nghttp2_session_find_stream(session, hd.stream_id) == NULL:
         nghttp2_session_terminate_session(session, NGHTTP2_PROTOCOL_ERROR)
     return 0
 

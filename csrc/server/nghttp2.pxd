@@ -156,6 +156,7 @@ cdef extern from "nghttp2/nghttp2.h":
                                               int32_t stream_id, int32_t window_size)
     int nghttp2_session_terminate_session(nghttp2_session* session, uint32_t error_code)
     int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session* session)
+    void* nghttp2_session_find_stream(nghttp2_session* session, int32_t stream_id)
 
     int nghttp2_submit_settings(nghttp2_session* session, uint8_t flags,
                                 const nghttp2_settings_entry* iv, size_t niv)
