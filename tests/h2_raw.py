@@ -19,6 +19,19 @@ COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xb
 SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
 
 
+def wait_listening(port: int, timeout: float = 20.0) -> None:
+    """Until the port accepts connections (a gRPC port opens after the HTTP one answers)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
     """One frame as bytes, whatever it holds."""
     return struct.pack(">I", len(payload))[1:] + bytes((kind, flags)) + \
