@@ -8,7 +8,7 @@ import pytest
 
 from conftest import Proc, free_port, infergate_cmd
 from h2_raw import (CANCEL, COMPRESSION_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, NO_ERROR,
-                    PREFACE, PROTOCOL_ERROR, REFUSED_STREAM, STREAM_CLOSED, RawH2, frame,
+                    PROTOCOL_ERROR, REFUSED_STREAM, STREAM_CLOSED, RawH2, frame,
                     grpc_message, rst_stream, settings, wait_listening, window_update)
 from hyperframe.frame import SettingsFrame
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import http.client
 import socket
-import struct
 import threading
-import time
 
 import pytest
 import tritonclient.grpc as tgrpc
