@@ -56,17 +56,45 @@ def pxd_include_tree() -> str:
     return tree
 
 
-def extensions():
-    from Cython.Build import cythonize
+# The system libraries a module links, by their pkg-config names (Debian's -dev packages,
+# which scripts/dev.sh installs).
+LIBRARIES = {"grpcwire": ["libnghttp2"]}
+
+
+def pkg_config(packages: list) -> dict:
+    """Extension arguments for system libraries, from pkg-config."""
+    import subprocess
+
+    if not packages:
+        return {}
+    try:
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", *packages], check=True,
+                               capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise RuntimeError(f"pkg-config cannot find {' '.join(packages)} (install "
+                           f"libnghttp2-dev: scripts/dev.sh does): {exc}") from None
+    return {"include_dirs": [f[2:] for f in flags if f.startswith("-I")],
+            "library_dirs": [f[2:] for f in flags if f.startswith("-L")],
+            "libraries": [f[2:] for f in flags if f.startswith("-l")]}
+
+
+def extension(pyx: str) -> Extension:
     import numpy
 
-    modules = [
-        Extension(f"gateway._native.{os.path.splitext(os.path.basename(pyx))[0]}",
-                  [os.path.relpath(pyx, ROOT)],
-                  include_dirs=[numpy.get_include()],
-                  extra_compile_args=["-O3"])
-        for pyx in sorted(glob.glob(os.path.join(ROOT, "csrc", "*", "*.pyx")))
-    ]
+    name = os.path.splitext(os.path.basename(pyx))[0]
+    system = pkg_config(LIBRARIES.get(name, []))
+    return Extension(f"gateway._native.{name}", [os.path.relpath(pyx, ROOT)],
+                     include_dirs=[numpy.get_include(), *system.get("include_dirs", [])],
+                     library_dirs=system.get("library_dirs", []),
+                     libraries=system.get("libraries", []),
+                     extra_compile_args=["-O3"])
+
+
+def extensions():
+    from Cython.Build import cythonize
+
+    modules = [extension(pyx)
+               for pyx in sorted(glob.glob(os.path.join(ROOT, "csrc", "*", "*.pyx")))]
     return cythonize(modules, language_level=3, include_path=[pxd_include_tree()],
                      compiler_directives={"boundscheck": False, "wraparound": False})
 

@@ -4,16 +4,26 @@
 # Creates .venv (the project, editable, with the CPU runtime and the test
 # extras; INFERGATE_RUNTIME=gpu takes onnxruntime-gpu instead) and .venv-eas (the
 # unchanged eas-prediction SDK, which pins an old protobuf, for compatibility
-# tests). System packages (redis-server for the Redis tests and bench/chaos; clang for the fuzz
-# harnesses' instrumented build; nginx, wrk and h2load for the benchmarks) come from apt when missing and we are root.
+# tests). System packages (libnghttp2-dev, which the gRPC server links; redis-server for the
+# Redis tests and bench/chaos; clang for the fuzz harnesses' instrumented build; nginx, wrk and
+# h2load for the benchmarks) come from apt when missing and we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
+# apt_install CHECK:PACKAGE...: install PACKAGE unless CHECK is there. CHECK is a command,
+# or lib/NAME for a library pkg-config knows (its -dev package).
+have() {
+    case "$1" in
+        lib/*) pkg-config --exists "${1#lib/}" 2>/dev/null ;;
+        *) command -v "$1" >/dev/null 2>&1 ;;
+    esac
+}
+
 apt_install() {
     local missing=()
     for pkg in "$@"; do
-        command -v "${pkg%%:*}" >/dev/null 2>&1 || missing+=("${pkg##*:}")
+        have "${pkg%%:*}" || missing+=("${pkg##*:}")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -25,6 +35,7 @@ apt_install() {
 }
 
 setup() {
+    apt_install pkg-config:pkg-config lib/libnghttp2:libnghttp2-dev
     if [ ! -x .venv/bin/python ]; then
         "$PYTHON" -m venv .venv
     fi

@@ -524,6 +524,10 @@ cdef class DataPlane:
     cdef object listener, loop, handler, answer_error, series_for, retried, limiter
     cdef public object ejected      # ejected(ip, port, why) -> seconds it is out (0: kept)
     cdef public object access_log   # access_log(peer, method, target, status, bytes, seconds)
+    # Another server whose connections count against max_connections with ours (the
+    # gateway's gRPC port, grpcwire.GrpcServer): len(others.connections), and
+    # others.evict_idle() -> bool to make room.
+    cdef public object others
     cdef list by_fd                 # fd -> Conn
     cdef dict fast                  # service bytes -> FastRoute
     cdef dict instances             # (ip, port) -> Instance
@@ -700,7 +704,8 @@ cdef class DataPlane:
                 if (errno == EMFILE or errno == ENFILE) and self._evict():
                     continue  # out of descriptors anyway: make room, take the new one
                 return
-            if len(self.clients) >= self.max_clients and not self._evict():
+            if len(self.clients) + (len(self.others.connections) if self.others is not None
+                                    else 0) >= self.max_clients and not self._evict():
                 close(fd)  # every connection has a request in flight: none to give up
                 continue
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
@@ -729,7 +734,7 @@ cdef class DataPlane:
             if oldest is None or since < oldest_since:
                 oldest, oldest_since = c, since
         if oldest is None:
-            return False
+            return self.others is not None and self.others.evict_idle()
         self._close(oldest)
         return True
 

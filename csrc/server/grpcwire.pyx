@@ -1,57 +1,80 @@
 # cython: language_level=3
-"""gRPC's unary calls over HTTP/2, compiled: the worker's gRPC server core.
+"""gRPC's unary calls over HTTP/2 on libnghttp2: the worker's and the gateway's gRPC server.
 
-Why not grpcio's server: its Python layer costs about 350 us a call on this
-machine. A no-op ServerLive reached 2.8k calls/s on one core (grpc.aio on
-uvloop; 2.4k on asyncio; 4.4k with the thread-pool server), against 10k+ for a
-whole inference over HTTP/1.1 (bench/oip numbers in README.md). This is what
-a unary gRPC call needs of HTTP/2, on the worker's own event loop like
-httpcore's HTTP/1.1 connections: frames, HPACK (RFC 7541, Huffman included),
-flow control both ways, PING, GOAWAY, RST_STREAM, and gRPC's message framing
-and trailers. Streaming calls, compression and TLS are not served (the client
-gets UNIMPLEMENTED); grpcio stays the client side and the gateway's front.
+Why libnghttp2: HTTP/2 is where servers had their worst bugs of recent years
+(Rapid Reset, CONTINUATION floods, HPACK bombs), and a core of our own had a
+pre-authentication crash in its HPACK decoder (issue 21, C1). nghttp2 is the
+library curl, Apache httpd and Node.js use: its server session does the
+framing, HPACK, stream states, flow control, SETTINGS and PING, and carries the
+flood and rapid-reset limits. Why not grpcio's server: its Python layer costs
+about 350 us a call (a no-op ServerLive at 2.8k calls/s on one core), against
+10k+ whole inferences/s over HTTP/1.1. What is ours here: gRPC's message
+framing (the 5-byte prefix), its trailers, the budgets and timeouts, and the
+handler interface, on the worker's own event loop like httpcore's HTTP/1.1.
+Streaming calls, compression and TLS are not served (UNIMPLEMENTED).
 
 A call is handed to `handler(path, metadata, message, peer)` once its request
-has arrived whole: metadata is {lower-cased name: value} (str), message the
-request's bytes, peer the client's (ip, port). It returns the answer's bytes, a `GrpcStatus` (an error), or
-a Future of either; an exception there is INTERNAL. Answers go out in the
-order they are ready, each as HEADERS, DATA and trailers in one write.
+has arrived whole: metadata is {lower-cased name: value} (str; `-bin` entries
+left out, a repeated entry joined with ", ", a repeated single-valued one such
+as `authorization` refused with INVALID_ARGUMENT), message the request's bytes,
+peer the client's (ip, port). It returns the answer's bytes, a `GrpcStatus`
+(an error), or a Future of either; an exception there is INTERNAL.
 """
 import asyncio
 import logging
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.stdint cimport uint8_t, uint32_t
-from libc.string cimport memcmp
+from cpython.unicode cimport PyUnicode_DecodeLatin1
+from libc.stdint cimport int32_t, uint8_t, uint32_t
+from libc.string cimport memcmp, memcpy
+
+from gateway._native.httpcore cimport MAX_HEAD, MAX_HEADERS
+from gateway._native.nghttp2 cimport *
 
 log = logging.getLogger("infergate.grpc")
-
-DEF FRAME_DATA = 0
-DEF FRAME_HEADERS = 1
-DEF FRAME_PRIORITY = 2
-DEF FRAME_RST_STREAM = 3
-DEF FRAME_SETTINGS = 4
-DEF FRAME_PUSH_PROMISE = 5
-DEF FRAME_PING = 6
-DEF FRAME_GOAWAY = 7
-DEF FRAME_WINDOW_UPDATE = 8
-DEF FRAME_CONTINUATION = 9
-DEF FLAG_END_STREAM = 0x1
-DEF FLAG_ACK = 0x1
-DEF FLAG_END_HEADERS = 0x4
-DEF FLAG_PADDED = 0x8
-DEF FLAG_PRIORITY = 0x20
-DEF MAX_WINDOW = 0x7fffffff
-DEF OUR_MAX_FRAME = 16384      # what we accept (the protocol's default)
-DEF HEADER_TABLE = 4096        # the protocol's default dynamic table size, which we keep
-DEF MAX_HEADER_BLOCK = 65536
-
-cdef bytes PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # gRPC status codes (grpc/status.h).
 OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND = 0, 1, 2, 3, 4, 5
 PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 7, 8, 12, 13, 14
 UNAUTHENTICATED = 16
+
+# What we tell every client in our SETTINGS, and why:
+# - 100 streams at once: a unary call needs one; more only multiplies what one
+#   connection can make us hold (RFC 9113 recommends no fewer than 100).
+DEF MAX_CONCURRENT_STREAMS = 100
+# - a header list of MAX_HEAD (64 KiB) and MAX_HEADERS (100) metadata entries at most, as
+#   HTTP/1 heads (httpcore.pxd); past either the call gets RESOURCE_EXHAUSTED (nghttp2 also
+#   caps one field at 64 KiB and a header block at 8 CONTINUATION frames).
+# - HPACK's default dynamic table (4 KiB) for what the client sends: more buys a client
+#   nothing but our memory.
+DEF HEADER_TABLE = 4096
+# - a 1 MiB window per stream and 16 MiB for the connection: a large message streams at
+#   loopback speed in 1 MiB rounds, and a client can have at most that much in flight
+#   beyond what we have taken into a stream's buffer (windows open only as we do:
+#   no_auto_window_update and nghttp2_session_consume below).
+DEF STREAM_WINDOW = 1 << 20
+DEF CONNECTION_WINDOW = 16 << 20
+# - frames of the protocol's default size (16 KiB): larger frames save little on a
+#   message and make every frame nghttp2 buffers larger.
+DEF MAX_FRAME = 16384
+# Options of the session itself:
+# - SETTINGS frames of at most 16 entries (clients send fewer than 10; the protocol has 6);
+# - the rapid-reset limit (CVE-2023-44487): 200 RST_STREAM at once, 50 a second after;
+# - 256 SETTINGS and PING acks waiting at most: past that the client is flooding
+#   (it sends and never reads) and the session ends;
+# - our own HPACK table for answers capped at the default 4 KiB.
+# (nghttp2 keeps a bounded record of closed streams: frames on them get STREAM_CLOSED.)
+DEF MAX_SETTINGS = 16
+DEF RESET_BURST = 200
+DEF RESET_RATE = 50
+DEF MAX_OUTBOUND_ACK = 256
+DEF MAX_CONTINUATIONS = 8
+# A server never pushes: we submit no PUSH_PROMISE, and nghttp2 refuses a client's.
+
+DEF OUT_CHUNK = 65536        # what one transport.write() carries at most (but one frame)
+
+cdef char OUT[OUT_CHUNK]     # the write buffer, shared: the loop runs one flush at a time
 
 
 class GrpcStatus(Exception):
@@ -63,222 +86,10 @@ class GrpcStatus(Exception):
         self.message = message
 
 
-# --- HPACK ---------------------------------------------------------------------------------
-
-cdef tuple STATIC = (
-    (b':authority', b''), (b':method', b'GET'), (b':method', b'POST'), (b':path', b'/'),
-    (b':path', b'/index.html'), (b':scheme', b'http'), (b':scheme', b'https'),
-    (b':status', b'200'), (b':status', b'204'), (b':status', b'206'), (b':status', b'304'),
-    (b':status', b'400'), (b':status', b'404'), (b':status', b'500'),
-    (b'accept-charset', b''), (b'accept-encoding', b'gzip, deflate'),
-    (b'accept-language', b''), (b'accept-ranges', b''), (b'accept', b''),
-    (b'access-control-allow-origin', b''), (b'age', b''), (b'allow', b''),
-    (b'authorization', b''), (b'cache-control', b''), (b'content-disposition', b''),
-    (b'content-encoding', b''), (b'content-language', b''), (b'content-length', b''),
-    (b'content-location', b''), (b'content-range', b''), (b'content-type', b''),
-    (b'cookie', b''), (b'date', b''), (b'etag', b''), (b'expect', b''), (b'expires', b''),
-    (b'from', b''), (b'host', b''), (b'if-match', b''), (b'if-modified-since', b''),
-    (b'if-none-match', b''), (b'if-range', b''), (b'if-unmodified-since', b''),
-    (b'last-modified', b''), (b'link', b''), (b'location', b''), (b'max-forwards', b''),
-    (b'proxy-authenticate', b''), (b'proxy-authorization', b''), (b'range', b''),
-    (b'referer', b''), (b'refresh', b''), (b'retry-after', b''), (b'server', b''),
-    (b'set-cookie', b''), (b'strict-transport-security', b''), (b'transfer-encoding', b''),
-    (b'user-agent', b''), (b'vary', b''), (b'via', b''), (b'www-authenticate', b''))
-
-# Bit lengths of the canonical Huffman code of RFC 7541 Appendix B, symbols 0..256 (EOS):
-# the codes follow from the lengths (assigned in order of length, then symbol).
-cdef tuple HUFFMAN_LENGTHS = (
-    13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 30,
-    28, 28, 28, 28, 28, 28, 28, 28, 28, 6, 10, 10, 12, 13, 6, 8, 11, 10, 10, 8, 11, 8, 6, 6, 6,
-    5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 7, 8, 15, 6, 12, 10, 13, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
-    7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 8, 7, 8, 13, 19, 13, 14, 6, 15, 5, 6, 5, 6, 5, 6, 6, 6, 5,
-    7, 7, 6, 6, 6, 5, 6, 7, 6, 5, 5, 6, 7, 7, 7, 7, 7, 15, 11, 14, 13, 28, 20, 22, 20, 20, 22,
-    22, 22, 23, 22, 23, 23, 23, 23, 23, 24, 23, 24, 24, 22, 23, 24, 23, 23, 23, 23, 21, 22, 23,
-    22, 23, 23, 24, 22, 21, 20, 22, 22, 23, 23, 21, 23, 22, 22, 24, 21, 22, 23, 23, 21, 21, 22,
-    21, 23, 22, 23, 23, 20, 22, 22, 22, 23, 22, 22, 23, 26, 26, 20, 19, 22, 23, 22, 25, 26, 26,
-    26, 27, 27, 26, 24, 25, 19, 21, 26, 27, 27, 26, 27, 24, 21, 21, 26, 26, 28, 27, 27, 27, 20,
-    24, 20, 21, 22, 21, 21, 23, 22, 22, 25, 25, 24, 24, 26, 23, 26, 27, 26, 26, 27, 27, 27, 27,
-    27, 28, 27, 27, 27, 27, 27, 26, 30)
-
-# The decoding tree: node i's children are TREE[i][0] and TREE[i][1]; a child >= 0 is a
-# node, -1 - symbol a leaf.
-cdef int TREE[600][2]
-cdef int TREE_NODES = 1
-
-
-cdef void _build_tree():
-    global TREE_NODES
-    cdef int symbol, length, bit, node, code = 0, previous = 0, i, child
-    order = sorted(range(257), key=lambda s: (HUFFMAN_LENGTHS[s], s))
-    TREE[0][0] = TREE[0][1] = 0
-    for i in range(257):
-        symbol = order[i]
-        length = HUFFMAN_LENGTHS[symbol]
-        if i:
-            code = (code + 1) << (length - previous)
-        previous = length
-        node = 0
-        for bit in range(length - 1, -1, -1):
-            child = (code >> bit) & 1
-            if bit == 0:
-                TREE[node][child] = -1 - symbol
-            else:
-                if TREE[node][child] == 0:
-                    TREE[TREE_NODES][0] = TREE[TREE_NODES][1] = 0
-                    TREE[node][child] = TREE_NODES
-                    TREE_NODES += 1
-                node = TREE[node][child]
-
-
-_build_tree()
-
-
-cdef bytes huffman_decode(const uint8_t* p, Py_ssize_t n):
-    cdef bytearray out = bytearray()
-    cdef int node = 0, child, bits_since_symbol = 0
-    cdef bint all_ones = True
-    cdef Py_ssize_t i
-    cdef int bit
-    for i in range(n):
-        for bit in range(7, -1, -1):
-            child = TREE[node][(p[i] >> bit) & 1]
-            bits_since_symbol += 1
-            all_ones = all_ones and ((p[i] >> bit) & 1)
-            if child < 0:
-                if child == -257:
-                    raise ValueError("Huffman string contains EOS")
-                out.append(-1 - child)
-                node, bits_since_symbol, all_ones = 0, 0, True
-            elif child == 0:
-                raise ValueError("invalid Huffman code")
-            else:
-                node = child
-    if bits_since_symbol > 7 or not all_ones:
-        raise ValueError("invalid Huffman padding")
-    return bytes(out)
-
-
-cdef class HpackDecoder:
-    """One connection's header-block decoder (the dynamic table lives across blocks)."""
-    cdef list table   # newest first: (name, value)
-    cdef Py_ssize_t size, max_size
-
-    def __init__(self):
-        self.table = []
-        self.size = 0
-        self.max_size = HEADER_TABLE
-
-    cdef Py_ssize_t _integer(self, const uint8_t* p, Py_ssize_t n, Py_ssize_t* at,
-                             int prefix) except -1:
-        cdef Py_ssize_t value = p[at[0]] & ((1 << prefix) - 1)
-        cdef int shift = 0
-        at[0] += 1
-        if value < (1 << prefix) - 1:
-            return value
-        while True:
-            if at[0] >= n or shift > 28:
-                raise ValueError("bad HPACK integer")
-            value += (p[at[0]] & 0x7f) << shift
-            shift += 7
-            at[0] += 1
-            if not (p[at[0] - 1] & 0x80):
-                return value
-
-    cdef bytes _string(self, const uint8_t* p, Py_ssize_t n, Py_ssize_t* at):
-        if at[0] >= n:
-            raise ValueError("HPACK string missing")
-        cdef bint huffman = p[at[0]] & 0x80
-        cdef Py_ssize_t length = self._integer(p, n, at, 7)
-        cdef Py_ssize_t start = at[0]
-        if start + length > n:
-            raise ValueError("HPACK string overruns the block")
-        at[0] += length
-        if huffman:
-            return huffman_decode(p + start, length)
-        return PyBytes_FromStringAndSize(<const char*>p + start, length)
-
-    cdef tuple _indexed(self, Py_ssize_t index):
-        if index <= 0:
-            raise ValueError("HPACK index 0")
-        if index <= 61:
-            return STATIC[index - 1]
-        if index - 62 < len(self.table):
-            return self.table[index - 62]
-        raise ValueError(f"HPACK index {index} is past the table")
-
-    cdef void _add(self, bytes name, bytes value):
-        cdef Py_ssize_t entry = len(name) + len(value) + 32
-        self.table.insert(0, (name, value))
-        self.size += entry
-        self._evict()
-
-    cdef void _evict(self):
-        cdef tuple last
-        while self.size > self.max_size and self.table:
-            last = self.table.pop()
-            self.size -= len(<bytes>last[0]) + len(<bytes>last[1]) + 32
-
-    def headers(self, bytes block) -> list:
-        """[(name, value)] of one header block (ValueError if it is not valid HPACK)."""
-        return self.decode(<const uint8_t*>PyBytes_AS_STRING(block), len(block))
-
-    cdef list decode(self, const uint8_t* p, Py_ssize_t n):
-        cdef list headers = []
-        cdef Py_ssize_t at = 0, index
-        cdef uint8_t b
-        while at < n:
-            b = p[at]
-            if b & 0x80:                       # indexed field
-                headers.append(self._indexed(self._integer(p, n, &at, 7)))
-            elif b & 0x40:                     # literal, incremental indexing
-                index = self._integer(p, n, &at, 6)
-                name = self._indexed(index)[0] if index else self._string(p, n, &at)
-                value = self._string(p, n, &at)
-                self._add(name, value)
-                headers.append((name, value))
-            elif b & 0x20:                     # dynamic table size update
-                index = self._integer(p, n, &at, 5)
-                if index > HEADER_TABLE:
-                    raise ValueError("HPACK table size above the SETTINGS value")
-                self.max_size = index
-                self._evict()
-            else:                              # literal without indexing / never indexed
-                index = self._integer(p, n, &at, 4)
-                name = self._indexed(index)[0] if index else self._string(p, n, &at)
-                headers.append((name, self._string(p, n, &at)))
-        return headers
-
-
-# --- answers ---------------------------------------------------------------------------------
-
-# :status 200 (static index 8) and content-type (static name 31) as literals without
-# indexing: our encoder keeps no dynamic table.
-cdef bytes RESPONSE_HEADERS = b"\x88\x0f\x10\x10application/grpc"
-cdef bytes STATUS_OK = b"\x00\x0bgrpc-status\x010"
-
-
-cdef bytes frame(int kind, int flags, uint32_t stream, bytes payload):
-    cdef Py_ssize_t n = len(payload)
-    return bytes((n >> 16 & 0xff, n >> 8 & 0xff, n & 0xff, kind, flags,
-                  stream >> 24 & 0x7f, stream >> 16 & 0xff, stream >> 8 & 0xff,
-                  stream & 0xff)) + payload
-
-
-cdef bytes literal(bytes name, bytes value):
-    """A header field as a literal without indexing, new name (lengths < 127 or longer)."""
-    return b"\x00" + _length(len(name)) + name + _length(len(value)) + value
-
-
-cdef bytes _length(Py_ssize_t n):
-    if n < 127:
-        return bytes((n,))
-    cdef list out = [127]
-    n -= 127
-    while n >= 128:
-        out.append((n & 0x7f) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+# Metadata of which one value is meaningful: a second one is refused rather than joined,
+# so that "wrong, right" can never pass for "right" (issue 21, L7).
+SINGLE_VALUED = frozenset(("authorization", "x-request-id", "grpc-timeout", "grpc-encoding",
+                           "content-type", "te"))
 
 
 cdef bytes _percent(str message):
@@ -288,75 +99,232 @@ cdef bytes _percent(str message):
                     for c in raw)
 
 
-cdef bytes trailers(int code, str message):
-    if code == 0:
-        return STATUS_OK
-    return literal(b"grpc-status", str(code).encode()) + (
-        literal(b"grpc-message", _percent(message)) if message else b"")
+# --- header fields of our answers (static, never copied by nghttp2) ---------------------------
+
+cdef bytes N_STATUS = b":status", V_200 = b"200", N_TYPE = b"content-type"
+cdef bytes V_GRPC = b"application/grpc", N_GRPC_STATUS = b"grpc-status", V_ZERO = b"0"
+cdef bytes N_GRPC_MESSAGE = b"grpc-message"
+cdef nghttp2_nv RESPONSE[2]
+cdef nghttp2_nv TRAILERS_OK[1]
 
 
-# --- the connection ----------------------------------------------------------------------------
+cdef void _static(nghttp2_nv* nv, bytes name, bytes value):
+    nv.name = <uint8_t*>PyBytes_AS_STRING(name)
+    nv.namelen = PyBytes_GET_SIZE(name)
+    nv.value = <uint8_t*>PyBytes_AS_STRING(value)
+    nv.valuelen = PyBytes_GET_SIZE(value)
+    nv.flags = NGHTTP2_NV_FLAG_NO_COPY_NAME | NGHTTP2_NV_FLAG_NO_COPY_VALUE
+
+
+_static(&RESPONSE[0], N_STATUS, V_200)
+_static(&RESPONSE[1], N_TYPE, V_GRPC)
+_static(&TRAILERS_OK[0], N_GRPC_STATUS, V_ZERO)
+
+
+# --- the session's callbacks: each hands over to its GrpcConnection ----------------------------
+
+cdef nghttp2_session_callbacks* CALLBACKS = NULL
+cdef nghttp2_option* OPTIONS = NULL
+
+
+cdef int _on_begin_frame(nghttp2_session* session, const nghttp2_frame_hd* hd,
+                         void* user_data) noexcept:
+    """HEADERS on a stream id at or below the last one opened, of which nghttp2 has no
+    record (open, or among the recently closed it keeps): a lower id never opened, or one
+    long closed, which RFC 9113 5.1.1 makes a PROTOCOL_ERROR (nghttp2 would ignore it).
+    Those it has a record of it judges itself: a stream we reset gets its header blocks
+    decoded and ignored, as HPACK needs."""
+    cdef GrpcConnection conn = <GrpcConnection>user_data
+    if hd.type == NGHTTP2_HEADERS and hd.stream_id <= conn.last_stream and \
+            nghttp2_session_find_stream(session, hd.stream_id) == NULL:
+        nghttp2_session_terminate_session(session, NGHTTP2_PROTOCOL_ERROR)
+    return 0
+
+
+cdef int _on_begin_headers(nghttp2_session* session, const nghttp2_frame* frame,
+                           void* user_data) noexcept:
+    if frame.hd.type != NGHTTP2_HEADERS or frame.headers.cat != NGHTTP2_HCAT_REQUEST:
+        return 0
+    try:
+        (<GrpcConnection>user_data)._begin(frame.hd.stream_id)
+    except BaseException:
+        log.exception("gRPC: a stream failed to begin")
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int _on_header(nghttp2_session* session, const nghttp2_frame* frame, const uint8_t* name,
+                    size_t namelen, const uint8_t* value, size_t valuelen, uint8_t flags,
+                    void* user_data) noexcept:
+    # Trailers of a request (HCAT_HEADERS) are decoded by nghttp2, keeping HPACK's table in
+    # step, and not read: a unary call has nothing in them.
+    if frame.hd.type != NGHTTP2_HEADERS or frame.headers.cat != NGHTTP2_HCAT_REQUEST:
+        return 0
+    try:
+        (<GrpcConnection>user_data)._header(frame.hd.stream_id, name, namelen, value, valuelen)
+    except BaseException:
+        log.exception("gRPC: a header field failed")
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int _on_frame_recv(nghttp2_session* session, const nghttp2_frame* frame,
+                        void* user_data) noexcept:
+    cdef GrpcConnection conn = <GrpcConnection>user_data
+    try:
+        if frame.hd.type == NGHTTP2_HEADERS and frame.headers.cat == NGHTTP2_HCAT_REQUEST:
+            conn._headers_done(frame.hd.stream_id)
+        if (frame.hd.type == NGHTTP2_HEADERS or frame.hd.type == NGHTTP2_DATA) and \
+                frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
+            conn._request_done(frame.hd.stream_id)
+    except BaseException:
+        log.exception("gRPC: a call failed")
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int _on_frame_send(nghttp2_session* session, const nghttp2_frame* frame,
+                        void* user_data) noexcept:
+    if frame.hd.type == NGHTTP2_HEADERS and frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
+        try:
+            (<GrpcConnection>user_data)._answer_sent(frame.hd.stream_id)
+        except BaseException:
+            log.exception("gRPC: an answer failed")
+            return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int _on_data_chunk(nghttp2_session* session, uint8_t flags, int32_t stream_id,
+                        const uint8_t* data, size_t n, void* user_data) noexcept:
+    try:
+        (<GrpcConnection>user_data)._data(stream_id, data, n)
+    except BaseException:
+        log.exception("gRPC: a DATA frame failed")
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int _on_stream_close(nghttp2_session* session, int32_t stream_id, uint32_t error_code,
+                          void* user_data) noexcept:
+    try:
+        (<GrpcConnection>user_data)._stream_closed(stream_id)
+    except BaseException:
+        log.exception("gRPC: closing a stream failed")
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef ssize_t _read_answer(nghttp2_session* session, int32_t stream_id, uint8_t* buf,
+                          size_t length, uint32_t* data_flags, nghttp2_data_source* source,
+                          void* user_data) noexcept:
+    """DATA of an answer: the 5-byte prefix, then the message; the trailers at its end."""
+    cdef Stream stream = <Stream>source.ptr
+    cdef Py_ssize_t total = 5 + PyBytes_GET_SIZE(stream.answer)
+    cdef Py_ssize_t n = min(<Py_ssize_t>length, total - stream.answer_at), at = 0, head
+    if stream.answer_at < 5:
+        head = min(n, 5 - stream.answer_at)
+        memcpy(buf, stream.prefix + stream.answer_at, head)
+        at = head
+    if n > at:
+        memcpy(buf + at, PyBytes_AS_STRING(stream.answer) + stream.answer_at + at - 5, n - at)
+    stream.answer_at += n
+    if stream.answer_at == total:
+        data_flags[0] |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM
+        if nghttp2_submit_trailer(session, stream_id, TRAILERS_OK, 1) != 0:
+            return NGHTTP2_ERR_CALLBACK_FAILURE
+    return n
+
+
+cdef void _setup() except *:
+    global CALLBACKS, OPTIONS
+    if nghttp2_session_callbacks_new(&CALLBACKS) or nghttp2_option_new(&OPTIONS):
+        raise MemoryError()
+    nghttp2_session_callbacks_set_on_begin_frame_callback(CALLBACKS, _on_begin_frame)
+    nghttp2_session_callbacks_set_on_begin_headers_callback(CALLBACKS, _on_begin_headers)
+    nghttp2_session_callbacks_set_on_header_callback(CALLBACKS, _on_header)
+    nghttp2_session_callbacks_set_on_frame_recv_callback(CALLBACKS, _on_frame_recv)
+    nghttp2_session_callbacks_set_on_frame_send_callback(CALLBACKS, _on_frame_send)
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(CALLBACKS, _on_data_chunk)
+    nghttp2_session_callbacks_set_on_stream_close_callback(CALLBACKS, _on_stream_close)
+    nghttp2_option_set_no_auto_window_update(OPTIONS, 1)
+    nghttp2_option_set_max_settings(OPTIONS, MAX_SETTINGS)
+    nghttp2_option_set_stream_reset_rate_limit(OPTIONS, RESET_BURST, RESET_RATE)
+    nghttp2_option_set_max_outbound_ack(OPTIONS, MAX_OUTBOUND_ACK)
+    nghttp2_option_set_max_deflate_dynamic_table_size(OPTIONS, HEADER_TABLE)
+    nghttp2_option_set_max_continuations(OPTIONS, MAX_CONTINUATIONS)
+
+
+_setup()
+
+cdef nghttp2_settings_entry SETTINGS[5]
+SETTINGS[0].settings_id, SETTINGS[0].value = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, \
+    MAX_CONCURRENT_STREAMS
+SETTINGS[1].settings_id, SETTINGS[1].value = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW
+SETTINGS[2].settings_id, SETTINGS[2].value = NGHTTP2_SETTINGS_MAX_FRAME_SIZE, MAX_FRAME
+SETTINGS[3].settings_id, SETTINGS[3].value = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEAD
+SETTINGS[4].settings_id, SETTINGS[4].value = NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, HEADER_TABLE
+
+
+# --- one call and one connection ---------------------------------------------------------------
 
 cdef class Stream:
-    cdef uint32_t id
-    cdef bytearray block       # header block fragments until END_HEADERS
-    cdef list headers
-    cdef bytearray data
-    cdef bint ended            # the client's END_STREAM arrived
-    cdef bint headers_ended    # this stream's header block (CONTINUATION) is complete
-    cdef long send_window
-    cdef bytes pending         # DATA payload bytes waiting for window
-    cdef bytes pending_trailers
-    cdef object working        # the handler's Future, while it runs
-
-    def __init__(self, uint32_t id, long send_window):
-        self.id = id
-        self.block = bytearray()
-        self.data = bytearray()
-        self.send_window = send_window
-        self.pending = None
+    cdef int32_t id
+    cdef str path
+    cdef dict metadata
+    cdef bytearray data          # the request's DATA so far (None once handed on or refused)
+    cdef Py_ssize_t header_bytes
+    cdef object refused          # a GrpcStatus to answer instead of calling the handler
+    cdef bint headers_done, request_done, answered
+    cdef double deadline         # when the request must have arrived, or its answer left
+    cdef object working          # the handler's Future, while it runs
+    cdef bytes answer            # the answer's message while it is being sent
+    cdef Py_ssize_t answer_at
+    cdef uint8_t prefix[5]
 
 
 cdef class GrpcConnection:
     """asyncio Protocol of one HTTP/2 connection of gRPC calls."""
-    cdef object server, transport, handler, peer
-    cdef bytearray inbuf
-    cdef bint preface_seen, settings_seen, closed, goaway
-    cdef HpackDecoder hpack
+    cdef nghttp2_session* session
+    cdef object server, transport, handler, answer_error, peer, loop
     cdef dict streams
-    cdef list blocked          # streams with data waiting for window, in order
-    cdef uint32_t last_stream, continuing
-    cdef long send_window, initial_window, received
-    cdef Py_ssize_t peer_max_frame, max_message
+    cdef int32_t last_stream     # the highest stream id opened
+    cdef Py_ssize_t max_message, max_buffered, buffered
+    cdef double read_timeout, paused_since
+    cdef readonly double idle_since   # when its last call ended (or it opened)
+    cdef bint write_paused
+    cdef readonly bint closed
 
     def __init__(self, server):
         self.server = server
         self.handler = server.handler
+        self.answer_error = server.answer_error
         self.max_message = server.max_message
-        self.inbuf = bytearray()
-        self.hpack = HpackDecoder()
+        self.max_buffered = server.max_buffered
+        self.read_timeout = server.read_timeout
+        self.loop = server.loop
         self.streams = {}
-        self.blocked = []
-        self.send_window = 65535
-        self.initial_window = 65535
-        self.peer_max_frame = 16384
-        self.received = 0
-        self.continuing = 0
-        self.last_stream = 0
+
+    def __dealloc__(self):
+        if self.session != NULL:
+            nghttp2_session_del(self.session)
 
     # asyncio callbacks
     def connection_made(self, transport):
         self.transport = transport
+        self.idle_since = self.loop.time()
+        if not self.server.admit(self):
+            self.closed = True
+            transport.abort()
+            return
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0], peer[1]) if peer else None
         self.server.connections.add(self)
-        # Our settings: no server push, a receive window as large as allowed for every
-        # stream (a message is read whole before it is handled), and the same for the
-        # connection (WINDOW_UPDATE below, topped up as data arrives).
-        settings = (b"\x00\x02\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x04\x00" +
-                    b"\x00\x04\x7f\xff\xff\xff")
-        transport.write(frame(FRAME_SETTINGS, 0, 0, settings) +
-                        frame(FRAME_WINDOW_UPDATE, 0, 0, int(MAX_WINDOW - 65535).to_bytes(4, "big")))
+        if nghttp2_session_server_new2(&self.session, CALLBACKS, <void*>self, OPTIONS) != 0:
+            raise MemoryError()
+        nghttp2_submit_settings(self.session, NGHTTP2_FLAG_NONE, SETTINGS, 5)
+        nghttp2_session_set_local_window_size(self.session, NGHTTP2_FLAG_NONE, 0,
+                                              CONNECTION_WINDOW)
+        self._flush()
 
     def connection_lost(self, exc):
         self.closed = True
@@ -365,18 +333,37 @@ cdef class GrpcConnection:
             if (<Stream>stream).working is not None:
                 (<Stream>stream).working.cancel()
         self.streams.clear()
+        if self.session != NULL:
+            nghttp2_session_del(self.session)
+            self.session = NULL
 
-    def data_received(self, data):
-        self.inbuf += data
-        try:
-            self._frames()
-        except ValueError as exc:
-            self._fail(1, str(exc))  # PROTOCOL_ERROR
-        except _Compression as exc:
-            self._fail(9, str(exc))  # COMPRESSION_ERROR
+    def data_received(self, bytes data):
+        if self.session == NULL:
+            return
+        cdef ssize_t rv = nghttp2_session_mem_recv(
+            self.session, <const uint8_t*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        if rv < 0:
+            log.info("gRPC connection from %s refused: %s", self.peer,
+                     nghttp2_strerror(<int>rv).decode())
+            nghttp2_session_terminate_session(self.session, NGHTTP2_PROTOCOL_ERROR)
+        self._flush()
 
     def eof_received(self):
         return False
+
+    def pause_writing(self):
+        """The client reads slower than we answer: read nothing more from it (its PINGs and
+        SETTINGS would each queue an ack) until what we wrote has gone out."""
+        self.write_paused = True
+        self.paused_since = self.loop.time()
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+            self._flush()
 
     @property
     def idle(self) -> bool:
@@ -384,242 +371,217 @@ cdef class GrpcConnection:
 
     def close_gracefully(self):
         """GOAWAY now (no new calls); the transport closes once the calls in flight end."""
-        if not self.closed and not self.goaway:
-            self.goaway = True
-            self.transport.write(frame(FRAME_GOAWAY, 0, 0,
-                                       int(self.last_stream).to_bytes(4, "big") + bytes(4)))
-        if not self.streams and not self.closed:
+        if self.session != NULL:
+            nghttp2_submit_goaway(self.session, NGHTTP2_FLAG_NONE,
+                                  nghttp2_session_get_last_proc_stream_id(self.session),
+                                  NGHTTP2_NO_ERROR, NULL, 0)
+            self._flush()
+
+    def close(self):
+        """GOAWAY, and close once it is written (calls in flight are cut)."""
+        self.close_gracefully()
+        if self.transport is not None:
             self.transport.close()
 
-    cdef void _fail(self, int code, str reason):
-        log.info("gRPC connection error: %s", reason)
-        if not self.closed:
-            self.transport.write(frame(FRAME_GOAWAY, 0, 0, int(self.last_stream).to_bytes(4, "big")
-                                       + int(code).to_bytes(4, "big") + reason.encode()[:200]))
-            self.transport.close()
-            self.closed = True
+    def abort(self):
+        if self.transport is not None:
+            self.transport.abort()
 
-    # frames
-    cdef void _frames(self) except *:
-        cdef bytearray buf = self.inbuf
-        cdef Py_ssize_t at = 0, n = len(buf), length
-        cdef const uint8_t* p
-        cdef int kind, flags
-        cdef uint32_t stream_id
-        if not self.preface_seen:
-            if n < 24:
-                if bytes(buf) != PREFACE[:n]:
-                    raise ValueError("not an HTTP/2 connection preface")
-                return
-            if bytes(buf[:24]) != PREFACE:
-                raise ValueError("not an HTTP/2 connection preface")
-            self.preface_seen = True
-            at = 24
-        while n - at >= 9 and not self.closed:
-            p = <const uint8_t*>(<char*>buf) + at
-            length = (p[0] << 16) | (p[1] << 8) | p[2]
-            if length > OUR_MAX_FRAME:
-                raise ValueError(f"a frame of {length} bytes, above SETTINGS_MAX_FRAME_SIZE")
-            if n - at < 9 + length:
-                break
-            kind, flags = p[3], p[4]
-            stream_id = ((p[5] & 0x7f) << 24) | (p[6] << 16) | (p[7] << 8) | p[8]
-            payload = bytes(buf[at + 9:at + 9 + length])
-            at += 9 + length
-            self._frame(kind, flags, stream_id, payload)
-        del buf[:at]
-
-    cdef void _frame(self, int kind, int flags, uint32_t stream_id, bytes payload) except *:
+    def expire(self, double now, double idle_timeout):
+        """The timeouts: an idle connection, a request that does not arrive whole, an
+        answer the client does not read, all within read_timeout of their start."""
         cdef Stream stream
-        if self.continuing and kind != FRAME_CONTINUATION:
-            raise ValueError("a header block was interrupted")
-        if not self.settings_seen:
-            if kind != FRAME_SETTINGS:
-                raise ValueError("the client's first frame is not SETTINGS")
-            self.settings_seen = True
-        if stream_id and kind in (FRAME_SETTINGS, FRAME_PING, FRAME_GOAWAY) or \
-                not stream_id and kind in (FRAME_DATA, FRAME_HEADERS, FRAME_PRIORITY,
-                                           FRAME_RST_STREAM, FRAME_CONTINUATION):
-            raise ValueError(f"frame type {kind} on stream {stream_id}")
-        if kind == FRAME_DATA:
-            self._data(flags, stream_id, payload)
-        elif kind == FRAME_HEADERS:
-            self._headers(flags, stream_id, payload)
-        elif kind == FRAME_CONTINUATION:
-            if stream_id != self.continuing:
-                raise ValueError("CONTINUATION on another stream")
-            stream = self.streams[stream_id]
-            stream.block += payload
-            if len(stream.block) > MAX_HEADER_BLOCK:
-                raise ValueError("header block too large")
-            if flags & FLAG_END_HEADERS:
-                self.continuing = 0
-                self._headers_done(stream)
-        elif kind == FRAME_SETTINGS:
-            if flags & FLAG_ACK:
-                return
-            self._settings(payload)
-            self.transport.write(frame(FRAME_SETTINGS, FLAG_ACK, 0, b""))
-        elif kind == FRAME_PING:
-            if not flags & FLAG_ACK:
-                self.transport.write(frame(FRAME_PING, FLAG_ACK, 0, payload))
-        elif kind == FRAME_WINDOW_UPDATE:
-            self._window_update(stream_id, payload)
-        elif kind == FRAME_RST_STREAM:
-            stream = self.streams.pop(stream_id, None)
-            if stream is not None and stream.working is not None:
-                stream.working.cancel()
-            if stream is not None and stream in self.blocked:
-                self.blocked.remove(stream)
-        elif kind == FRAME_GOAWAY:
-            self.goaway = True
-            if not self.streams:
-                self.transport.close()
-        elif kind == FRAME_PUSH_PROMISE:
-            raise ValueError("a client may not push")
-        # PRIORITY and unknown frame types are ignored, as the protocol says.
+        if self.session == NULL:
+            return
+        if self.write_paused:
+            if now - self.paused_since > self.read_timeout:
+                log.info("gRPC connection from %s closed: it reads nothing", self.peer)
+                self.transport.abort()
+            return
+        if not self.streams:
+            if now - self.idle_since > idle_timeout:
+                self.close_gracefully()
+            return
+        for value in list(self.streams.values()):
+            stream = <Stream>value
+            if stream.deadline == 0 or now < stream.deadline:
+                continue
+            stream.deadline = 0
+            if not stream.headers_done:  # a header block left unfinished holds the connection
+                nghttp2_session_terminate_session(self.session, NGHTTP2_PROTOCOL_ERROR)
+                break
+            if not stream.request_done:
+                self._answer(stream, GrpcStatus(DEADLINE_EXCEEDED, f"the request was not "
+                                                f"received within {self.read_timeout:g}s"))
+            else:  # the answer waits on a window the client does not open
+                nghttp2_submit_rst_stream(self.session, NGHTTP2_FLAG_NONE, stream.id,
+                                          NGHTTP2_CANCEL)
+        self._flush()
 
-    cdef void _settings(self, bytes payload) except *:
-        cdef Py_ssize_t i
-        cdef int key
-        cdef long value, delta
-        if len(payload) % 6:
-            raise ValueError("SETTINGS of a length not a multiple of 6")
-        for i in range(0, len(payload), 6):
-            key = int.from_bytes(payload[i:i + 2], "big")
-            value = int.from_bytes(payload[i + 2:i + 6], "big")
-            if key == 4:  # INITIAL_WINDOW_SIZE: every stream's send window moves with it
-                if value > MAX_WINDOW:
-                    raise ValueError("INITIAL_WINDOW_SIZE above 2^31-1")
-                delta = value - self.initial_window
-                self.initial_window = value
-                for stream in self.streams.values():
-                    (<Stream>stream).send_window += delta
-                if delta > 0:
-                    self._flush_blocked()
-            elif key == 5:  # MAX_FRAME_SIZE
-                if value < 16384 or value > 16777215:
-                    raise ValueError("MAX_FRAME_SIZE out of range")
-                self.peer_max_frame = value
-
-    cdef void _window_update(self, uint32_t stream_id, bytes payload) except *:
-        if len(payload) != 4:
-            raise ValueError("WINDOW_UPDATE of the wrong length")
-        cdef long increment = int.from_bytes(payload, "big") & 0x7fffffff
-        if stream_id == 0:
-            self.send_window += increment
-        else:
-            stream = self.streams.get(stream_id)
-            if stream is None:
+    # writing
+    cdef void _flush(self) except *:
+        """Send what the session has to send, as far as the transport takes it; close
+        once the session is done (GOAWAY both ways, or a connection error)."""
+        cdef const uint8_t* data
+        cdef ssize_t n
+        cdef Py_ssize_t filled = 0
+        if self.session == NULL or self.closed:
+            return
+        while not self.write_paused:
+            n = nghttp2_session_mem_send(self.session, &data)
+            if n < 0:
+                log.info("gRPC connection from %s failed: %s", self.peer,
+                         nghttp2_strerror(<int>n).decode())
+                self.transport.abort()
                 return
-            (<Stream>stream).send_window += increment
-        self._flush_blocked()
+            if n == 0:
+                break
+            if filled + n > OUT_CHUNK:
+                if filled:
+                    self.transport.write(PyBytes_FromStringAndSize(OUT, filled))
+                    filled = 0
+                if n > OUT_CHUNK:
+                    self.transport.write(PyBytes_FromStringAndSize(<const char*>data, n))
+                    continue
+            memcpy(OUT + filled, data, n)
+            filled += n
+        if filled:
+            self.transport.write(PyBytes_FromStringAndSize(OUT, filled))
+        if not nghttp2_session_want_read(self.session) and \
+                not nghttp2_session_want_write(self.session):
+            self.transport.close()
 
-    cdef void _headers(self, int flags, uint32_t stream_id, bytes payload) except *:
-        cdef Py_ssize_t start = 0, end = len(payload), pad = 0
-        if stream_id == 0 or stream_id % 2 == 0:
-            raise ValueError("HEADERS on an invalid stream")
-        if flags & FLAG_PADDED:
-            if not payload:
-                raise ValueError("padded HEADERS without a pad length")
-            pad = payload[0]
-            start = 1
-        if flags & FLAG_PRIORITY:
-            start += 5
-        if start + pad > end:
-            raise ValueError("HEADERS padding overruns the frame")
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            if stream_id <= self.last_stream:
-                return  # trailers of a stream we are done with, or a reused id: ignore
-            if self.goaway:
-                self.transport.write(frame(FRAME_RST_STREAM, 0, stream_id,
-                                           (7).to_bytes(4, "big")))  # REFUSED_STREAM
-                return
+    # what the session's callbacks hand over
+    cdef void _begin(self, int32_t stream_id) except *:
+        cdef Stream stream = Stream()
+        stream.id = stream_id
+        stream.metadata = {}
+        stream.data = bytearray()
+        stream.deadline = self.loop.time() + self.read_timeout
+        self.streams[stream_id] = stream
+        if stream_id > self.last_stream:
             self.last_stream = stream_id
-            stream = Stream(stream_id, self.initial_window)
-            self.streams[stream_id] = stream
-        elif (<Stream>stream).headers_ended:  # trailers from the client: nothing we read
-            if flags & FLAG_END_STREAM:
-                self._ended(<Stream>stream)
+
+    cdef void _header(self, int32_t stream_id, const uint8_t* name, size_t namelen,
+                      const uint8_t* value, size_t valuelen) except *:
+        cdef Stream stream = self.streams.get(stream_id)
+        if stream is None:
             return
-        (<Stream>stream).block += payload[start:end - pad]
-        (<Stream>stream).ended = bool(flags & FLAG_END_STREAM)
-        if flags & FLAG_END_HEADERS:
-            self._headers_done(<Stream>stream)
+        stream.header_bytes += namelen + valuelen + 32
+        if stream.header_bytes > MAX_HEAD or len(stream.metadata) >= MAX_HEADERS:
+            if stream.refused is None:
+                stream.refused = GrpcStatus(RESOURCE_EXHAUSTED, f"the metadata is larger than "
+                                            f"{MAX_HEAD} bytes or {MAX_HEADERS} entries")
+            return
+        if namelen and name[0] == 0x3a:  # ':', a pseudo-header
+            if namelen == 5 and memcmp(name, b":path", 5) == 0:
+                stream.path = PyUnicode_DecodeLatin1(<const char*>value, valuelen, NULL)
+            return
+        if namelen > 4 and memcmp(name + namelen - 4, b"-bin", 4) == 0:
+            return
+        key = PyUnicode_DecodeLatin1(<const char*>name, namelen, NULL)
+        text = PyUnicode_DecodeLatin1(<const char*>value, valuelen, NULL)
+        before = stream.metadata.get(key)
+        if before is None:
+            stream.metadata[key] = text
+        elif key in SINGLE_VALUED:
+            if stream.refused is None:
+                stream.refused = GrpcStatus(INVALID_ARGUMENT, f"two {key} metadata entries")
         else:
-            self.continuing = stream_id
+            stream.metadata[key] = before + ", " + text
 
-    cdef void _headers_done(self, Stream stream) except *:
-        cdef bytes block = bytes(stream.block)
-        stream.block = None
-        stream.headers_ended = True
-        try:
-            stream.headers = self.hpack.decode(<const uint8_t*>PyBytes_AS_STRING(block),
-                                               len(block))
-        except ValueError as exc:
-            raise _Compression(str(exc))
-        if stream.ended:
-            self._ended(stream)
+    cdef void _headers_done(self, int32_t stream_id) except *:
+        cdef Stream stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.headers_done = True
 
-    cdef void _data(self, int flags, uint32_t stream_id, bytes payload) except *:
-        cdef Py_ssize_t start = 0, end = len(payload), pad
-        self.received += end
-        if self.received > (1 << 30):  # top the connection's window up again
-            self.transport.write(frame(FRAME_WINDOW_UPDATE, 0, 0,
-                                       int(self.received).to_bytes(4, "big")))
-            self.received = 0
-        if flags & FLAG_PADDED:
-            if not payload or payload[0] >= end:
-                raise ValueError("DATA padding overruns the frame")
-            pad = payload[0]
-            start, end = 1, end - pad
-        stream = self.streams.get(stream_id)
-        if stream is None or (<Stream>stream).ended:
-            return  # a stream reset or answered already
-        (<Stream>stream).data += payload[start:end]
-        if len((<Stream>stream).data) > self.max_message + 5:
-            self._answer(<Stream>stream, GrpcStatus(
-                RESOURCE_EXHAUSTED, f"the message is larger than {self.max_message} bytes"))
-            (<Stream>stream).ended = True
+    cdef void _data(self, int32_t stream_id, const uint8_t* data, size_t n) except *:
+        cdef Stream stream = self.streams.get(stream_id)
+        cdef Py_ssize_t have
+        # The window opens again for whatever arrived: taken into a buffer below, or
+        # dropped (a refused or answered stream).
+        nghttp2_session_consume(self.session, stream_id, n)
+        if stream is None or stream.data is None:
             return
-        if flags & FLAG_END_STREAM:
-            (<Stream>stream).ended = True
-            if (<Stream>stream).headers_ended:
-                self._ended(<Stream>stream)
+        have = PyByteArray_GET_SIZE(stream.data)
+        if have + <Py_ssize_t>n > self.max_message + 5:
+            self._refuse(stream, f"the message is larger than {self.max_message} bytes")
+            return
+        if self.buffered + <Py_ssize_t>n > self.max_buffered:
+            self._refuse(stream, f"this connection's unfinished requests hold more than "
+                                 f"{self.max_buffered} bytes")
+            return
+        PyByteArray_Resize(stream.data, have + n)
+        memcpy(PyByteArray_AS_STRING(stream.data) + have, data, n)
+        self.buffered += n
+
+    cdef void _refuse(self, Stream stream, str why) except *:
+        """RESOURCE_EXHAUSTED before the request has arrived whole; its bytes let go."""
+        self._drop(stream)
+        self._answer(stream, GrpcStatus(RESOURCE_EXHAUSTED, why))
+
+    cdef void _drop(self, Stream stream):
+        if stream.data is not None:
+            self.buffered -= PyByteArray_GET_SIZE(stream.data)
+            stream.data = None
+
+    cdef void _stream_closed(self, int32_t stream_id) except *:
+        cdef Stream stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            return
+        self._drop(stream)
+        if stream.working is not None:
+            stream.working.cancel()
+        if not self.streams:
+            self.idle_since = self.loop.time()
 
     # calls
-    cdef void _ended(self, Stream stream) except *:
+    cdef void _request_done(self, int32_t stream_id) except *:
         """The request is complete: hand the call to the handler."""
-        cdef dict metadata = {}
-        path = None
-        for name, value in stream.headers:
-            if name == b":path":
-                path = (<bytes>value).decode("latin-1")
-            elif name[:1] != b":" and not (<bytes>name).endswith(b"-bin"):
-                metadata[(<bytes>name).decode("latin-1")] = (<bytes>value).decode("latin-1")
-        data = stream.data
-        stream.data = None
-        if path is None:
-            self._answer(stream, GrpcStatus(INTERNAL, "the request has no :path"))
+        cdef Stream stream = self.streams.get(stream_id)
+        cdef bytearray data
+        cdef Py_ssize_t n, declared
+        if stream is None or stream.request_done:
             return
-        if metadata.get("grpc-encoding", "identity") != "identity":
+        stream.request_done = True
+        stream.deadline = 0
+        data = stream.data
+        self._drop(stream)
+        if stream.answered:
+            return
+        if stream.refused is not None:
+            self._answer(stream, stream.refused)
+            return
+        if stream.path is None:
+            self._answer(stream, GrpcStatus(INVALID_ARGUMENT, "the request has no :path"))
+            return
+        if stream.metadata.get("grpc-encoding", "identity") != "identity":
             self._answer(stream, GrpcStatus(UNIMPLEMENTED, "compressed messages are not "
                                                            "supported"))
             return
-        if len(data) < 5 or data[0] != 0 or \
-                int.from_bytes(data[1:5], "big") != len(data) - 5:
-            self._answer(stream, GrpcStatus(
-                UNIMPLEMENTED if len(data) > 5 and data[0] == 0 else INTERNAL,
-                "a unary call carries exactly one uncompressed message"))
+        n = PyByteArray_GET_SIZE(data)
+        declared = int.from_bytes(data[1:5], "big") if n >= 5 else -1
+        if n < 5 or declared > n - 5 or data[0] > 1:
+            self._answer(stream, GrpcStatus(INVALID_ARGUMENT, f"the request is not one gRPC "
+                                            f"message: {n} bytes" + (
+                                                f", its prefix says {declared}" if n >= 5
+                                                else "")))
             return
-        message = bytes(data[5:])
+        if data[0] == 1:
+            self._answer(stream, GrpcStatus(UNIMPLEMENTED, "compressed messages are not "
+                                                           "supported"))
+            return
+        if declared < n - 5:
+            self._answer(stream, GrpcStatus(UNIMPLEMENTED, "a unary call carries exactly one "
+                                                           "message; streaming is not served"))
+            return
+        message = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(data) + 5, declared)
         try:
-            result = self.handler(path, metadata, message, self.peer)
+            result = self.handler(stream.path, stream.metadata, message, self.peer)
         except GrpcStatus as status:
             result = status
         except Exception:
-            log.exception("gRPC handler failed on %s", path)
+            log.exception("gRPC handler failed on %s", stream.path)
             result = GrpcStatus(INTERNAL, "internal error")
         if isinstance(result, (bytes, GrpcStatus)):
             self._answer(stream, result)
@@ -629,7 +591,8 @@ cdef class GrpcConnection:
 
     cdef void _done(self, Stream stream, future) except *:
         stream.working = None
-        if future.cancelled() or self.closed or self.streams.get(stream.id) is not stream:
+        if future.cancelled() or self.session == NULL or \
+                self.streams.get(stream.id) is not stream:
             return
         exc = future.exception()
         if exc is None:
@@ -637,70 +600,59 @@ cdef class GrpcConnection:
         elif isinstance(exc, GrpcStatus):
             result = exc
         else:
-            result = self.server.answer_error(exc)
+            result = self.answer_error(exc)
             if result is None:
                 log.error("gRPC call failed", exc_info=exc)
                 result = GrpcStatus(INTERNAL, "internal error")
         self._answer(stream, result)
+        self._flush()
 
     cdef void _answer(self, Stream stream, result) except *:
-        cdef bytes message
-        if isinstance(result, GrpcStatus):  # trailers only
-            self.transport.write(frame(FRAME_HEADERS, FLAG_END_HEADERS | FLAG_END_STREAM,
-                                       stream.id, RESPONSE_HEADERS + trailers(
-                                           (<object>result).code, (<object>result).message)))
-            self._finished(stream)
+        cdef nghttp2_nv nva[4]
+        cdef nghttp2_data_provider provider
+        cdef Py_ssize_t n
+        cdef bytes code, text
+        if stream.answered or self.session == NULL or self.streams.get(stream.id) is not stream:
             return
-        message = result
-        stream.pending = int(len(message)).to_bytes(5, "big") + message
-        stream.pending_trailers = STATUS_OK
-        self._send(stream, frame(FRAME_HEADERS, FLAG_END_HEADERS, stream.id,
-                                 RESPONSE_HEADERS))
-
-    cdef void _send(self, Stream stream, bytes before) except *:
-        """Write what the windows allow of the stream's answer (and trailers once done)."""
-        cdef list out = [before] if before else []
-        cdef bytes pending = stream.pending
-        cdef Py_ssize_t at = 0, n = len(pending), chunk
-        while at < n:
-            chunk = min(n - at, self.peer_max_frame, self.send_window, stream.send_window)
-            if chunk <= 0:
-                break
-            out.append(frame(FRAME_DATA, 0, stream.id, pending[at:at + chunk]))
-            at += chunk
-            self.send_window -= chunk
-            stream.send_window -= chunk
-        if at < n:
-            stream.pending = pending[at:]
-            if stream not in self.blocked:
-                self.blocked.append(stream)
+        stream.answered = True
+        if not isinstance(result, (bytes, GrpcStatus)):
+            log.error("gRPC handler answered %r on %s", type(result), stream.path)
+            result = GrpcStatus(INTERNAL, "internal error")
+        if isinstance(result, GrpcStatus):  # trailers only
+            nva[0], nva[1] = RESPONSE[0], RESPONSE[1]
+            code = str((<object>result).code).encode()
+            text = _percent((<object>result).message)
+            _field(&nva[2], N_GRPC_STATUS, code)
+            _field(&nva[3], N_GRPC_MESSAGE, text)
+            nghttp2_submit_response(self.session, stream.id, nva, 4 if text else 3, NULL)
         else:
-            out.append(frame(FRAME_HEADERS, FLAG_END_HEADERS | FLAG_END_STREAM, stream.id,
-                             stream.pending_trailers))
-            stream.pending = None
-        if out:
-            self.transport.write(b"".join(out))
-        if stream.pending is None:
-            self._finished(stream)
+            stream.answer = result
+            n = PyBytes_GET_SIZE(stream.answer)
+            stream.prefix[0] = 0
+            stream.prefix[1], stream.prefix[2] = (n >> 24) & 0xff, (n >> 16) & 0xff
+            stream.prefix[3], stream.prefix[4] = (n >> 8) & 0xff, n & 0xff
+            provider.source.ptr = <void*>stream
+            provider.read_callback = _read_answer
+            nghttp2_submit_response(self.session, stream.id, RESPONSE, 2, &provider)
+            stream.deadline = self.loop.time() + self.read_timeout
 
-    cdef void _flush_blocked(self) except *:
-        cdef list waiting = self.blocked
-        self.blocked = []
-        for stream in waiting:
-            if self.streams.get((<Stream>stream).id) is stream:
-                self._send(<Stream>stream, None)
-
-    cdef void _finished(self, Stream stream) except *:
-        if self.streams.get(stream.id) is stream:
-            del self.streams[stream.id]
-        if stream in self.blocked:
-            self.blocked.remove(stream)
-        if self.goaway and not self.streams and not self.closed:
-            self.transport.close()
+    cdef void _answer_sent(self, int32_t stream_id) except *:
+        """The answer's last frame is out. If the request has not ended, the client may stop
+        sending it (RFC 9113 8.1): RST_STREAM NO_ERROR. (Not sooner: nghttp2 drops what
+        is still queued on a stream once a reset is submitted.)"""
+        cdef Stream stream = self.streams.get(stream_id)
+        if stream is not None and not stream.request_done:
+            nghttp2_submit_rst_stream(self.session, NGHTTP2_FLAG_NONE, stream_id,
+                                      NGHTTP2_NO_ERROR)
 
 
-class _Compression(Exception):
-    pass
+cdef void _field(nghttp2_nv* nv, bytes name, bytes value):
+    """A header field nghttp2 copies (value lives only as long as the call)."""
+    nv.name = <uint8_t*>PyBytes_AS_STRING(name)
+    nv.namelen = PyBytes_GET_SIZE(name)
+    nv.value = <uint8_t*>PyBytes_AS_STRING(value)
+    nv.valuelen = PyBytes_GET_SIZE(value)
+    nv.flags = NGHTTP2_NV_FLAG_NO_COPY_NAME
 
 
 cdef class _Done:
@@ -719,21 +671,65 @@ class GrpcServer:
     """Serves `handler(path, metadata, message, peer)` on host:port (see the module
     docstring).
 
-    `answer_error(exc)` turns a Future's exception into a GrpcStatus (None: INTERNAL)."""
+    `answer_error(exc)` turns a Future's exception into a GrpcStatus (None: INTERNAL).
+    Limits: a message of `max_message` bytes at most, `max_buffered` bytes of unfinished
+    requests on one connection (past either, RESOURCE_EXHAUSTED); a request arrives whole
+    and an answer leaves within `read_timeout` seconds; a connection with no call for
+    `idle_timeout` seconds is closed. `max_connections` connections at most, counting
+    `others()` (the gateway's HTTP clients): past it the longest idle one is closed, or
+    the new one if none is idle."""
 
-    def __init__(self, handler, max_message: int = 64 << 20, answer_error=None):
+    def __init__(self, handler, max_message: int = 64 << 20, answer_error=None, *,
+                 max_buffered: int | None = None, read_timeout: float = 30.0,
+                 idle_timeout: float = 75.0, max_connections: int = 10000, others=None):
         self.handler = handler
         self.max_message = max_message
+        self.max_buffered = max_buffered if max_buffered is not None else 2 * (max_message + 5)
         self.answer_error = answer_error or (lambda exc: None)
+        self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.others = others or (lambda: 0)
         self.connections = set()
+        self.loop = None
         self._servers = []
+        self._sweeper = None
 
     async def listen(self, host: str, port: int, reuse_port: bool = False) -> int:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: GrpcConnection(self), host, port,
-                                          reuse_port=reuse_port or None, backlog=1024)
+        self.loop = asyncio.get_running_loop()
+        server = await self.loop.create_server(lambda: GrpcConnection(self), host, port,
+                                               reuse_port=reuse_port or None, backlog=1024)
         self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = self.loop.create_task(self._sweep())
         return server.sockets[0].getsockname()[1]
+
+    def admit(self, conn) -> bool:
+        """Whether a new connection may stay (closing an idle one to make room)."""
+        return len(self.connections) + self.others() < self.max_connections or \
+            self.evict_idle()
+
+    def evict_idle(self) -> bool:
+        """Close the connection that has been without a call longest; False if none is."""
+        idle = [conn for conn in self.connections if conn.idle and not conn.closed]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda conn: conn.idle_since)
+        oldest.close()
+        self.connections.discard(oldest)
+        return True
+
+    async def _sweep(self) -> None:
+        # One timer for every connection, as gateway/server/http.py does for HTTP/1.
+        interval = max(0.05, min(self.idle_timeout, self.read_timeout) / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = self.loop.time()
+            for conn in list(self.connections):
+                try:
+                    conn.expire(now, self.idle_timeout)
+                except Exception:
+                    log.exception("gRPC: a timeout failed")
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting; GOAWAY every connection; wait for the calls in flight."""
@@ -746,4 +742,6 @@ class GrpcServer:
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
-            conn.transport.abort()
+            conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()

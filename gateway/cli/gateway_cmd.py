@@ -39,6 +39,11 @@ def register(sub) -> None:
                    help="client connections at most; past it a new one replaces the slowest "
                         "idle or unfinished one (default: from the descriptor limit, "
                         "ulimit -n, less a quarter for upstreams)")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a request may take to arrive whole, over HTTP/1.1 and gRPC "
+                        "(then 408, or DEADLINE_EXCEEDED), and a gRPC answer to be read")
+    p.add_argument("--idle-timeout", type=float, default=75.0,
+                   help="seconds a client connection may stay without a request")
     p.add_argument("--open-discovery", action="store_true",
                    help="list every service's instances to anyone; by default a service with "
                         "a token lists them only to requests that carry it. The unchanged "
@@ -80,6 +85,10 @@ def run(args) -> int:
     for flag, port in (("--port", args.port), ("--grpc-port", args.grpc_port)):
         if port is not None and not 0 < port < 65536:
             raise CliError(f"{flag} must be from 1 to 65535, got {port}")
+    for flag, seconds in (("--read-timeout", args.read_timeout),
+                          ("--idle-timeout", args.idle_timeout)):
+        if not 0 < seconds <= 3600:
+            raise CliError(f"{flag} must be more than 0 and at most 3600 seconds, got {seconds}")
     configure_logging(args.log_level)
     location = args.registry or args.state_dir or DEFAULT_STATE_DIR
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -94,7 +103,8 @@ def run(args) -> int:
         auth.remember_signatures_in(store, args.replay_memory)
         app = GatewayApp(store, args.admin_token, args.max_body_mb << 20,
                          args.health_interval, args.access_log, args.max_connections,
-                         args.open_discovery, args.max_response_mb << 20)
+                         args.open_discovery, args.max_response_mb << 20,
+                         read_timeout=args.read_timeout, idle_timeout=args.idle_timeout)
         attach_control_plane(app, location, f"http://{host}:{args.port}")
         app.bind(args.host, args.port, reuse_port=args.processes > 1, grpc_port=args.grpc_port)
         return app

@@ -54,7 +54,8 @@ class GatewayApp:
     def __init__(self, store, admin_token: str = "", max_body_size: int = 64 << 20,
                  health_interval: float = 2.0, access_log: str | None = None,
                  max_connections: int | None = None, open_discovery: bool = False,
-                 max_response_size: int = 256 << 20):
+                 max_response_size: int = 256 << 20, read_timeout: float = 30.0,
+                 idle_timeout: float = 75.0):
         self.store = store
         self.admin_token = admin_token
         self.open_discovery = open_discovery
@@ -65,10 +66,13 @@ class GatewayApp:
         # The data plane (csrc/proxy/dataplane.pyx) owns the port: it forwards what it can
         # by itself (asking the rate limits itself) and hands every other request to
         # handle(), on this loop.
+        self.max_connections = max_connections or default_max_connections()
+        self.read_timeout, self.idle_timeout = read_timeout, idle_timeout
         self.dataplane = DataPlane(self.handle, metrics.series, metrics.retried,
                                    self.rate_limits, max_body_size=max_body_size,
                                    max_response_size=max_response_size,
-                                   max_connections=max_connections or default_max_connections())
+                                   idle_timeout=idle_timeout, read_timeout=read_timeout,
+                                   max_connections=self.max_connections)
         # Filters run in order over each request's Exchange; each may answer early, or
         # pause the chain (filter.py).
         filters: list[Filter] = [RouteFilter(self), AuthFilter(auth.verify),
@@ -166,7 +170,11 @@ class GatewayApp:
             if self._grpc_port is not None:
                 from .grpc_front import GrpcFront
 
+                # gRPC connections count against max_connections with the HTTP clients:
+                # each side counts the other's, and the data plane may close an idle
+                # gRPC connection to make room (others).
                 self.grpc = GrpcFront(self, self.max_body_size)
+                self.dataplane.others = self.grpc.server
                 self.grpc_port = await self.grpc.listen(host, self._grpc_port, reuse_port)
                 log.info("gateway serving gRPC on %s:%d", host, self.grpc_port)
         self.health.start()

@@ -16,11 +16,22 @@ The gRPC server is the workers' compiled one (csrc/server/grpcwire.pyx): unary
 calls only (ModelStreamInfer is UNIMPLEMENTED). The gateway answers ServerLive,
 ServerReady, ServerMetadata and grpc.health.v1's Check itself. HTTP statuses
 map to the gRPC codes they stand for (`CODES`).
+
+Nothing unvalidated crosses into HTTP/1.1 (issue 21, C2: a CR LF in metadata or
+a model name once injected a second request on a pooled upstream connection).
+nghttp2 already refuses header fields that are not valid HTTP/2 (CR, LF and NUL
+in values, upper case or separators in names); the upstream request is still
+built only from fields checked here: metadata names are RFC 9110 tokens and
+values RFC 9110 field values (no control characters but tab), `x-request-id`
+is visible ASCII (128 at most), and model names and versions are
+`[A-Za-z0-9_.-]{1,128}` without `..` (a superset of service names). What fails
+is INVALID_ARGUMENT naming the field.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import orjson
 
@@ -42,11 +53,48 @@ CODES = {
 }
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")   # RFC 9110 token (HTTP/2 names are lower case)
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # RFC 9110 field-value, as latin-1
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_MODEL = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+# Metadata that is gRPC's own or frames the HTTP/1.1 message the gateway writes itself:
+# never forwarded.
+_NOT_FORWARDED = frozenset((
+    "content-type", "te", "grpc-accept-encoding", "grpc-timeout", "grpc-encoding",
+    "content-length", "transfer-encoding", "host", "connection", "keep-alive",
+    "proxy-connection", "upgrade", "expect", "trailer", "inference-header-content-length"))
+
+
 def _model_path(name: str, version: str, action: str = "") -> str:
+    """The v2 path of a model, from a checked name and version (INVALID_ARGUMENT else)."""
+    for field, value in (("model name", name), ("model version", version)):
+        if (value or field == "model name") and (
+                not _MODEL.fullmatch(value) or ".." in value):
+            raise GrpcStatus(INVALID_ARGUMENT, f"the {field} {value[:140]!r} is not "
+                             f"[A-Za-z0-9_.-]{{1,128}} without '..'")
     path = f"/v2/models/{name}"
     if version:
         path += f"/versions/{version}"
     return path + action
+
+
+def _headers(metadata: dict) -> dict:
+    """The HTTP headers a call's metadata stands for, each checked (INVALID_ARGUMENT)."""
+    headers = {}
+    for name, value in metadata.items():
+        if name in _NOT_FORWARDED:
+            continue
+        if not _TOKEN.fullmatch(name):
+            raise GrpcStatus(INVALID_ARGUMENT, f"metadata name {name[:100]!r} is not an HTTP "
+                                               f"token")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise GrpcStatus(INVALID_ARGUMENT, f"metadata {name!r} holds a control character")
+        headers[name] = value
+    request_id = headers.get("x-request-id")
+    if request_id is not None and not _REQUEST_ID.fullmatch(request_id):
+        raise GrpcStatus(INVALID_ARGUMENT, "x-request-id must be 1 to 128 visible ASCII "
+                                           "characters")
+    return headers
 
 
 def _status(response: Response) -> GrpcStatus:
@@ -63,7 +111,11 @@ def _status(response: Response) -> GrpcStatus:
 class GrpcFront:
     def __init__(self, app, max_message: int):
         self.app = app  # GatewayApp: its handle() takes the HTTP form of each call
-        self.server = GrpcServer(self.call, max_message)
+        dataplane = app.dataplane
+        self.server = GrpcServer(self.call, max_message, read_timeout=app.read_timeout,
+                                 idle_timeout=app.idle_timeout,
+                                 max_connections=app.max_connections,
+                                 others=lambda: len(dataplane.clients))
         self.methods = oip.grpc_routes(self)
         self._server_metadata = pb.ServerMetadataResponse(
             **oip.server_metadata()).SerializeToString()
@@ -88,8 +140,7 @@ class GrpcFront:
     async def _http(self, caller: "_Caller", method: str, path: str, body: bytes = b"",
                     header_length: int | None = None) -> Response:
         """The gateway's answer to the HTTP form of a call (a 200, else GrpcStatus)."""
-        headers = {k: v for k, v in caller.metadata.items()
-                   if k not in ("content-type", "te", "grpc-accept-encoding", "grpc-timeout")}
+        headers = _headers(caller.metadata)
         if header_length is not None:
             headers["inference-header-content-length"] = str(header_length)
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]

@@ -96,7 +96,9 @@ class GrpcFace:
     def __init__(self, face, max_message: int):
         self.face = face
         self.app = face.app
-        self.server = GrpcServer(self.call, max_message, self.status_of)
+        http = self.app.server  # the same timeouts as the worker's HTTP/1.1 connections
+        self.server = GrpcServer(self.call, max_message, self.status_of,
+                                 read_timeout=http.read_timeout, idle_timeout=http.idle_timeout)
         self.serving = False
         self.methods = oip.grpc_routes(self)
         self._server_metadata = pb.ServerMetadataResponse(
