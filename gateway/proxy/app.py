@@ -54,7 +54,7 @@ class GatewayApp:
     def __init__(self, store, admin_token: str = "", max_body_size: int = 64 << 20,
                  health_interval: float = 2.0, access_log: str | None = None,
                  max_connections: int | None = None, open_discovery: bool = False,
-                 max_response_size: int = 256 << 20):
+                 max_response_size: int = 256 << 20, body_budget: int = 1 << 30):
         self.store = store
         self.admin_token = admin_token
         self.open_discovery = open_discovery
@@ -68,6 +68,7 @@ class GatewayApp:
         self.dataplane = DataPlane(self.handle, metrics.series, metrics.retried,
                                    self.rate_limits, max_body_size=max_body_size,
                                    max_response_size=max_response_size,
+                                   body_budget=body_budget,
                                    max_connections=max_connections or default_max_connections())
         # Filters run in order over each request's Exchange; each may answer early, or
         # pause the chain (filter.py).
