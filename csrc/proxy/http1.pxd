@@ -39,6 +39,8 @@ cdef enum:
     E_DUP_HOST = -18
     E_DUP_AUTHORIZATION = -19
     E_STATUS = -20
+    E_CONNECT = -21
+    E_LEADING_EMPTY = -22
 
 # What dechunk says: done, more bytes needed, or why it refused (negative).
 cdef enum:

@@ -75,6 +75,8 @@ cdef inline bint bare_lf(const char* p, size_t n) noexcept:
 cdef int parse_head(const char* p, size_t n, Head* h, bint response) noexcept:
     """HEAD_DONE: a complete head parsed into h; HEAD_MORE: more bytes needed; else why it
     is refused (E_*, see head_refusal)."""
+    if n and (p[0] == b'\r' or p[0] == b'\n') and not response:
+        return E_LEADING_EMPTY
     cdef const char* end = <const char*>memmem(p, n, b"\r\n\r\n", 4)
     if end == NULL:
         # A bare LF never ends a head here: refuse it now, not at the read timeout.
@@ -119,12 +121,16 @@ cdef int parse_head(const char* p, size_t n, Head* h, bint response) noexcept:
             return E_METHOD
         h.method.p = p
         h.method.n = sp1 - p
+        if h.method.n == 7 and memcmp(p, b"CONNECT", 7) == 0:
+            return E_CONNECT  # a tunnel: what an upstream would do with it is anyone's guess
         h.target.p = sp1 + 1
         sp2 = <const char*>memchr(sp1 + 1, b' ', line_end - sp1 - 1)
         if sp2 == NULL:
             return E_MALFORMED
         h.target.n = sp2 - sp1 - 1
-        if h.target.n == 0 or h.target.p[0] != b'/':
+        if h.target.n == 0:
+            return E_MALFORMED  # two spaces
+        if h.target.p[0] != b'/':
             return E_TARGET
         for i in range(h.target.n):  # visible ASCII: what a client may send unencoded
             if not 32 < <unsigned char>h.target.p[i] < 127:
@@ -208,6 +214,8 @@ cdef int parse_head(const char* p, size_t n, Head* h, bint response) noexcept:
 
 
 cdef dict _REASONS = {
+    E_MALFORMED: "the request line is not one method, target and version, one space apart",
+    E_LEADING_EMPTY: "an empty line (or a CR) before the request line",
     E_BARE_LF: "a line ends in a bare LF (CRLF required)",
     E_CONTROL: "a control character or a bare CR in the head",
     E_METHOD: "the method is not a token",
@@ -239,6 +247,8 @@ cdef str head_refusal(int code):
         return f"request head is too large (over {MAX_HEADERS} headers)"
     if code == E_UPGRADE:
         return "protocol upgrades are not supported"
+    if code == E_CONNECT:
+        return "CONNECT is not supported: the gateway is no tunnel"
     return "malformed HTTP request: " + _REASONS.get(code, "unreadable head")
 
 
@@ -272,14 +282,17 @@ cdef inline int quoted_end(const char* p, const char* eol, const char** after) n
     return -1
 
 
-cdef int size_line(const char* p, const char* eol, bint complete, long long room,
-                   long long* size) noexcept:
-    """The chunk size at p (hex), then its extensions (;name[=token|quoted]) to eol. With
-    `complete` false, eol is where the bytes end for now: only what is there is judged."""
+cdef int chunk_size(const char* p, const char* end, long long room, long long* size,
+                    const char** after) noexcept:
+    """The hex digits of a chunk size at p, judged on what is there up to `end` (the line's
+    LF, or where the bytes end for now): E_CHUNK_TOO_LARGE as soon as they pass `room`,
+    E_CHUNK_SIZE if anything but ';' or CR follows them; else 0, with *after past them.
+    Judged the same whatever part of the line has come, so that a body decodes the same
+    in any pieces."""
     cdef long long n = 0
     cdef const char* q = p
     cdef char ch
-    while q < eol:
+    while q < end:
         ch = q[0]
         if b'0' <= ch <= b'9':
             n = n * 16 + (ch - 48)
@@ -288,17 +301,19 @@ cdef int size_line(const char* p, const char* eol, bint complete, long long room
         elif b'A' <= ch <= b'F':
             n = n * 16 + (ch - 55)
         else:
+            if q == p or (ch != b';' and ch != b'\r'):
+                return E_CHUNK_SIZE
             break
         if n > room:
             return E_CHUNK_TOO_LARGE  # at once: no need to wait for the data
         q += 1
-    if q == eol:
-        size[0] = n
-        return CHUNKS_DONE if complete and q > p else CHUNKS_MORE if not complete \
-            else E_CHUNK_SIZE
-    if q == p or q[0] != b';':
-        return E_CHUNK_SIZE
     size[0] = n
+    after[0] = q
+    return 0
+
+
+cdef int chunk_extensions(const char* q, const char* eol) noexcept:
+    """What follows a chunk size up to its line's CR: nothing, or ;name[=token|quoted]..."""
     cdef const char* start
     while q < eol:
         if q[0] != b';':
@@ -307,25 +322,20 @@ cdef int size_line(const char* p, const char* eol, bint complete, long long room
         start = q
         while q < eol and is_tchar(<unsigned char>q[0]):
             q += 1
-        if q == eol:
-            return CHUNKS_MORE if not complete else (CHUNKS_DONE if q > start
-                                                     else E_CHUNK_EXTENSION)
         if q == start:
             return E_CHUNK_EXTENSION
-        if q[0] == b'=':
+        if q < eol and q[0] == b'=':
             q += 1
-            if q == eol:
-                return CHUNKS_MORE if not complete else E_CHUNK_EXTENSION
-            if q[0] == b'"':
+            if q < eol and q[0] == b'"':
                 if quoted_end(q, eol, &q) != 0:
-                    return CHUNKS_MORE if not complete else E_CHUNK_EXTENSION
+                    return E_CHUNK_EXTENSION
             else:
                 start = q
                 while q < eol and is_tchar(<unsigned char>q[0]):
                     q += 1
                 if q == start:
                     return E_CHUNK_EXTENSION
-    return CHUNKS_DONE if complete else CHUNKS_MORE
+    return 0
 
 
 cdef inline bint trailer_line(const char* p, size_t n) noexcept:
@@ -348,6 +358,7 @@ cdef int dechunk(char* p, size_t n, Chunks* c, long long max_size) noexcept:
     p[0:c.read_at]), CHUNKS_MORE, or why it is refused (E_CHUNK_*). The body grows past
     max_size: E_CHUNK_TOO_LARGE, as soon as a chunk's size says so."""
     cdef const char* eol
+    cdef const char* digits_end
     cdef size_t k, avail
     cdef long long size
     cdef int rc
@@ -357,21 +368,20 @@ cdef int dechunk(char* p, size_t n, Chunks* c, long long max_size) noexcept:
         avail = n - c.read_at
         if c.state == SIZE_LINE:
             eol = <const char*>memchr(p + c.read_at, b'\n', avail)
-            if eol == NULL:
-                if avail > MAX_CHUNK_LINE:
-                    return E_CHUNK_LINE
-                rc = size_line(p + c.read_at, p + n - (avail > 0 and p[n - 1] == b'\r'),
-                               False, max_size - <long long>c.write_at, &size)
-                return rc if rc < 0 else CHUNKS_MORE
-            if eol - (p + c.read_at) > MAX_CHUNK_LINE + 1:
-                return E_CHUNK_LINE
-            if eol == p + c.read_at or eol[-1] != b'\r':
-                return E_CHUNK_SIZE  # a bare LF
-            rc = size_line(p + c.read_at, eol - 1, True, max_size - <long long>c.write_at,
-                           &size)
+            k = eol - (p + c.read_at) if eol != NULL else avail  # the line so far, CR included
+            rc = chunk_size(p + c.read_at, p + c.read_at + k, max_size - <long long>c.write_at,
+                            &size, &digits_end)
             if rc < 0:
                 return rc
-            c.read_at = eol + 1 - p
+            if k > MAX_CHUNK_LINE:
+                return E_CHUNK_LINE
+            if eol == NULL:
+                return CHUNKS_MORE
+            if k == 0 or eol[-1] != b'\r':
+                return E_CHUNK_SIZE  # a bare LF
+            if chunk_extensions(digits_end, eol - 1) < 0:
+                return E_CHUNK_EXTENSION
+            c.read_at += k + 1
             if size == 0:
                 c.state = TRAILERS
             else:
@@ -399,6 +409,8 @@ cdef int dechunk(char* p, size_t n, Chunks* c, long long max_size) noexcept:
             if eol == NULL:
                 return E_TRAILERS_TOO_LARGE if c.trailers + avail > MAX_HEAD else CHUNKS_MORE
             k = eol - (p + c.read_at)
+            if c.trailers + k + 1 > MAX_HEAD:
+                return E_TRAILERS_TOO_LARGE
             if k == 0 or eol[-1] != b'\r':
                 return E_TRAILER
             if k == 1:  # the blank line: the end
@@ -406,8 +418,6 @@ cdef int dechunk(char* p, size_t n, Chunks* c, long long max_size) noexcept:
                 c.state = DONE
                 return CHUNKS_DONE
             c.trailers += k + 1
-            if c.trailers > MAX_HEAD:
-                return E_TRAILERS_TOO_LARGE
             if not trailer_line(p + c.read_at, k - 1):
                 return E_TRAILER
             c.read_at += k + 1
