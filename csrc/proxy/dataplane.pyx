@@ -21,7 +21,8 @@ handler, exactly as gateway/server/http.py would make it, on the same loop:
 control stays in Python and runs when configuration changes, not per request.
 
 Requests on one connection are answered in order, one at a time (a pipelined
-request is parsed once the one before it is answered).
+request is parsed once the one before it is answered). The HTTP/1.1 codec itself
+(heads, chunked bodies, and their limits) is http1.pyx.
 """
 import logging
 import os
@@ -30,21 +31,19 @@ import struct as _struct
 import time
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.stdlib cimport free, malloc, realloc, strtoll
-from libc.string cimport memchr, memcmp, memcpy, memmove
+from libc.stdlib cimport free
 
 from gateway._native.chain cimport RouteTarget, route_target
 from gateway._native.counters cimport Series
 from gateway._native.http1 cimport (
-    CHUNKS_DONE, CHUNKS_MORE, E_CHUNK_TOO_LARGE, HEAD_DONE, HEAD_MORE, MAX_INTERIM, Buf, Chunks,
-    Head, Span, buf_add, buf_bytes, buf_consume, buf_need, chunks_refusal, chunks_start, dechunk,
-    head_refusal, head_refusal_status, parse_head, span_is)
+    CHUNKS_MORE, E_CHUNK_TOO_LARGE, HEAD_MORE, MAX_INTERIM, Buf, Chunks, Head, Span, buf_add,
+    buf_bytes, buf_consume, buf_need, chunks_refusal, chunks_start, dechunk, head_refusal,
+    head_refusal_status, parse_head, span_is)
 from gateway._native.httpcore cimport (MAX_HEAD, MAX_HEADERS, Request, Response,
                                        answer_exception, error_response, status_line)
 from gateway._native.picker cimport SmoothWeightedPicker
 
 cdef extern from "string.h" nogil:
-    void* memmem(const void*, size_t, const void*, size_t)
     int strncasecmp(const char*, const char*, size_t)
 cdef extern from "stdio.h" nogil:
     int snprintf(char*, size_t, const char*, ...)
