@@ -322,11 +322,12 @@ cdef class DataPlane:
                  double read_timeout=30.0, Py_ssize_t max_connections=10000,
                  Py_ssize_t body_budget=1 << 30):
         self.listener = None
-        # Bodies being received are held whole: together at most body_budget bytes. A
-        # request whose body would pass it gets a 503 when its head comes (a declared
-        # length is reserved whole, a chunked body as it arrives), rather than pausing
-        # reads: paused connections would hold the budget for the read timeout and stall
-        # everyone behind them, while a 503 at once is retried elsewhere.
+        # Request bodies are held whole, from their first byte until their request is
+        # answered: together at most body_budget bytes. A request whose body would pass
+        # it gets a 503 when its head comes (a declared length is reserved whole, a
+        # chunked body as it arrives), rather than pausing reads: paused connections
+        # would hold the budget until the read timeout and stall everyone behind them,
+        # while a 503 at once is retried elsewhere.
         self.body_budget = max(body_budget, max_body_size)
         # Client connections at most: past it, a new one takes the place of the one that
         # has made the least progress (slowloris), so that file descriptors never run out.
@@ -640,9 +641,12 @@ cdef class DataPlane:
             return  # the _serve below us goes on once the request is consumed
         if not c.listed:
             self._list_newest(c)  # its answer is out: it may be evicted again
+        if c.working is None and not c.in_message:
+            self._unreserve(c)  # its last request is answered: its body is let go
         while c.working is None and not c.closing and c.outb.n == 0 and c.inb.n and \
                 not c.closed:
             if not c.in_message:
+                self._unreserve(c)
                 c.in_message = True
                 c.message_started = self.loop.time()
                 self._list_newest(c)
@@ -682,7 +686,8 @@ cdef class DataPlane:
             finally:
                 c.dispatching = False
                 buf_consume(&c.inb, body_end)
-                self._unreserve(c)
+                if c.working is None:
+                    self._unreserve(c)  # answered at once
 
     cdef bint _accept_head(self, Client c, Head* h) except *:
         """Parse the head of the request `c` is sending, and judge what can be judged before
@@ -704,6 +709,8 @@ cdef class DataPlane:
         c.body_at = h.size
         c.chunked = h.chunked
         c.body_length = max(h.content_length, 0)
+        if c.body_length > READ_CHUNK:  # room for the declared body at once, not by doubling
+            buf_need(&c.inb, c.body_at + c.body_length + READ_CHUNK - c.inb.n)
         if h.chunked:
             chunks_start(&c.chunks)
         if body_to_come and h.expect_continue and h.minor == 1 and c.inb.n == h.size:
@@ -731,22 +738,33 @@ cdef class DataPlane:
 
     cdef bint _reserve(self, Client c, Py_ssize_t size) except *:
         """Hold `size` bytes of the request-body budget for the request `c` is sending (it
-        held c.reserved so far); past the budget, a 503 and False."""
+        held c.reserved so far), until it is answered; past the budget, a 503 and False."""
         if size <= c.reserved:
             return True
-        if self.body_bytes + size - c.reserved > self.body_budget:
+        if not self.take_body_budget(size - c.reserved):
             self._answer(c, error_response(
                 503, f"the gateway holds as many request bodies as it may "
                      f"({self.body_budget >> 20} MB, --max-buffered-body-mb): retry later"),
                 False)
             return False
-        self.body_bytes += size - c.reserved
         c.reserved = size
         return True
 
     cdef inline void _unreserve(self, Client c) noexcept:
-        self.body_bytes -= c.reserved
+        self.give_body_budget(c.reserved)
         c.reserved = 0
+
+    cpdef bint take_body_budget(self, Py_ssize_t size) noexcept:
+        """Hold `size` more bytes of the request-body budget, the gateway's one for every
+        protocol (a gRPC front counts its bodies here too): False, holding nothing, past
+        it. give_body_budget hands them back."""
+        if self.body_bytes + size > self.body_budget:
+            return False
+        self.body_bytes += size
+        return True
+
+    cpdef void give_body_budget(self, Py_ssize_t size) noexcept:
+        self.body_bytes -= size
 
     cdef void _unlist(self, Client c) noexcept:
         if not c.listed:
@@ -1178,11 +1196,17 @@ cdef class DataPlane:
         cdef char length[48]
         buf_add(s, length, snprintf(length, 48, b"Content-Length: %zd\r\n\r\n",
                                     PyBytes_GET_SIZE(f.body)))
-        buf_bytes(s, f.body)
-        if u.connecting:
-            buf_add(&u.outb, s.p, s.n)  # sent once connected
+        cdef bint whole = PyBytes_GET_SIZE(f.body) < 65536  # one write, one syscall
+        if whole:
+            buf_bytes(s, f.body)
+        if u.connecting:  # sent once connected
+            buf_add(&u.outb, s.p, s.n)
+            if not whole:
+                buf_bytes(&u.outb, f.body)
         else:
             self._send(u, s.p, s.n)
+            if not whole:  # (not through scratch, which would keep a large body's room)
+                self._send(u, PyBytes_AS_STRING(f.body), PyBytes_GET_SIZE(f.body))
 
     cdef void _upstream_data(self, Upstream u) except *:
         cdef Flight f = u.flight
