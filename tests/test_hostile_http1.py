@@ -166,13 +166,18 @@ def test_bodies_for_unknown_services_are_refused_before_they_are_read(procs, tmp
 
 
 def test_request_bodies_share_one_memory_budget(procs, tmp_path, upstream):
-    """L3: bodies being received are held whole; all together they may take at most
-    --max-buffered-body-mb. A request that would pass it gets a 503 as its head comes,
-    and is served again once earlier bodies are done with."""
+    """L3: bodies are held whole until their request is answered; all together they may
+    take at most --max-buffered-body-mb. A request that would pass it gets a 503 as its
+    head comes, and is served again once earlier bodies are done with (one answered at
+    once, its connection kept open, holds nothing)."""
     gateway = gateway_for(procs, tmp_path, upstream, "--max-body-mb", "40",
                           "--max-buffered-body-mb", "100")
     head = b"POST /api/predict/svc HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n"
     size = 40 << 20
+    kept = socket.create_connection(("127.0.0.1", gateway.port), timeout=20)
+    kept.sendall(head.replace(b"/api/predict/svc", b"/nowhere") % size + bytes(size))
+    status, _, _ = answer(kept)
+    assert status == 404
     first = socket.create_connection(("127.0.0.1", gateway.port), timeout=20)
     second = socket.create_connection(("127.0.0.1", gateway.port), timeout=20)
     first.sendall(head % size + bytes(1 << 20))
@@ -189,7 +194,11 @@ def test_request_bodies_share_one_memory_budget(procs, tmp_path, upstream):
     first.close()
     status, _, body = ask(gateway.port, head % (20 << 20) + bytes(20 << 20), timeout=30)
     assert status == 200, body  # the first one's share is free again
+    second.sendall(bytes(size))
+    status, _, body = answer(second)
+    assert status == 200 and json.loads(body)["length"] == size
     second.close()
+    kept.close()
 
 
 def test_eviction_at_the_connection_cap_does_not_scan_every_client(procs, tmp_path, upstream):
