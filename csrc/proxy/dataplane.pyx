@@ -68,6 +68,8 @@ cdef extern from "sys/socket.h" nogil:
     int setsockopt(int, int, int, const void*, unsigned int)
     int getsockopt(int, int, int, void*, unsigned int*)
     ssize_t recv(int, void*, size_t, int)
+    int shutdown(int, int)
+    enum: SHUT_WR
     enum: AF_INET, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC, MSG_NOSIGNAL, SOL_SOCKET, SO_ERROR
     enum: MSG_PEEK, MSG_DONTWAIT
 cdef extern from "netinet/in.h" nogil:
@@ -103,6 +105,7 @@ log = logging.getLogger("infergate.dataplane")
 DEF READ_CHUNK = 65536
 DEF MAX_TRIES = 3
 DEF DRAIN_IDLE_GRACE = 1.0  # seconds an idle keep-alive connection stays open on shutdown
+DEF LINGER = 2.0  # seconds a closing connection's unread request bytes are still read away
 # Outlier detection (Envoy's consecutive gateway failures, and a check of our own for a hung
 # instance): see Instance.
 DEF CONSECUTIVE_FAILURES = 5
@@ -167,6 +170,7 @@ cdef class Client(Conn):
     # is the one eviction closes): accepted, a read while idle, a new request begun.
     cdef Client older, newer
     cdef bint listed
+    cdef double linger_until     # answered and half-closed: reading away what it still sends
 
 
 cdef class Upstream(Conn):
@@ -537,6 +541,9 @@ cdef class DataPlane:
             else:
                 self._upstream_eof(<Upstream>conn, got < 0)
             return
+        if type(conn) is Client and (<Client>conn).linger_until:
+            conn.inb.n = 0
+            return
         if type(conn) is Client:
             (<Client>conn).last_activity = self.loop.time()
             if not (<Client>conn).in_message:
@@ -587,7 +594,7 @@ cdef class DataPlane:
             if type(conn) is Client:
                 client = <Client>conn
                 if client.closing:
-                    self._close(conn)
+                    self._linger(client)
                 else:
                     self._serve_next(client)
 
@@ -834,7 +841,7 @@ cdef class DataPlane:
         if not keep_alive:
             c.closing = True
             if c.outb.n == 0:
-                self._close(c)
+                self._linger(c)
 
     # --- the Python handler (everything the data plane does not forward itself) ----------
     cdef void _hand_over(self, Client c, Head* h, bytes body, bint keep_alive) except *:
@@ -1347,7 +1354,7 @@ cdef class DataPlane:
         if not keep_client:
             c.closing = True
             if c.outb.n == 0:
-                self._close(c)
+                self._linger(c)
             return
         self._serve_next(c)
 
@@ -1547,7 +1554,25 @@ cdef class DataPlane:
         self._finish(f, error_response(504, f"{where} did not answer within "
                                             f"{f.backend.timeout:.1f}s"))
 
+    cdef void _linger(self, Client c) except *:
+        """Close a connection after its last answer, gently: what the client is still
+        sending (a body the answer refused) would make closing now a reset, which can
+        destroy the answer before the client reads it. So: no more writes, and what comes
+        is read away until the client closes, or for LINGER seconds."""
+        if c.closed or c.linger_until:
+            return
+        if c.inb.n == 0 and not c.in_message:
+            self._close(c)  # nothing unread: the usual case
+            return
+        shutdown(c.fd, SHUT_WR)
+        c.inb.n = 0
+        c.linger_until = self.loop.time() + LINGER
+
     cdef void _expire(self, Client c, double now) except *:
+        if c.linger_until:
+            if now > c.linger_until:
+                self._close(c)
+            return
         if c.working is not None or c.closed:
             return
         if c.in_message or c.inb.n:
