@@ -644,6 +644,7 @@ cdef class DataPlane:
         cdef int rc
         cdef size_t body_end
         cdef bytes body
+        cdef bint parsed  # h is this request's head, over the buffer as it is now
         if c.dispatching:
             return  # the _serve below us goes on once the request is consumed
         if not c.listed:
@@ -657,7 +658,8 @@ cdef class DataPlane:
                 c.in_message = True
                 c.message_started = self.loop.time()
                 self._list_newest(c)
-            if c.body_at == 0 and not self._accept_head(c, h):
+            parsed = c.body_at == 0
+            if parsed and not self._accept_head(c, h):
                 return
             if c.chunked:
                 rc = dechunk(c.inb.p + c.body_at, c.inb.n - c.body_at, &c.chunks,
@@ -677,7 +679,8 @@ cdef class DataPlane:
                 if body_end > c.inb.n:
                     return
                 body = PyBytes_FromStringAndSize(c.inb.p + c.body_at, c.body_length)
-            parse_head(c.inb.p, c.body_at, h, False)  # accepted before; the buffer may have moved
+            if not parsed:  # accepted on an earlier read: the buffer may have moved since
+                parse_head(c.inb.p, c.body_at, h, False)
             c.body_at = 0
             keep_alive = (not h.conn_close if h.minor == 1 else h.conn_keep_alive) and \
                 not self.draining
