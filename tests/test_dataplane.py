@@ -155,24 +155,26 @@ def test_expect_100_continue(gateway):
 
 
 @pytest.mark.parametrize("request_bytes, status, says", [
-    (b"POST /api/predict/echo HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-     400, "malformed"),
-    (b"POST /api/predict/echo HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n"
-     b"\r\n0\r\n\r\n", 400, "malformed"),
+    (b"POST /api/predict/echo HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n"
+     b"Content-Length: 4\r\n\r\nabcd", 400, "malformed"),
+    (b"POST /api/predict/echo HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "malformed"),
     (b"GARBAGE\r\n\r\n", 400, "malformed"),
-    (b"POST /api/predict/echo HTTP/1.1\r\nContent-Length: 999999999999\r\n\r\n", 413,
+    (b"POST /api/predict/echo HTTP/1.1\r\nHost: gw\r\nContent-Length: 999999999999\r\n\r\n", 413,
      "larger than the limit"),
-    (b"GET /api/predict/echo HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431, "too large"),
-    (b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n", 400, "upgrades"),
+    (b"GET /api/predict/echo HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+     431, "too large"),
+    (b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n", 400, "upgrades"),
     # one header hiding another behind a bare LF (request smuggling)
-    (b"POST /api/predict/echo HTTP/1.1\r\nX-A: b\nTransfer-Encoding: chunked\r\n"
+    (b"POST /api/predict/echo HTTP/1.1\r\nHost: gw\r\nX-A: b\nTransfer-Encoding: chunked\r\n"
      b"Content-Length: 2\r\n\r\nhi", 400, "malformed"),
-    (b"POST /api/predict/echo HTTP/1.1\r\nContent-Length\t: 2\r\n\r\nhi", 400, "malformed"),
-    (b"POST /api/predict/echo HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    (b"POST /api/predict/echo HTTP/1.1\r\nHost: gw\r\nContent-Length\t: 2\r\n\r\nhi", 400,
+     "malformed"),
+    (b"POST /api/predict/echo HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
      b"0\r\n\r\n", 400, "malformed"),
-    (b"POST /api/predict/echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    (b"POST /api/predict/echo HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
      b"+4\r\nwiki\r\n0\r\n\r\n", 400, "chunk size"),
-    (b"POST /api/predict/echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    (b"POST /api/predict/echo HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
      b"0x4\r\nwiki\r\n0\r\n\r\n", 400, "chunk size"),
 ])
 def test_bad_requests_get_a_clear_error_and_the_connection_closes(gateway, request_bytes,

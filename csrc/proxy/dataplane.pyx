@@ -21,7 +21,8 @@ handler, exactly as gateway/server/http.py would make it, on the same loop:
 control stays in Python and runs when configuration changes, not per request.
 
 Requests on one connection are answered in order, one at a time (a pipelined
-request is parsed once the one before it is answered).
+request is parsed once the one before it is answered). The HTTP/1.1 codec itself
+(heads, chunked bodies, and their limits) is http1.pyx.
 """
 import logging
 import os
@@ -30,17 +31,19 @@ import struct as _struct
 import time
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.stdlib cimport free, malloc, realloc, strtoll
-from libc.string cimport memchr, memcmp, memcpy, memmove
+from libc.stdlib cimport free
 
 from gateway._native.chain cimport RouteTarget, route_target
 from gateway._native.counters cimport Series
+from gateway._native.http1 cimport (
+    CHUNKS_MORE, E_CHUNK_TOO_LARGE, HEAD_MORE, MAX_INTERIM, Buf, Chunks, Head, Span, buf_add,
+    buf_bytes, buf_consume, buf_need, chunks_refusal, chunks_start, dechunk, head_refusal,
+    head_refusal_status, parse_head, span_is)
 from gateway._native.httpcore cimport (MAX_HEAD, MAX_HEADERS, Request, Response,
                                        answer_exception, error_response, status_line)
 from gateway._native.picker cimport SmoothWeightedPicker
 
 cdef extern from "string.h" nogil:
-    void* memmem(const void*, size_t, const void*, size_t)
     int strncasecmp(const char*, const char*, size_t)
 cdef extern from "stdio.h" nogil:
     int snprintf(char*, size_t, const char*, ...)
@@ -65,6 +68,8 @@ cdef extern from "sys/socket.h" nogil:
     int setsockopt(int, int, int, const void*, unsigned int)
     int getsockopt(int, int, int, void*, unsigned int*)
     ssize_t recv(int, void*, size_t, int)
+    int shutdown(int, int)
+    enum: SHUT_WR
     enum: AF_INET, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC, MSG_NOSIGNAL, SOL_SOCKET, SO_ERROR
     enum: MSG_PEEK, MSG_DONTWAIT
 cdef extern from "netinet/in.h" nogil:
@@ -100,6 +105,7 @@ log = logging.getLogger("infergate.dataplane")
 DEF READ_CHUNK = 65536
 DEF MAX_TRIES = 3
 DEF DRAIN_IDLE_GRACE = 1.0  # seconds an idle keep-alive connection stays open on shutdown
+DEF LINGER = 2.0  # seconds a closing connection's unread request bytes are still read away
 # Outlier detection (Envoy's consecutive gateway failures, and a check of our own for a hung
 # instance): see Instance.
 DEF CONSECUTIVE_FAILURES = 5
@@ -118,79 +124,6 @@ cdef unsigned long long _id_counter = 0
 cdef object _perf_counter = time.perf_counter
 
 
-# --- buffers and header spans ------------------------------------------------------------
-
-cdef struct Buf:
-    char* p
-    size_t n, cap
-
-cdef inline int buf_need(Buf* b, size_t extra) except -1:
-    cdef size_t cap
-    cdef char* grown
-    if b.n + extra > b.cap:
-        cap = max(b.n + extra, b.cap * 2, <size_t>4096)
-        grown = <char*>realloc(b.p, cap)
-        if grown == NULL:
-            raise MemoryError()
-        b.p = grown
-        b.cap = cap
-    return 0
-
-cdef inline int buf_add(Buf* b, const char* s, size_t n) except -1:
-    buf_need(b, n)
-    memcpy(b.p + b.n, s, n)
-    b.n += n
-    return 0
-
-cdef inline int buf_bytes(Buf* b, bytes s) except -1:
-    return buf_add(b, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
-
-cdef inline void buf_consume(Buf* b, size_t n) noexcept:
-    if n >= b.n:
-        b.n = 0
-        if b.cap > (1 << 20):  # a large body came through: do not keep its room
-            free(b.p)
-            b.p = NULL
-            b.cap = 0
-    else:
-        memmove(b.p, b.p + n, b.n - n)
-        b.n -= n
-
-cdef struct Span:
-    const char* p
-    size_t n
-
-cdef struct Head:
-    Span method, target, reason
-    int minor            # HTTP/1.<minor>
-    int status           # responses
-    int count
-    Span names[MAX_HEADERS]
-    Span values[MAX_HEADERS]
-    long long content_length   # -1: none
-    bint chunked, conn_close, conn_keep_alive, expect_continue
-    size_t size          # bytes of the head, blank line included
-
-cdef inline bint span_is(Span s, const char* lower, size_t n) noexcept:
-    return s.n == n and strncasecmp(s.p, lower, n) == 0
-
-cdef inline bint has_token(Span s, const char* token, size_t n) noexcept:
-    """A comma-separated header value holds `token` (case-insensitive)."""
-    cdef size_t i = 0, start
-    while i < s.n:
-        while i < s.n and (s.p[i] == b' ' or s.p[i] == b','):
-            i += 1
-        start = i
-        while i < s.n and s.p[i] != b',':
-            i += 1
-        end = i
-        while end > start and s.p[end - 1] == b' ':
-            end -= 1
-        if end - start == n and strncasecmp(s.p + start, token, n) == 0:
-            return True
-    return False
-
-
 cdef int add_target(Buf* s, bytes prefix, const char* subpath, Py_ssize_t subpath_n,
                     const char* query, Py_ssize_t query_n) except -1:
     """The upstream request target: the backend's prefix (kept without a trailing slash),
@@ -204,179 +137,6 @@ cdef int add_target(Buf* s, bytes prefix, const char* subpath, Py_ssize_t subpat
     if query_n > 1:
         buf_add(s, query, query_n)
     return 0
-
-
-cdef inline bint token(const char* p, size_t n) noexcept:
-    """Only token characters (RFC 9110): what a header name may hold."""
-    cdef size_t i
-    cdef unsigned char ch
-    for i in range(n):
-        ch = <unsigned char>p[i]
-        if ch <= 32 or (ch == b' ' or ch == b'"' or ch == b'(' or ch == b')' or ch == b',' or
-                     ch == b'/' or ch == b':' or ch == b';' or ch == b'<' or ch == b'=' or
-                     ch == b'>' or ch == b'?' or ch == b'@' or ch == b'[' or ch == b'\\' or
-                     ch == b']' or ch == b'{' or ch == b'}' or ch > 126):
-            return False
-    return True
-
-
-cdef int parse_head(const char* p, size_t n, Head* h, bint response) noexcept:
-    """1: a complete head parsed into h; 0: more bytes needed; -1: malformed; -2: too big."""
-    cdef const char* end = <const char*>memmem(p, n, b"\r\n\r\n", 4)
-    if end == NULL:
-        return -2 if n > MAX_HEAD else 0
-    h.size = end - p + 4
-    if h.size > MAX_HEAD:
-        return -2
-    cdef size_t i
-    cdef unsigned char ch
-    for i in range(<size_t>(end - p)):  # no bare CR or LF, no NUL: no line may hide another
-        ch = <unsigned char>p[i]
-        if ch < 32 or ch == 127:
-            if ch == b'\r':
-                if p[i + 1] != b'\n':
-                    return -1
-            elif ch == b'\n':
-                if i == 0 or p[i - 1] != b'\r':
-                    return -1
-            elif ch != b'\t':
-                return -1
-    cdef const char* line_end = <const char*>memmem(p, end - p + 2, b"\r\n", 2)
-    cdef const char* sp1 = <const char*>memchr(p, b' ', line_end - p)
-    if sp1 == NULL:
-        return -1
-    cdef const char* sp2 = <const char*>memchr(sp1 + 1, b' ', line_end - sp1 - 1)
-    cdef const char* version
-    if response:
-        # HTTP/1.x SSS reason
-        if sp1 - p != 8 or line_end - sp1 < 4:
-            return -1
-        version = p
-        h.status = (sp1[1] - 48) * 100 + (sp1[2] - 48) * 10 + (sp1[3] - 48)
-        if not 100 <= h.status <= 999:
-            return -1
-    else:
-        if sp2 == NULL or line_end - sp2 != 9:
-            return -1
-        h.method.p = p
-        h.method.n = sp1 - p
-        h.target.p = sp1 + 1
-        h.target.n = sp2 - sp1 - 1
-        version = sp2 + 1
-        if h.method.n == 0 or h.target.n == 0 or h.target.p[0] != b'/':
-            return -1
-    if strncasecmp(version, b"HTTP/1.", 7) != 0 or not (b'0' <= version[7] <= b'1'):
-        return -1
-    h.minor = version[7] - 48
-    h.count = 0
-    h.content_length = -1
-    h.chunked = h.conn_close = h.conn_keep_alive = h.expect_continue = False
-    cdef const char* line = line_end + 2
-    cdef const char* colon
-    cdef const char* v
-    cdef const char* ve
-    cdef char* num_end
-    while line < end + 2:
-        line_end = <const char*>memmem(line, end + 2 - line, b"\r\n", 2)
-        colon = <const char*>memchr(line, b':', line_end - line)
-        if colon == NULL or colon == line or h.count == MAX_HEADERS:
-            return -1
-        if line[0] == b' ' or line[0] == b'\t' or colon[-1] == b' ':
-            return -1  # obsolete line folding, or space before the colon
-        v = colon + 1
-        while v < line_end and (v[0] == b' ' or v[0] == b'\t'):
-            v += 1
-        ve = line_end
-        while ve > v and (ve[-1] == b' ' or ve[-1] == b'\t'):
-            ve -= 1
-        if not token(line, colon - line):
-            return -1
-        h.names[h.count].p = line
-        h.names[h.count].n = colon - line
-        h.values[h.count].p = v
-        h.values[h.count].n = ve - v
-        if span_is(h.names[h.count], b"content-length", 14):
-            if ve == v or not (b'0' <= v[0] <= b'9'):
-                return -1
-            cl = strtoll(v, &num_end, 10)
-            if num_end != ve or cl < 0 or (h.content_length >= 0 and cl != h.content_length):
-                return -1
-            h.content_length = cl
-        elif span_is(h.names[h.count], b"transfer-encoding", 17):
-            if h.chunked or not span_is(h.values[h.count], b"chunked", 7):
-                return -1  # only chunked alone is spoken
-            h.chunked = True
-        elif span_is(h.names[h.count], b"connection", 10):
-            if has_token(h.values[h.count], b"close", 5):
-                h.conn_close = True
-            if has_token(h.values[h.count], b"keep-alive", 10):
-                h.conn_keep_alive = True
-            if has_token(h.values[h.count], b"upgrade", 7) and not response:
-                return -3
-        elif not response and span_is(h.names[h.count], b"expect", 6):
-            h.expect_continue = span_is(h.values[h.count], b"100-continue", 12)
-        h.count += 1
-        line = line_end + 2
-    if h.chunked and h.content_length >= 0:
-        return -1  # both framings: refused (request smuggling)
-    return 1
-
-
-cdef long long hex_size(const char* p, const char* eol) noexcept:
-    """The hex chunk size at p (1 to 15 digits, then an extension or the line's end), or -1."""
-    cdef long long size = 0
-    cdef int digits = 0
-    cdef char ch
-    while p < eol:
-        ch = p[0]
-        if b'0' <= ch <= b'9':
-            size = size * 16 + (ch - 48)
-        elif b'a' <= ch <= b'f':
-            size = size * 16 + (ch - 87)
-        elif b'A' <= ch <= b'F':
-            size = size * 16 + (ch - 55)
-        else:
-            break
-        digits += 1
-        if digits > 15:
-            return -1
-        p += 1
-    if digits == 0 or (p < eol and p[0] != b';'):
-        return -1
-    return size
-
-
-cdef long long dechunk(const char* p, size_t n, Buf* out) except -2:
-    """Decode a complete chunked body at p[0:n] into out: bytes consumed, or -1 if incomplete."""
-    cdef size_t at = 0
-    cdef const char* eol
-    cdef char* num_end
-    cdef long long size
-    out.n = 0
-    while True:
-        eol = <const char*>memmem(p + at, n - at, b"\r\n", 2)
-        if eol == NULL:
-            return -1
-        size = hex_size(p + at, eol)
-        if size < 0:
-            raise ValueError("malformed chunk size")
-        at = eol - p + 2
-        if size == 0:
-            # trailers, up to the blank line
-            while True:
-                eol = <const char*>memmem(p + at, n - at, b"\r\n", 2)
-                if eol == NULL:
-                    return -1
-                if eol == p + at:
-                    return at + 2
-                at = eol - p + 2
-        if at + size + 2 > n:
-            return -1
-        buf_add(out, p + at, size)
-        at += size
-        if p[at] != b'\r' or p[at + 1] != b'\n':
-            raise ValueError("malformed chunk")
-        at += 2
 
 
 # --- connections --------------------------------------------------------------------------
@@ -399,6 +159,18 @@ cdef class Client(Conn):
     cdef bint dispatching        # _serve is handing a request on (answers may come at once)
     cdef double last_activity, message_started
     cdef bytes log_method, log_target  # the request being answered, for the access log
+    # The request being read, once its head is accepted: where its body starts (0: no head
+    # yet), its Content-Length, or its chunked body's decoding so far.
+    cdef size_t body_at
+    cdef long long body_length
+    cdef bint chunked
+    cdef Chunks chunks
+    cdef Py_ssize_t reserved     # bytes of the plane's body budget this request holds
+    # Clients with no request in flight, in the order of their last progress (the oldest
+    # is the one eviction closes): accepted, a read while idle, a new request begun.
+    cdef Client older, newer
+    cdef bint listed
+    cdef double linger_until     # answered and half-closed: reading away what it still sends
 
 
 cdef class Upstream(Conn):
@@ -408,6 +180,8 @@ cdef class Upstream(Conn):
     cdef bint reused     # taken from the idle ones (the instance may have just closed it)
     cdef double connect_by
     cdef Head head
+    cdef int interim     # 1xx answers skipped for the request in flight
+    cdef Chunks chunks   # a chunked answer's decoding so far
 
 
 cdef class Instance:
@@ -530,6 +304,7 @@ cdef class DataPlane:
     cdef public object others
     cdef list by_fd                 # fd -> Conn
     cdef dict fast                  # service bytes -> FastRoute
+    cdef frozenset services         # every service's name (bytes) in the route table
     cdef dict instances             # (ip, port) -> Instance
     cdef dict backend_instances     # backend -> [Instance], one per pool
     cdef set flights
@@ -541,6 +316,9 @@ cdef class DataPlane:
     cdef object sweeper
     cdef long sweeps
     cdef Py_ssize_t max_clients
+    cdef Client oldest, newest      # the clients eviction may close, least progress first
+    # Request bodies buffered at most, all clients together (see _reserve).
+    cdef readonly Py_ssize_t body_budget, body_bytes
     cdef Head head                  # scratch for request heads
     cdef Buf scratch
     cdef Buf out                    # a fast answer, built whole before it is sent
@@ -549,8 +327,16 @@ cdef class DataPlane:
     def __init__(self, handler, series_for, retried, limiter=None, answer_error=None,
                  Py_ssize_t max_body_size=64 << 20, Py_ssize_t max_response_size=256 << 20,
                  double idle_timeout=75.0,
-                 double read_timeout=30.0, Py_ssize_t max_connections=10000):
+                 double read_timeout=30.0, Py_ssize_t max_connections=10000,
+                 Py_ssize_t body_budget=1 << 30):
         self.listener = None
+        # Request bodies are held whole, from their first byte until their request is
+        # answered: together at most body_budget bytes. A request whose body would pass
+        # it gets a 503 when its head comes (a declared length is reserved whole, a
+        # chunked body as it arrives), rather than pausing reads: paused connections
+        # would hold the budget until the read timeout and stall everyone behind them,
+        # while a 503 at once is retried elsewhere.
+        self.body_budget = max(body_budget, max_body_size)
         # Client connections at most: past it, a new one takes the place of the one that
         # has made the least progress (slowloris), so that file descriptors never run out.
         self.max_clients = max(1, max_connections)
@@ -569,6 +355,7 @@ cdef class DataPlane:
         self.read_timeout = read_timeout
         self.by_fd = []
         self.fast = {}
+        self.services = frozenset()
         self.instances = {}
         self.flights = set()
         self.clients = set()
@@ -622,6 +409,7 @@ cdef class DataPlane:
             entry.series = {b: self.series_for(name, b.name) for b in backends}
             fast[name.encode("latin-1")] = entry
         self.fast = fast
+        self.services = frozenset(name.encode("latin-1") for name in routes)
         self.backend_instances = by_backend
         for key in list(self.instances):
             if key not in keep:
@@ -718,25 +506,23 @@ cdef class DataPlane:
             else:
                 c.peer = None
             self.clients.add(c)
+            self._list_newest(c)
             self._watch(fd, c, EPOLLIN)
 
     cdef bint _evict(self) except *:
         """Close the client connection that has made the least progress, of those with no
         request in flight: the one whose unfinished request began first (a slowloris
-        sends its head a byte at a time), else the longest idle. False if none."""
-        cdef Client c, oldest = None
-        cdef double since, oldest_since = 0.0
-        for conn in self.clients:
-            c = <Client>conn
-            if c.working is not None or c.closed:
-                continue
-            since = c.message_started if c.in_message else c.last_activity
-            if oldest is None or since < oldest_since:
-                oldest, oldest_since = c, since
-        if oldest is None:
-            return self.others is not None and self.others.evict_idle()
-        self._close(oldest)
-        return True
+        sends its head a byte at a time), else the longest idle; failing those, an idle
+        connection of `others`. False if none. The oldest of the list (_list_newest) is it:
+        those in flight met on the way leave the list."""
+        cdef Client c = self.oldest
+        while c is not None:
+            self._unlist(c)
+            if c.working is None and not c.closed:
+                self._close(c)
+                return True
+            c = self.oldest
+        return self.others is not None and self.others.evict_idle()
 
     cdef void _readable(self, Conn conn) except *:
         cdef ssize_t got
@@ -761,8 +547,13 @@ cdef class DataPlane:
             else:
                 self._upstream_eof(<Upstream>conn, got < 0)
             return
+        if type(conn) is Client and (<Client>conn).linger_until:
+            conn.inb.n = 0
+            return
         if type(conn) is Client:
             (<Client>conn).last_activity = self.loop.time()
+            if not (<Client>conn).in_message:
+                self._list_newest(<Client>conn)
             if conn.inb.n > limit:
                 self._close(conn)  # more queued than one request may be: not a client's way
                 return
@@ -809,7 +600,7 @@ cdef class DataPlane:
             if type(conn) is Client:
                 client = <Client>conn
                 if client.closing:
-                    self._close(conn)
+                    self._linger(client)
                 else:
                     self._serve_next(client)
 
@@ -841,6 +632,8 @@ cdef class DataPlane:
         elif type(conn) is Client:
             client = <Client>conn
             self.clients.discard(client)
+            self._unlist(client)
+            self._unreserve(client)
             working = client.working
             client.working = None
             if working is not None and not isinstance(working, Flight):
@@ -850,57 +643,51 @@ cdef class DataPlane:
 
     # --- client requests -----------------------------------------------------------------
     cdef void _serve(self, Client c) except *:
-        """Parse and answer the next request of `c`, if it has one and nothing is in flight."""
+        """Parse and answer the next request of `c`, if it has one and nothing is in flight.
+        Its head is judged once (_accept_head); its body is then awaited, a chunked one
+        decoded as it comes."""
         cdef Head* h = &self.head
         cdef int rc
-        cdef long long body_at, body_end
+        cdef size_t body_end
+        cdef bytes body
+        cdef bint parsed  # h is this request's head, over the buffer as it is now
         if c.dispatching:
             return  # the _serve below us goes on once the request is consumed
+        if not c.listed:
+            self._list_newest(c)  # its answer is out: it may be evicted again
+        if c.working is None and not c.in_message:
+            self._unreserve(c)  # its last request is answered: its body is let go
         while c.working is None and not c.closing and c.outb.n == 0 and c.inb.n and \
                 not c.closed:
             if not c.in_message:
+                self._unreserve(c)
                 c.in_message = True
                 c.message_started = self.loop.time()
-            rc = parse_head(c.inb.p, c.inb.n, h, False)
-            if rc == 0:
+                self._list_newest(c)
+            parsed = c.body_at == 0
+            if parsed and not self._accept_head(c, h):
                 return
-            if rc == -2:
-                self._answer(c, error_response(431, "request head is too large"), False)
-                return
-            if rc == -3:
-                self._answer(c, error_response(400, "protocol upgrades are not supported"), False)
-                return
-            if rc < 0:
-                self._answer(c, error_response(400, "malformed HTTP request"), False)
-                return
-            if h.content_length > self.max_body_size:
-                self._answer(c, error_response(
-                    413, f"request body is larger than the limit of {self.max_body_size} bytes"),
-                    False)
-                return
-            body_at = h.size
-            if h.chunked:
-                try:
-                    body_end = dechunk(c.inb.p + body_at, c.inb.n - body_at, &self.scratch)
-                except ValueError as exc:
-                    self._answer(c, error_response(400, f"malformed HTTP request: {exc}"), False)
+            if c.chunked:
+                rc = dechunk(c.inb.p + c.body_at, c.inb.n - c.body_at, &c.chunks,
+                             self.max_body_size)
+                if rc == CHUNKS_MORE:
+                    self._reserve(c, c.inb.n - c.body_at)
                     return
-                if self.scratch.n > <size_t>self.max_body_size:
-                    self._answer(c, error_response(
-                        413, f"request body is larger than the limit of {self.max_body_size} "
-                             "bytes"), False)
+                if rc < 0:
+                    self._answer(c, self._too_large_body() if rc == E_CHUNK_TOO_LARGE else
+                                 error_response(400, "malformed HTTP request: " +
+                                                chunks_refusal(rc)), False)
                     return
-                if body_end < 0:
-                    self._maybe_continue(c, h)
-                    return
-                body = PyBytes_FromStringAndSize(self.scratch.p, self.scratch.n)
-                body_end += body_at
+                body = PyBytes_FromStringAndSize(c.inb.p + c.body_at, c.chunks.write_at)
+                body_end = c.body_at + c.chunks.read_at
             else:
-                body_end = body_at + max(h.content_length, 0)
-                if <size_t>body_end > c.inb.n:
-                    self._maybe_continue(c, h)
+                body_end = c.body_at + c.body_length
+                if body_end > c.inb.n:
                     return
-                body = PyBytes_FromStringAndSize(c.inb.p + body_at, body_end - body_at)
+                body = PyBytes_FromStringAndSize(c.inb.p + c.body_at, c.body_length)
+            if not parsed:  # accepted on an earlier read: the buffer may have moved since
+                parse_head(c.inb.p, c.body_at, h, False)
+            c.body_at = 0
             keep_alive = (not h.conn_close if h.minor == 1 else h.conn_keep_alive) and \
                 not self.draining
             c.in_message = False
@@ -915,6 +702,113 @@ cdef class DataPlane:
             finally:
                 c.dispatching = False
                 buf_consume(&c.inb, body_end)
+                if c.working is None:
+                    self._unreserve(c)  # answered at once
+
+    cdef bint _accept_head(self, Client c, Head* h) except *:
+        """Parse the head of the request `c` is sending, and judge what can be judged before
+        its body: False when more bytes are needed or it was refused (answered)."""
+        cdef int rc = parse_head(c.inb.p, c.inb.n, h, False)
+        if rc == HEAD_MORE:
+            return False
+        if rc < 0:
+            self._answer(c, error_response(head_refusal_status(rc), head_refusal(rc)), False)
+            return False
+        if h.content_length > self.max_body_size:
+            self._answer(c, self._too_large_body(), False)
+            return False
+        cdef bint body_to_come = h.chunked or h.size + max(h.content_length, 0) > c.inb.n
+        if body_to_come and self._refuse_unknown(c, h):
+            return False  # (its body is not read: the connection closes)
+        if not self._reserve(c, c.inb.n - h.size if h.chunked else max(h.content_length, 0)):
+            return False
+        c.body_at = h.size
+        c.chunked = h.chunked
+        c.body_length = max(h.content_length, 0)
+        if c.body_length > READ_CHUNK:  # room for the declared body at once, not by doubling
+            buf_need(&c.inb, c.body_at + c.body_length + READ_CHUNK - c.inb.n)
+        if h.chunked:
+            chunks_start(&c.chunks)
+        if body_to_come and h.expect_continue and h.minor == 1 and c.inb.n == h.size:
+            self._send(c, PyBytes_AS_STRING(CONTINUE_100), PyBytes_GET_SIZE(CONTINUE_100))
+        return True
+
+    cdef Response _too_large_body(self):
+        return error_response(413, f"request body is larger than the limit of "
+                                   f"{self.max_body_size} bytes")
+
+    cdef bint _refuse_unknown(self, Client c, Head* h) except *:
+        """A request for a service the route table does not have: its 404 now, before its
+        body is read (as the chain would answer it)."""
+        cdef RouteTarget t
+        if route_target(h.target.p, h.target.n, &t) != 1:
+            return False
+        name = PyBytes_FromStringAndSize(t.service, t.service_n)
+        if name in self.services:
+            return False
+        response = error_response(404, f"unknown service {name.decode('latin-1')!r}")
+        self._decorate(response, self._request_id(h), None)
+        self.series_for("_unknown", "").observe(404, 0.0, 0, len(response.body))
+        self._answer(c, response, False)
+        return True
+
+    cdef bint _reserve(self, Client c, Py_ssize_t size) except *:
+        """Hold `size` bytes of the request-body budget for the request `c` is sending (it
+        held c.reserved so far), until it is answered; past the budget, a 503 and False."""
+        if size <= c.reserved:
+            return True
+        if not self.take_body_budget(size - c.reserved):
+            self._answer(c, error_response(
+                503, f"the gateway holds as many request bodies as it may "
+                     f"({self.body_budget >> 20} MB, --max-buffered-body-mb): retry later"),
+                False)
+            return False
+        c.reserved = size
+        return True
+
+    cdef inline void _unreserve(self, Client c) noexcept:
+        self.give_body_budget(c.reserved)
+        c.reserved = 0
+
+    cpdef bint take_body_budget(self, Py_ssize_t size) noexcept:
+        """Hold `size` more bytes of the request-body budget, the gateway's one for every
+        protocol (a gRPC front counts its bodies here too): False, holding nothing, past
+        it. give_body_budget hands them back."""
+        if self.body_bytes + size > self.body_budget:
+            return False
+        self.body_bytes += size
+        return True
+
+    cpdef void give_body_budget(self, Py_ssize_t size) noexcept:
+        self.body_bytes -= size
+
+    cdef void _unlist(self, Client c) noexcept:
+        if not c.listed:
+            return
+        if c.older is None:
+            self.oldest = c.newer
+        else:
+            c.older.newer = c.newer
+        if c.newer is None:
+            self.newest = c.older
+        else:
+            c.newer.older = c.older
+        c.older = c.newer = None
+        c.listed = False
+
+    cdef void _list_newest(self, Client c) noexcept:
+        """`c` made progress now: last in eviction's order (unless it has a request in
+        flight: it is listed again once that is answered)."""
+        if c.working is not None or c.closed or c is self.newest:
+            return
+        self._unlist(c)
+        c.older = self.newest
+        if self.newest is None:
+            self.oldest = c
+        else:
+            self.newest.newer = c
+        self.newest = c
+        c.listed = True
 
     cdef void _log(self, Client c, int status, size_t length) except *:
         """One line of the access log: the request being answered (or "-" for one that
@@ -934,10 +828,6 @@ cdef class DataPlane:
         except Exception:
             log.exception("data plane: serving a client failed")
             self._close(c)
-
-    cdef void _maybe_continue(self, Client c, Head* h) except *:
-        if h.expect_continue and c.inb.n == h.size:
-            self._send(c, PyBytes_AS_STRING(CONTINUE_100), PyBytes_GET_SIZE(CONTINUE_100))
 
     cdef void _answer(self, Client c, Response response, bint keep_alive,
                       bint no_body=False) except *:
@@ -960,7 +850,7 @@ cdef class DataPlane:
         if not keep_alive:
             c.closing = True
             if c.outb.n == 0:
-                self._close(c)
+                self._linger(c)
 
     # --- the Python handler (everything the data plane does not forward itself) ----------
     cdef void _hand_over(self, Client c, Head* h, bytes body, bint keep_alive) except *:
@@ -1313,6 +1203,8 @@ cdef class DataPlane:
         f.sent_at = monotonic()
         u.flight = f
         u.inb.n = 0
+        u.interim = 0
+        chunks_start(&u.chunks)
         cdef Buf* s = &self.scratch
         s.n = 0
         buf_bytes(s, f.head)
@@ -1320,11 +1212,17 @@ cdef class DataPlane:
         cdef char length[48]
         buf_add(s, length, snprintf(length, 48, b"Content-Length: %zd\r\n\r\n",
                                     PyBytes_GET_SIZE(f.body)))
-        buf_bytes(s, f.body)
-        if u.connecting:
-            buf_add(&u.outb, s.p, s.n)  # sent once connected
+        cdef bint whole = PyBytes_GET_SIZE(f.body) < 65536  # one write, one syscall
+        if whole:
+            buf_bytes(s, f.body)
+        if u.connecting:  # sent once connected
+            buf_add(&u.outb, s.p, s.n)
+            if not whole:
+                buf_bytes(&u.outb, f.body)
         else:
             self._send(u, s.p, s.n)
+            if not whole:  # (not through scratch, which would keep a large body's room)
+                self._send(u, PyBytes_AS_STRING(f.body), PyBytes_GET_SIZE(f.body))
 
     cdef void _upstream_data(self, Upstream u) except *:
         cdef Flight f = u.flight
@@ -1332,17 +1230,21 @@ cdef class DataPlane:
             self._close(u)
             return
         cdef Head* h = &u.head
-        cdef int rc = parse_head(u.inb.p, u.inb.n, h, True)
-        if rc == 0:
-            return
-        if rc < 0:
-            self._upstream_failed(u, "malformed response")
-            return
-        if h.status < 200:  # 1xx: skip it, the real answer follows
+        cdef int rc
+        while True:
+            rc = parse_head(u.inb.p, u.inb.n, h, True)
+            if rc == HEAD_MORE:
+                return
+            if rc < 0:
+                self._upstream_failed(u, "malformed response")
+                return
+            if h.status >= 200:
+                break
+            u.interim += 1  # 1xx: skip it, the real answer follows (a few at most)
+            if u.interim > MAX_INTERIM:
+                self._upstream_failed(u, f"more than {MAX_INTERIM} interim (1xx) answers")
+                return
             buf_consume(&u.inb, h.size)
-            self._upstream_data(u)
-            return
-        cdef long long end
         if h.content_length > self.max_response_size:
             self._too_large(u)
             return
@@ -1350,15 +1252,17 @@ cdef class DataPlane:
             body = u.inb.p
             length = 0
         elif h.chunked:
-            try:
-                end = dechunk(u.inb.p + h.size, u.inb.n - h.size, &self.scratch)
-            except ValueError as exc:
-                self._upstream_failed(u, str(exc))
+            rc = dechunk(u.inb.p + h.size, u.inb.n - h.size, &u.chunks, self.max_response_size)
+            if rc == CHUNKS_MORE:
                 return
-            if end < 0:
+            if rc == E_CHUNK_TOO_LARGE:
+                self._too_large(u)
                 return
-            body = self.scratch.p
-            length = self.scratch.n
+            if rc < 0:
+                self._upstream_failed(u, chunks_refusal(rc))
+                return
+            body = u.inb.p + h.size
+            length = u.chunks.write_at
         elif h.content_length >= 0:
             if u.inb.n < h.size + <size_t>h.content_length:
                 return
@@ -1459,7 +1363,7 @@ cdef class DataPlane:
         if not keep_client:
             c.closing = True
             if c.outb.n == 0:
-                self._close(c)
+                self._linger(c)
             return
         self._serve_next(c)
 
@@ -1659,12 +1563,31 @@ cdef class DataPlane:
         self._finish(f, error_response(504, f"{where} did not answer within "
                                             f"{f.backend.timeout:.1f}s"))
 
+    cdef void _linger(self, Client c) except *:
+        """Close a connection after its last answer, gently: what the client is still
+        sending (a body the answer refused) would make closing now a reset, which can
+        destroy the answer before the client reads it. So: no more writes, and what comes
+        is read away until the client closes, or for LINGER seconds."""
+        if c.closed or c.linger_until:
+            return
+        if c.inb.n == 0 and not c.in_message:
+            self._close(c)  # nothing unread: the usual case
+            return
+        shutdown(c.fd, SHUT_WR)
+        c.inb.n = 0
+        c.linger_until = self.loop.time() + LINGER
+
     cdef void _expire(self, Client c, double now) except *:
+        if c.linger_until:
+            if now > c.linger_until:
+                self._close(c)
+            return
         if c.working is not None or c.closed:
             return
         if c.in_message or c.inb.n:
             if now - c.message_started > self.read_timeout:
                 c.inb.n = 0
+                c.body_at = 0
                 c.in_message = False
                 self._answer(c, error_response(408, "request not received in time"), False)
         elif now - c.last_activity > self.idle_timeout:

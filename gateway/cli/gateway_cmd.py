@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--max-response-mb", type=int, default=256,
                    help="an instance's answer at most (the gateway buffers it whole); past it "
                         "the client gets a 502")
+    p.add_argument("--max-buffered-body-mb", type=int, default=1024,
+                   help="request bodies being received, all clients together, at most (each "
+                        "is buffered whole); a request that would pass it gets a 503")
     p.add_argument("--max-connections", type=int,
                    help="client connections at most; past it a new one replaces the slowest "
                         "idle or unfinished one (default: from the descriptor limit, "
@@ -104,7 +107,8 @@ def run(args) -> int:
         app = GatewayApp(store, args.admin_token, args.max_body_mb << 20,
                          args.health_interval, args.access_log, args.max_connections,
                          args.open_discovery, args.max_response_mb << 20,
-                         read_timeout=args.read_timeout, idle_timeout=args.idle_timeout)
+                         args.max_buffered_body_mb << 20, read_timeout=args.read_timeout,
+                         idle_timeout=args.idle_timeout)
         attach_control_plane(app, location, f"http://{host}:{args.port}")
         app.bind(args.host, args.port, reuse_port=args.processes > 1, grpc_port=args.grpc_port)
         return app

@@ -54,8 +54,8 @@ class GatewayApp:
     def __init__(self, store, admin_token: str = "", max_body_size: int = 64 << 20,
                  health_interval: float = 2.0, access_log: str | None = None,
                  max_connections: int | None = None, open_discovery: bool = False,
-                 max_response_size: int = 256 << 20, read_timeout: float = 30.0,
-                 idle_timeout: float = 75.0):
+                 max_response_size: int = 256 << 20, body_budget: int = 1 << 30,
+                 read_timeout: float = 30.0, idle_timeout: float = 75.0):
         self.store = store
         self.admin_token = admin_token
         self.open_discovery = open_discovery
@@ -72,6 +72,7 @@ class GatewayApp:
                                    self.rate_limits, max_body_size=max_body_size,
                                    max_response_size=max_response_size,
                                    idle_timeout=idle_timeout, read_timeout=read_timeout,
+                                   body_budget=body_budget,
                                    max_connections=self.max_connections)
         # Filters run in order over each request's Exchange; each may answer early, or
         # pause the chain (filter.py).
