@@ -226,6 +226,33 @@ def test_h2_unended_streams_share_a_connection_budget(procs, tmp_path):
     assert live(gateway.grpc_port)
 
 
+def test_grpc_and_http_bodies_share_the_gateways_body_budget(procs, tmp_path):
+    """Item 2: one memory budget for request bodies across the gateway. An HTTP/1 body that
+    has not finished arriving holds most of --max-buffered-body-mb; a gRPC message that
+    would pass it gets RESOURCE_EXHAUSTED naming the flag, and fits again once the HTTP
+    client has gone."""
+    gateway = start_front(procs, tmp_path, "--max-body-mb", "4", "--max-buffered-body-mb", "4")
+    held = socket.create_connection(("127.0.0.1", gateway.port), timeout=20)
+    held.sendall(b"POST /api/predict/digits HTTP/1.1\r\nHost: gw\r\nAuthorization: %s\r\n"
+                 b"Content-Length: %d\r\n\r\n" % (TOKEN.encode(), 3 << 20) + bytes(1 << 20))
+    probe = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5)
+    probe.request("GET", "/health")  # answered after the held head is read (one loop, in order)
+    assert probe.getresponse().status == 200
+    c = RawH2(gateway.grpc_port, timeout=30)
+    c.send(c.headers_frame(1, MODEL_READY, [("authorization", TOKEN)]))
+    c.send_data(1, grpc_message(bytes(2 << 20)))
+    answer = c.answer(1)
+    assert answer.status == RESOURCE_EXHAUSTED and "--max-buffered-body-mb" in answer.message
+    held.close()
+    for _ in range(50):  # the gateway frees the HTTP client's share once it sees the close
+        again = RawH2(gateway.grpc_port, timeout=30)
+        again.send(again.headers_frame(1, MODEL_READY, [("authorization", TOKEN)]))
+        again.send_data(1, grpc_message(model_ready_request("digits")), end_stream=True)
+        if again.answer(1).status != RESOURCE_EXHAUSTED:
+            break
+    assert again.answer(1).status == OK
+
+
 def test_h2_unended_requests_and_idle_connections_time_out(procs, tmp_path):
     gateway = start_front(procs, tmp_path, "--read-timeout", "1", "--idle-timeout", "1")
     c = RawH2(gateway.grpc_port)

@@ -273,6 +273,7 @@ cdef class Stream:
     cdef dict metadata
     cdef bytearray data          # the request's DATA so far (None once handed on or refused)
     cdef Py_ssize_t header_bytes
+    cdef Py_ssize_t held         # bytes of the server's shared body budget, until it closes
     cdef object refused          # a GrpcStatus to answer instead of calling the handler
     cdef bint headers_done, request_done, answered
     cdef double deadline         # when the request must have arrived, or its answer left
@@ -286,6 +287,7 @@ cdef class GrpcConnection:
     """asyncio Protocol of one HTTP/2 connection of gRPC calls."""
     cdef nghttp2_session* session
     cdef object server, transport, handler, answer_error, peer, loop
+    cdef object budget           # the server's shared body budget, or None
     cdef dict streams
     cdef int32_t last_stream     # the highest stream id opened
     cdef Py_ssize_t max_message, max_buffered, buffered
@@ -300,6 +302,7 @@ cdef class GrpcConnection:
         self.answer_error = server.answer_error
         self.max_message = server.max_message
         self.max_buffered = server.max_buffered
+        self.budget = server.budget
         self.read_timeout = server.read_timeout
         self.loop = server.loop
         self.streams = {}
@@ -330,6 +333,7 @@ cdef class GrpcConnection:
         self.closed = True
         self.server.connections.discard(self)
         for stream in self.streams.values():
+            self._release(<Stream>stream)
             if (<Stream>stream).working is not None:
                 (<Stream>stream).working.cancel()
         self.streams.clear()
@@ -511,6 +515,13 @@ cdef class GrpcConnection:
             self._refuse(stream, f"this connection's unfinished requests hold more than "
                                  f"{self.max_buffered} bytes")
             return
+        if self.budget is not None:
+            if not self.budget.take_body_budget(n):
+                self._refuse(stream, f"the gateway's request bodies already hold "
+                                     f"{self.budget.body_budget >> 20} MB "
+                                     f"(--max-buffered-body-mb): retry later")
+                return
+            stream.held += n
         PyByteArray_Resize(stream.data, have + n)
         memcpy(PyByteArray_AS_STRING(stream.data) + have, data, n)
         self.buffered += n
@@ -519,6 +530,12 @@ cdef class GrpcConnection:
         """RESOURCE_EXHAUSTED before the request has arrived whole; its bytes let go."""
         self._drop(stream)
         self._answer(stream, GrpcStatus(RESOURCE_EXHAUSTED, why))
+
+    cdef void _release(self, Stream stream):
+        """Hand back the shared body budget the stream held (until its call ended)."""
+        if stream.held:
+            self.budget.give_body_budget(stream.held)
+            stream.held = 0
 
     cdef void _drop(self, Stream stream):
         if stream.data is not None:
@@ -530,6 +547,7 @@ cdef class GrpcConnection:
         if stream is None:
             return
         self._drop(stream)
+        self._release(stream)
         if stream.working is not None:
             stream.working.cancel()
         if not self.streams:
@@ -677,11 +695,15 @@ class GrpcServer:
     and an answer leaves within `read_timeout` seconds; a connection with no call for
     `idle_timeout` seconds is closed. `max_connections` connections at most, counting
     `others()` (the gateway's HTTP clients): past it the longest idle one is closed, or
-    the new one if none is idle."""
+    the new one if none is idle. `budget` (the gateway's data plane) is a body budget
+    shared with other servers: `take_body_budget(n)` -> bool, `give_body_budget(n)`, and
+    `body_budget`; a stream holds what its request brought until it closes, and a stream
+    whose DATA finds the budget spent gets RESOURCE_EXHAUSTED."""
 
     def __init__(self, handler, max_message: int = 64 << 20, answer_error=None, *,
                  max_buffered: int | None = None, read_timeout: float = 30.0,
-                 idle_timeout: float = 75.0, max_connections: int = 10000, others=None):
+                 idle_timeout: float = 75.0, max_connections: int = 10000, others=None,
+                 budget=None):
         self.handler = handler
         self.max_message = max_message
         self.max_buffered = max_buffered if max_buffered is not None else 2 * (max_message + 5)
@@ -690,6 +712,7 @@ class GrpcServer:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.others = others or (lambda: 0)
+        self.budget = budget
         self.connections = set()
         self.loop = None
         self._servers = []

@@ -115,7 +115,8 @@ class GrpcFront:
         self.server = GrpcServer(self.call, max_message, read_timeout=app.read_timeout,
                                  idle_timeout=app.idle_timeout,
                                  max_connections=app.max_connections,
-                                 others=lambda: len(dataplane.clients))
+                                 others=lambda: len(dataplane.clients),
+                                 budget=dataplane)
         self.methods = oip.grpc_routes(self)
         self._server_metadata = pb.ServerMetadataResponse(
             **oip.server_metadata()).SerializeToString()
