@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from gateway._native.tensorjson import loads
 
-numbers = st.one_of(st.integers(-2**63, 2**64 - 1),
+numbers = st.one_of(st.integers(-2**64, 2**65),
                     st.floats(allow_nan=False, allow_infinity=False))
 scalars = st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=6))
 

@@ -22,6 +22,7 @@ once more and gives the error: the document read is always the one orjson reads.
 Numbers are converted by C++'s std::from_chars (libstdc++ 12: the Eisel-Lemire
 algorithm, correctly rounded, locale-free), four times as fast as strtod.
 """
+cimport cython
 cimport numpy as cnp
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.math cimport HUGE_VAL, NAN
@@ -67,42 +68,14 @@ cdef inline bint is_digit(unsigned char c) noexcept:
     return b"0" <= c <= b"9"
 
 
-cdef Py_ssize_t number_end(const unsigned char* p, Py_ssize_t i, Py_ssize_t n,
-                           bint* integer) noexcept:
-    """Where the JSON number at p[i] ends (its grammar, strictly), -1 if it is none;
-    `integer` says whether it has neither fraction nor exponent."""
-    integer[0] = True
-    if i < n and p[i] == b"-":
+cdef inline Py_ssize_t digits_end(const unsigned char* p, Py_ssize_t i,
+                                  Py_ssize_t n) noexcept:
+    while i < n and is_digit(p[i]):
         i += 1
-    if i >= n:
-        return -1
-    if p[i] == b"0":
-        i += 1
-    elif is_digit(p[i]):
-        i += 1
-        while i < n and is_digit(p[i]):
-            i += 1
-    else:
-        return -1
-    if i < n and p[i] == b".":
-        integer[0] = False
-        i += 1
-        if i >= n or not is_digit(p[i]):
-            return -1
-        while i < n and is_digit(p[i]):
-            i += 1
-    if i < n and (p[i] == b"e" or p[i] == b"E"):
-        integer[0] = False
-        i += 1
-        if i < n and (p[i] == b"+" or p[i] == b"-"):
-            i += 1
-        if i >= n or not is_digit(p[i]):
-            return -1
-        while i < n and is_digit(p[i]):
-            i += 1
     return i
 
 
+@cython.final
 cdef class _Reader:
     cdef bytes src
     cdef const unsigned char* p
@@ -151,22 +124,49 @@ cdef class _Reader:
         raise _Unread()
 
     cdef object scalar(self):
-        """The number at i as orjson gives it: an int (exact, any size) or a float."""
+        """The number at i as orjson gives it: an int when it is one that 64 bits hold
+        (signed or not), else a float."""
         cdef Py_ssize_t start = self.i
         cdef bint integer
-        cdef Py_ssize_t end = number_end(self.p, start, self.n, &integer)
-        if end < 0:
-            raise _Unread()
-        self.i = end
+        cdef double number = self.number(&integer)
         if integer:
-            return int(self.src[start:end])
-        return self.to_double(start, end)
+            exact = int(self.src[start:self.i])
+            if -2**63 <= exact < 2**64:
+                return exact
+        return number
 
-    cdef double to_double(self, Py_ssize_t start, Py_ssize_t end) except? -1.0:
+    cdef double number(self, bint* integer) except? -1.0:
+        """The JSON number at i (its grammar, strictly), i moved past it; `integer` says
+        whether it has neither fraction nor exponent."""
+        cdef const unsigned char* p = self.p
+        cdef Py_ssize_t i = self.i, n = self.n, start = self.i
         cdef double number = NAN  # (from_chars leaves it so when out of range)
-        from_chars(<const char*>self.p + start, <const char*>self.p + end, number)
+        integer[0] = True
+        if p[i] == b"-":
+            i += 1
+        if i < n and p[i] == b"0":
+            i += 1
+        elif i < n and is_digit(p[i]):
+            i = digits_end(p, i, n)
+        else:
+            raise _Unread()
+        if i < n and p[i] == b".":
+            integer[0] = False
+            if i + 1 >= n or not is_digit(p[i + 1]):
+                raise _Unread()
+            i = digits_end(p, i + 1, n)
+        if i < n and (p[i] == b"e" or p[i] == b"E"):
+            integer[0] = False
+            i += 1
+            if i < n and (p[i] == b"+" or p[i] == b"-"):
+                i += 1
+            if i >= n or not is_digit(p[i]):
+                raise _Unread()
+            i = digits_end(p, i, n)
+        self.i = i
+        from_chars(<const char*>p + start, <const char*>p + i, number)
         if number != number:  # past the doubles, or below them: strtod tells which
-            number = strtod(<const char*>self.p + start, NULL)
+            number = strtod(<const char*>p + start, NULL)
             if not -HUGE_VAL < number < HUGE_VAL:
                 raise _Unread()  # orjson refuses a number past the doubles
         return number
@@ -226,7 +226,7 @@ cdef class _Reader:
     cdef object array(self, int depth):
         """The array at i: _TENSOR when it is a non-empty rectangular array of numbers
         (its values pushed, its shape in block_*), else a list."""
-        cdef Py_ssize_t start = self.i, first = self.count, read = 0, end
+        cdef Py_ssize_t start = self.i, first = self.count, read = 0
         cdef int child_rank = -1, k  # of its elements: -1 none yet, 0 numbers, else tensors
         cdef cnp.npy_intp child_dims[MAX_DEPTH]
         cdef bint integers = True, integer
@@ -246,17 +246,13 @@ cdef class _Reader:
                 if child_rank > 0:
                     return self.as_list(start, first, depth)
                 child_rank = 0
-                end = number_end(self.p, self.i, self.n, &integer)
-                if end < 0:
-                    raise _Unread()
-                number = self.to_double(self.i, end)
+                number = self.number(&integer)
                 if integer:
                     if not -EXACT < number < EXACT:
                         raise _Unread()  # orjson keeps such an integer exact
                 else:
                     integers = False
                 self.push(number)
-                self.i = end
             elif c == b"[" and child_rank != 0 and depth < MAX_DEPTH:
                 at = self.count
                 element = self.array(depth + 1)
@@ -342,7 +338,7 @@ cdef class _Reader:
             else:
                 raise _Unread()
 
-    cdef void push(self, double number) except *:
+    cdef inline int push(self, double number) except -1:
         cdef double* grown
         if self.count == self.capacity:
             self.capacity = max(1024, self.capacity + self.capacity // 2)
@@ -352,6 +348,7 @@ cdef class _Reader:
             self.values = grown
         self.values[self.count] = number
         self.count += 1
+        return 0
 
     cdef object tensor(self, Py_ssize_t first):
         """The tensor array() read last (values from `first` on) as an ndarray, its
