@@ -143,3 +143,21 @@ def test_a_deep_array_spoiled_at_its_end_is_read_once():
         assert type(inner) is list and len(inner) == 1
         inner = inner[0]
     assert inner[-1] == "end" and inner[0].dtype == np.float64 and len(inner) == 1001
+
+
+LONG_ROW = ", ".join(f"{k * 0.37 - 100:.6g}" for k in range(1000))  # read without the GIL
+
+
+@pytest.mark.parametrize("body", [
+    f"[{LONG_ROW}]", f"[[{LONG_ROW}], [{LONG_ROW}]]", f"[[{LONG_ROW}], [{LONG_ROW}, 1]]",
+    f'[{LONG_ROW}, "x"]', f"[{LONG_ROW}, [1]]", f"[{LONG_ROW}, 9007199254740993]",
+    f"[{LONG_ROW},]", f"[{LONG_ROW}, 1e400]", f"[{LONG_ROW} 1]", f"[{LONG_ROW}",
+    f"[\n{LONG_ROW.replace(' ', chr(10))}\n]", f"{{\"a\": [[{LONG_ROW}]], \"b\": [{LONG_ROW}]}}",
+    "[" + ", ".join(["7"] * 1000) + "]"])
+def test_long_rows_are_orjsons(body):
+    ours, theirs = outcome(loads, body.encode()), outcome(orjson.loads, body.encode())
+    assert ours[0] == theirs[0], (ours, theirs)
+    if ours[0] == "ok":
+        same(ours[1], theirs[1])
+    else:
+        assert ours[1] == theirs[1]
