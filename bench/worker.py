@@ -7,7 +7,8 @@ same run, and the server's overhead per request on the TF row: 1/rps(worker) -
 1/rate(raw ORT), in microseconds. The worker is pinned to CPU 0 and wrk to CPU
 1, so "per request on one core". --rounds interleaves the rows and the raw
 measurements, each round in a rotated order (the machine is shared and noisy),
-and reports medians.
+and reports medians. "cpu us/req" is the worker's CPU time (all its threads)
+over the requests it served: on a busy machine it moves less than req/s does.
 
 --against DIR serves the same rows from the workers of a second checkout (built
 with build_ext --inplace), interleaved with ours, and prints each row's ratio
@@ -47,6 +48,13 @@ def raw_ort_rate(model: str, seconds: float) -> float:
         os.sched_setaffinity(0, range(os.cpu_count()))
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system, all threads) process `pid` has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tf_body() -> bytes:
     from gateway.codec.tensors import encode_array
     from gateway.protos import tf_predict_pb2 as pb
@@ -81,7 +89,7 @@ def main(argv=None) -> None:
     bodies = {"tensorflow": tf_body(), "json": json_body()}
     rows = [("tensorflow", args.connections), ("json", 8), ("json", 64)]
     cases = [(who, processor, connections) for who in checkouts for processor, connections in rows]
-    workers, urls = [], {}
+    workers, urls, pids = [], {}, {}
     runs = {case: [] for case in cases}
     raws, overheads = [], []
     try:
@@ -93,13 +101,18 @@ def main(argv=None) -> None:
                                       "--log-level", "WARNING", "--max-queue-size", "1024"],
                                      port, cpu=0, health="/ready", cwd=cwd))
                 urls[who, processor] = f"http://127.0.0.1:{port}/api/predict/digits"
+                pids[who, processor] = workers[-1].pid
         for who, processor, connections in cases:  # warm-up
             run_wrk(urls[who, processor], bodies[processor], connections, 1, cpu=1)
         for round_no in range(args.rounds):
             for case in rotated(cases, round_no):
                 who, processor, connections = case
-                runs[case].append(run_wrk(urls[who, processor], bodies[processor], connections,
-                                          args.seconds, cpu=1))
+                before = cpu_seconds(pids[who, processor])
+                run = run_wrk(urls[who, processor], bodies[processor], connections, args.seconds,
+                              cpu=1)
+                run["cpu_us"] = (cpu_seconds(pids[who, processor]) - before) * 1e6 / \
+                    max(1.0, run["rps"] * args.seconds)
+                runs[case].append(run)
             raws.append(raw_ort_rate(model, args.seconds))
             overheads.append((1 / runs["ours", "tensorflow", args.connections][-1]["rps"]
                               - 1 / raws[-1]) * 1e6)
@@ -107,7 +120,7 @@ def main(argv=None) -> None:
         for worker in workers:
             stop(worker)
     served = {case: {key: nanmedian([r[key] for r in runs[case]])
-                     for key in ("rps", "p50_ms", "p99_ms")} for case in cases}
+                     for key in ("rps", "p50_ms", "p99_ms", "cpu_us")} for case in cases}
     table_rows = [{"what": "raw onnxruntime call (1 thread, CPU 0)",
                    "rps": statistics.median(raws)}]
     for case in cases:
@@ -118,7 +131,7 @@ def main(argv=None) -> None:
                            "errors": sum(r["errors"] for r in runs[case])})
     print(table(table_rows, [("what", "", "{}"), ("rps", "req/s", "{:,.0f}"),
                              ("p50_ms", "p50 ms", "{:.2f}"), ("p99_ms", "p99 ms", "{:.2f}"),
-                             ("errors", "non-2xx", "{}")]))
+                             ("cpu_us", "cpu us/req", "{:.0f}"), ("errors", "non-2xx", "{}")]))
     print(f"\nserver overhead per request: {statistics.median(overheads):.1f} us, median of "
           f"{args.rounds} rounds ({', '.join(f'{o:.0f}' for o in overheads)}) "
           "(aim: 20 us or less on one core)")
@@ -132,10 +145,11 @@ def main(argv=None) -> None:
                                    f"{connections} connections",
                            "rps": served[ours]["rps"] / served[theirs]["rps"],
                            "low": min(per_round), "high": max(per_round),
-                           "p99": served[ours]["p99_ms"] / served[theirs]["p99_ms"]})
+                           "p99": served[ours]["p99_ms"] / served[theirs]["p99_ms"],
+                           "cpu": served[ours]["cpu_us"] / served[theirs]["cpu_us"]})
         print(table(ratios, [("what", "", "{}"), ("rps", "req/s", "{:.2f}x"),
                              ("low", "rounds from", "{:.2f}x"), ("high", "to", "{:.2f}x"),
-                             ("p99", "p99", "{:.2f}x")]))
+                             ("p99", "p99", "{:.2f}x"), ("cpu", "cpu/req", "{:.2f}x")]))
 
 
 if __name__ == "__main__":
