@@ -43,7 +43,8 @@ def json_body(rows: int = 1) -> bytes:
 
 def trickle(port: int, first: bytes, then: bytes, every: float = 0.2) -> bytes:
     """Send `first`, then `then` a byte at a time every `every` seconds (round and round)
-    until the worker closes the connection or HANG passes; what it answered."""
+    until the worker closes the connection or HANG passes; what it answered (b"reset"
+    when a byte crossed the worker's close: the kernel resets, and the answer is lost)."""
     sock = socket.create_connection(("127.0.0.1", port))
     answer = b""
     try:
@@ -52,7 +53,10 @@ def trickle(port: int, first: bytes, then: bytes, every: float = 0.2) -> bytes:
         k = 0
         while time.monotonic() < deadline:
             if select.select([sock], [], [], every)[0]:
-                chunk = sock.recv(65536)
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    return b"reset"
                 if not chunk:
                     return answer
                 answer += chunk
@@ -104,14 +108,16 @@ def test_line_ends_between_requests_keep_no_idle_connection_open(json_worker):
 
 
 def test_slow_clients_leave_the_worker_serving(json_worker):
-    """Many slow heads at once are all answered 408, and a request split over pauses
-    shorter than the timeouts is served; so is a plain one after them."""
+    """Many slow heads at once are all closed (answered 408, or reset where a byte crossed
+    the close), and a request split over pauses shorter than the timeouts is served; so
+    is a plain one after them."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(20) as pool:
         answers = list(pool.map(lambda _: trickle(json_worker.port, b"POST / HTTP/1.1\r\n",
                                                   b"X: y\r\n"), range(20)))
-    assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), answers
+    assert all(a.startswith(b"HTTP/1.1 408 ") or a == b"reset" for a in answers), answers
+    assert any(a.startswith(b"HTTP/1.1 408 ") for a in answers), answers
     body = json_body()
     with socket.create_connection(("127.0.0.1", json_worker.port), timeout=HANG) as sock:
         sock.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: w\r\n".encode())
