@@ -16,12 +16,13 @@ def free_port() -> int:
 
 
 def start(args: list[str], port: int, cpu: int | None = None, health: str = "/health",
-          env: dict | None = None, timeout: float = 30) -> subprocess.Popen:
+          env: dict | None = None, timeout: float = 30, cwd: str | None = None) -> subprocess.Popen:
+    """`python -m gateway.cli.main ARGS` (of the checkout at `cwd`, by default ours)."""
     cmd = [sys.executable, "-m", "gateway.cli.main", *args]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu)] + cmd
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, **(env or {})))
+                            env=dict(os.environ, **(env or {})), cwd=cwd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -119,7 +119,10 @@ cdef class HttpConnection:
     cdef Py_ssize_t heads       # heads completed on this connection
     cdef bint closing, too_large, in_message, answered, reading_paused, writing_paused
     cdef bint in_head           # the next bytes are (part of) a request head
-    cdef public double last_activity
+    # Loop times: of the bytes being read, of the first byte of the message being read, and
+    # since when the connection has been between messages. A request's timeouts count from
+    # its first byte, not its latest one: a byte now and then keeps nothing open.
+    cdef double received_at, message_started, idle_since
 
     def __init__(self, server):
         self.server = server
@@ -150,7 +153,7 @@ cdef class HttpConnection:
     def connection_made(self, transport):
         self.transport = transport
         self.loop = asyncio.get_running_loop()
-        self.last_activity = self.loop.time()
+        self.received_at = self.idle_since = self.loop.time()
         self.peer = transport.get_extra_info("peername")
         self.server.connections.add(self)
 
@@ -185,7 +188,7 @@ cdef class HttpConnection:
         return None
 
     def data_received(self, data):
-        self.last_activity = self.loop.time()
+        self.received_at = self.loop.time()
         cdef Py_ssize_t heads = self.heads
         cdef bint was_in_head = self.in_head
         try:
@@ -202,9 +205,10 @@ cdef class HttpConnection:
             self._fail(400, f"malformed HTTP request: {exc}")
 
     # httptools callbacks
-    def on_message_begin(self):
+    def on_message_begin(self):  # (at its first byte: CR and LF between messages begin none)
         self._reset_message()
         self.in_message = True
+        self.message_started = self.received_at
 
     def on_headers_complete(self):
         self.in_head = False
@@ -251,6 +255,7 @@ cdef class HttpConnection:
     def on_message_complete(self):
         self.in_message = False
         self.in_head = True
+        self.idle_since = self.received_at
         if self.answered:
             return
         if self.too_large:  # a chunked body that outgrew the limit
@@ -356,18 +361,25 @@ cdef class HttpConnection:
             self.closing = True
             self.transport.close()
 
-    def expire(self, double now, double idle_timeout, double read_timeout):
-        """Close a connection idle too long, or one stuck mid-request (408)."""
+    def expire(self, double now, double idle_timeout, double head_timeout,
+               double read_timeout):
+        """Answer 408 and close a request whose head took longer than `head_timeout`, or
+        the whole of it longer than `read_timeout`, from its first byte; close a connection
+        between requests for longer than `idle_timeout`."""
         if self.closing or self.worker is not None or self.pending:
             return
         if self.in_message:
-            if now - self.last_activity > read_timeout:
-                self.answered = True
-                self._enqueue(None, error_response(
-                    408, f"the request was not received within {read_timeout:g}s"), False)
-        elif now - self.last_activity > idle_timeout:
+            if self.in_head and now - self.message_started > head_timeout:
+                self._time_out(f"the request head was not received within {head_timeout:g}s")
+            elif now - self.message_started > read_timeout:
+                self._time_out(f"the request was not received within {read_timeout:g}s")
+        elif now - self.idle_since > idle_timeout:
             self.closing = True
             self.transport.close()
+
+    cdef void _time_out(self, str message):
+        self.answered = True
+        self._enqueue(None, error_response(408, message), False)
 
     def abort(self):
         self.transport.abort()

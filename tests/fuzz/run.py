@@ -127,17 +127,21 @@ def build_instrumented() -> Path | None:
               "instrumentation only (scripts/dev.sh test installs clang)", file=sys.stderr)
         return None
     _copy_tree(BUILD, None)
+    # (CXXFLAGS and LDCXXSHARED: setuptools builds C++ modules, tensorjson, with these.)
     return _build(BUILD, {"CC": "clang", "CXX": "clang++", "LDSHARED": "clang -shared",
-                          "CFLAGS": "-fsanitize=fuzzer-no-link"})
+                          "LDCXXSHARED": "clang++ -shared",
+                          "CFLAGS": "-fsanitize=fuzzer-no-link",
+                          "CXXFLAGS": "-fsanitize=fuzzer-no-link"})
 
 
 def build_coverage() -> Path:
     """build/fuzz-cov/src with Cython line tracing compiled in (by clang where there is
     one: it builds these modules in a quarter of gcc's time)."""
     _copy_tree(COVERAGE_BUILD, "linetrace=True")
-    compiler = {"CC": "clang", "LDSHARED": "clang -shared"} if shutil.which("clang") else {}
-    return _build(COVERAGE_BUILD, {**compiler,
-                                   "CFLAGS": "-DCYTHON_TRACE=1 -DCYTHON_TRACE_NOGIL=1"})
+    compiler = {"CC": "clang", "CXX": "clang++", "LDSHARED": "clang -shared",
+                "LDCXXSHARED": "clang++ -shared"} if shutil.which("clang") else {}
+    trace = "-DCYTHON_TRACE=1 -DCYTHON_TRACE_NOGIL=1"
+    return _build(COVERAGE_BUILD, {**compiler, "CFLAGS": trace, "CXXFLAGS": trace})
 
 
 # -- one harness process -------------------------------------------------------------------
