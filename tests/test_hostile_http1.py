@@ -6,6 +6,7 @@ CPU time and memory with generous bounds."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -13,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from conftest import free_port, infergate_cmd
 from gateway_helpers import seed_services, start_gateway
 
 
@@ -297,3 +299,35 @@ def test_100_continue_comes_after_routing_and_only_to_http_1_1(procs, tmp_path, 
         sock.sendall(b"body")
         status, _, body = answer(sock)
     assert status == 200 and json.loads(body)["start"] == "body"
+
+
+
+def test_a_head_read_with_its_whole_large_body_is_routed_by_that_head(procs, tmp_path,
+                                                                       upstream):
+    """A request whose head and whole body (over 64 KiB) are read in one go makes the
+    buffer grow for the body as the head is judged: the head is then read again over the
+    moved buffer, not from the freed one (which answered "no route for" heap bytes). The
+    gateway is stopped while each request is sent, so that it reads it in one go, and its
+    freed memory is overwritten at once (MALLOC_PERTURB_)."""
+    seed_services(str(tmp_path), [{"name": "svc", "config": {
+        "endpoints": [{"ip": "127.0.0.1", "port": upstream}]}}])
+    port = free_port()
+    gateway = procs.start(infergate_cmd("gateway", "--host", "127.0.0.1", "--port", str(port),
+                                        "--state-dir", str(tmp_path)), port,
+                          env={"MALLOC_PERTURB_": "165"})
+    head = b"POST /api/predict/svc HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n"
+    for size in range(66_000, 120_000, 6_000):
+        body = b"%08d" % size + bytes(size - 8)
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=20) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            gateway.kill(signal.SIGSTOP)
+            try:
+                sender = threading.Thread(target=sock.sendall, args=(head % size + body,))
+                sender.start()
+                time.sleep(0.2)
+            finally:
+                gateway.kill(signal.SIGCONT)
+            sender.join(10)
+            status, _, seen = answer(sock)
+        assert status == 200, seen
+        assert json.loads(seen) == {"length": size, "start": body[:16].decode("latin-1")}

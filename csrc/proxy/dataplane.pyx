@@ -650,7 +650,8 @@ cdef class DataPlane:
         cdef int rc
         cdef size_t body_end
         cdef bytes body
-        cdef bint parsed  # h is this request's head, over the buffer as it is now
+        cdef bint parsed  # h is this request's head, parsed in this call
+        cdef const char* parsed_over  # the buffer h was parsed over
         if c.dispatching:
             return  # the _serve below us goes on once the request is consumed
         if not c.listed:
@@ -665,6 +666,7 @@ cdef class DataPlane:
                 c.message_started = self.loop.time()
                 self._list_newest(c)
             parsed = c.body_at == 0
+            parsed_over = c.inb.p
             if parsed and not self._accept_head(c, h):
                 return
             if c.chunked:
@@ -685,8 +687,8 @@ cdef class DataPlane:
                 if body_end > c.inb.n:
                     return
                 body = PyBytes_FromStringAndSize(c.inb.p + c.body_at, c.body_length)
-            if not parsed:  # accepted on an earlier read: the buffer may have moved since
-                parse_head(c.inb.p, c.body_at, h, False)
+            if not parsed or c.inb.p != parsed_over:  # h's spans point into the buffer, which
+                parse_head(c.inb.p, c.body_at, h, False)  # moves as it grows (_accept_head too)
             c.body_at = 0
             keep_alive = (not h.conn_close if h.minor == 1 else h.conn_keep_alive) and \
                 not self.draining
