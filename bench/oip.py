@@ -17,6 +17,8 @@ count of successful requests against h2load's.
 
 `--through-gateway` adds the same cases through a gateway (CPU 1 shared with the
 load generator: compare them with each other, not with the worker's).
+`--against DIR` serves every case from a second built checkout too (an older
+commit in a git worktree), interleaved with ours, and prints ours/theirs.
 
 perf_analyzer (Triton's load generator) runs too when it is on PATH
 (`perf_analyzer -m digits -u HOST:PORT -i http|grpc --concurrency-range 32`);
@@ -117,62 +119,37 @@ def perf_analyzer(port: int, grpc_port: int) -> None:
 
 
 def main(argv=None) -> None:
-    from gateway.models import DIGITS_MODEL
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--through-gateway", action="store_true")
+    parser.add_argument("--against", metavar="DIR",
+                        help="a second built checkout whose worker (and gateway) serve the "
+                             "same cases, interleaved with ours")
     args = parser.parse_args(argv)
-    port, grpc_port = free_port(), free_port()
-    worker = start(["worker", "--service", "digits", "--model", str(DIGITS_MODEL), "--port",
-                    str(port), "--grpc-port", str(grpc_port), "--log-level", "WARNING",
-                    "--max-queue-size", "1024"], port, cpu=0, health="/ready")
-    procs = [worker]
+    checkouts = {"": None}
+    if args.against:
+        checkouts["theirs "] = os.path.abspath(args.against)
+    procs, cases, ports = [], {}, {}
     tmp = tempfile.mkdtemp()
     try:
-        binary, binary_headers = v2_binary()
-        base = f"http://127.0.0.1:{port}"
-        cases = {
-            "EAS (TF protobuf)": lambda s: run_wrk(f"{base}/api/predict/digits", tf_body(),
-                                                   32, s, cpu=1),
-            "v2 HTTP binary": lambda s: run_wrk(f"{base}/v2/models/digits/infer", binary, 32, s,
-                                                headers=binary_headers, cpu=1),
-            "v2 HTTP JSON": lambda s: run_wrk(f"{base}/v2/models/digits/infer", v2_json(), 32,
-                                              s, cpu=1),
-            "v2 gRPC": lambda s: run_h2load(grpc_port, grpc_message(), s, port, 1),
-        }
-        if args.through_gateway:
-            gateway_port, gateway_grpc = free_port(), free_port()
-            state = os.path.join(tmp, "state")
-            _seed(state, port)
-            procs.append(start(["gateway", "--port", str(gateway_port), "--grpc-port",
-                                str(gateway_grpc), "--state-dir", state, "--log-level",
-                                "WARNING"], gateway_port, cpu=1))
-            gw = f"http://127.0.0.1:{gateway_port}"
-            cases.update({
-                "gateway: EAS": lambda s: run_wrk(f"{gw}/api/predict/digits", tf_body(), 32, s,
-                                                  cpu=1),
-                "gateway: v2 HTTP binary": lambda s: run_wrk(
-                    f"{gw}/v2/models/digits/infer", binary, 32, s, headers=binary_headers,
-                    cpu=1),
-                "gateway: v2 gRPC": lambda s: run_h2load(gateway_grpc, grpc_message(), s, port,
-                                                         1),
-            })
+        for who, cwd in checkouts.items():
+            ports[who] = _serve(who, cwd, args.through_gateway, tmp, procs, cases)
         for run in cases.values():
             run(1)  # warm-up
         results = {name: [] for name in cases}
         for round_no in range(args.rounds):
             for name in rotated(list(cases), round_no):
                 results[name].append(cases[name](args.seconds))
-        perf_analyzer(port, grpc_port)
+        perf_analyzer(*ports[""])
     finally:
         for proc in reversed(procs):
             stop(proc)
-    reference = {"gateway": "gateway: EAS"}
     rows = []
     for name, runs in results.items():
-        ref = results[reference.get(name.split(":")[0], "EAS (TF protobuf)")]
+        who = "theirs " if name.startswith("theirs ") else ""
+        own = name[len(who):]
+        ref = results[who + ("gateway: EAS" if own.startswith("gateway") else "EAS (TF protobuf)")]
         ratios = [r["rps"] / e["rps"] for r, e in zip(runs, ref)]
         rows.append({"case": name, "rps": nanmedian([r["rps"] for r in runs]),
                      "ratio": statistics.median(ratios),
@@ -185,6 +162,53 @@ def main(argv=None) -> None:
     print(f"\naims: v2 binary over HTTP >= 0.95x EAS ({by['v2 HTTP binary']['ratio']:.2f}x), "
           f"gRPC >= v2 HTTP ({by['v2 gRPC']['rps'] / by['v2 HTTP binary']['rps']:.2f}x); "
           f"medians of {args.rounds} interleaved rounds")
+    if args.against:
+        print(f"\nours / theirs ({args.against}), per round and median:")
+        for name in (n for n in results if not n.startswith("theirs ")):
+            per_round = [a["rps"] / b["rps"]
+                         for a, b in zip(results[name], results["theirs " + name])]
+            print(f"  {name:<26} {statistics.median(per_round):.2f}x   "
+                  f"({' '.join(f'{x:.2f}' for x in per_round)})")
+
+
+def _serve(who: str, cwd: str | None, through_gateway: bool, tmp: str, procs: list,
+           cases: dict) -> tuple[int, int]:
+    """Start one checkout's worker (and gateway) and add its cases, named with `who`
+    first; (HTTP port, gRPC port) of the worker."""
+    from gateway.models import DIGITS_MODEL
+
+    port, grpc_port = free_port(), free_port()
+    procs.append(start(["worker", "--service", "digits", "--model", str(DIGITS_MODEL), "--port",
+                        str(port), "--grpc-port", str(grpc_port), "--log-level", "WARNING",
+                        "--max-queue-size", "1024"], port, cpu=0, health="/ready", cwd=cwd))
+    binary, binary_headers = v2_binary()
+    base = f"http://127.0.0.1:{port}"
+    cases.update({
+        who + "EAS (TF protobuf)": lambda s: run_wrk(f"{base}/api/predict/digits", tf_body(),
+                                                     32, s, cpu=1),
+        who + "v2 HTTP binary": lambda s: run_wrk(f"{base}/v2/models/digits/infer", binary, 32,
+                                                  s, headers=binary_headers, cpu=1),
+        who + "v2 HTTP JSON": lambda s: run_wrk(f"{base}/v2/models/digits/infer", v2_json(), 32,
+                                                s, cpu=1),
+        who + "v2 gRPC": lambda s: run_h2load(grpc_port, grpc_message(), s, port, 1),
+    })
+    if through_gateway:
+        gateway_port, gateway_grpc = free_port(), free_port()
+        state = os.path.join(tmp, who.strip() or "ours")
+        _seed(state, port)
+        procs.append(start(["gateway", "--port", str(gateway_port), "--grpc-port",
+                            str(gateway_grpc), "--state-dir", state, "--log-level",
+                            "WARNING"], gateway_port, cpu=1, cwd=cwd))
+        gw = f"http://127.0.0.1:{gateway_port}"
+        cases.update({
+            who + "gateway: EAS": lambda s: run_wrk(f"{gw}/api/predict/digits", tf_body(), 32,
+                                                    s, cpu=1),
+            who + "gateway: v2 HTTP binary": lambda s: run_wrk(
+                f"{gw}/v2/models/digits/infer", binary, 32, s, headers=binary_headers, cpu=1),
+            who + "gateway: v2 gRPC": lambda s: run_h2load(gateway_grpc, grpc_message(), s,
+                                                           port, 1),
+        })
+    return port, grpc_port
 
 
 def _seed(state_dir: str, worker_port: int) -> None:
