@@ -4,6 +4,7 @@ Whatever the fast path accepts it must read exactly as protobuf does; whatever
 it cannot read exactly it must hand back (None) to the full path.
 """
 import numpy as np
+import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -147,3 +148,17 @@ def test_hostile_requests_are_refused_as_protobuf_refuses_them(body):
     assert sorted(inputs) == sorted(parsed.inputs)
     for name, proto in parsed.inputs.items():
         assert bits(inputs[name]) == bits(decode_array(proto, name))
+
+
+@pytest.mark.parametrize("overlong", ["928080808000", "92808080808080808000", "9280808010"])
+def test_overlong_tags_go_to_protobuf_which_refuses_them(overlong):
+    """A tag of 6 or 10 bytes (protobuf takes 5 at most) or one past 32 bits is not read
+    by the compiled reader (found by fuzz_eas_tf): it leaves the body to protobuf."""
+    request = pb.PredictRequest(signature_name="s")
+    encode_array(np.zeros((1, 784), np.float32), request.inputs["images"])
+    body = request.SerializeToString()
+    at = body.index(b"\x12")  # field 2 (inputs), length-delimited
+    spoiled = body[:at] + bytes.fromhex(overlong) + body[at + 1:]
+    assert decode_request(spoiled) is None
+    with pytest.raises(DecodeError):
+        pb.PredictRequest.FromString(spoiled)

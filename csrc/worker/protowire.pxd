@@ -42,9 +42,10 @@ cdef inline bint take_varint(const uint8_t** p, const uint8_t* end, uint64_t* ou
 
 
 cdef inline bint take_tag(const uint8_t** p, const uint8_t* end, uint64_t* tag) noexcept:
-    """A field's tag (number << 3 | wire type): at most 32 bits, a field number from 1
-    to 2^29 - 1 and a wire type protobuf defines, as protobuf requires."""
-    if not take_varint(p, end, tag) or tag[0] >> 32 or tag[0] >> 3 == 0:
+    """A field's tag (number << 3 | wire type): at most 5 bytes and 32 bits, a field
+    number from 1 to 2^29 - 1 and a wire type protobuf defines, as protobuf requires."""
+    cdef const uint8_t* start = p[0]
+    if not take_varint(p, end, tag) or p[0] - start > 5 or tag[0] >> 32 or tag[0] >> 3 == 0:
         return False
     return (tag[0] & 7) <= 5
 
