@@ -228,13 +228,13 @@ def test_h2_unended_streams_share_a_connection_budget(procs, tmp_path):
 
 def test_grpc_and_http_bodies_share_the_gateways_body_budget(procs, tmp_path):
     """Item 2: one memory budget for request bodies across the gateway. An HTTP/1 body that
-    has not finished arriving holds most of --max-buffered-body-mb; a gRPC message that
+    has not finished arriving holds what has arrived of it (3 of --max-buffered-body-mb's 4); a gRPC message that
     would pass it gets RESOURCE_EXHAUSTED naming the flag, and fits again once the HTTP
     client has gone."""
     gateway = start_front(procs, tmp_path, "--max-body-mb", "4", "--max-buffered-body-mb", "4")
     held = socket.create_connection(("127.0.0.1", gateway.port), timeout=20)
     held.sendall(b"POST /api/predict/digits HTTP/1.1\r\nHost: gw\r\nAuthorization: %s\r\n"
-                 b"Content-Length: %d\r\n\r\n" % (TOKEN.encode(), 3 << 20) + bytes(1 << 20))
+                 b"Content-Length: %d\r\n\r\n" % (TOKEN.encode(), 4 << 20) + bytes(3 << 20))
     probe = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5)
     probe.request("GET", "/health")  # answered after the held head is read (one loop, in order)
     assert probe.getresponse().status == 200

@@ -685,6 +685,7 @@ cdef class DataPlane:
             else:
                 body_end = c.body_at + c.body_length
                 if body_end > c.inb.n:
+                    self._reserve(c, c.inb.n - c.body_at)  # (past the budget: a 503)
                     return
                 body = PyBytes_FromStringAndSize(c.inb.p + c.body_at, c.body_length)
             if not parsed or c.inb.p != parsed_over:  # h's spans point into the buffer, which
@@ -722,7 +723,10 @@ cdef class DataPlane:
         cdef bint body_to_come = h.chunked or h.size + max(h.content_length, 0) > c.inb.n
         if body_to_come and self._refuse_unknown(c, h):
             return False  # (its body is not read: the connection closes)
-        if not self._reserve(c, c.inb.n - h.size if h.chunked else max(h.content_length, 0)):
+        # Bodies hold the budget as their bytes arrive, not as their heads declare them: a
+        # head costs a few bytes to send, a held byte of budget one byte.
+        if not self._reserve(c, c.inb.n - h.size if h.chunked else
+                             min(c.inb.n - h.size, max(h.content_length, 0))):
             return False
         c.body_at = h.size
         c.chunked = h.chunked
