@@ -12,6 +12,7 @@ import tritonclient.grpc as tgrpc
 
 from conftest import free_port, infergate_cmd
 from gateway_helpers import endpoints, seed_services, worker_requests
+from test_hostile_http1 import cpu_seconds
 from h2_raw import (COMPRESSION_ERROR, NO_ERROR, PREFACE, PROTOCOL_ERROR, REFUSED_STREAM,
                     RawH2, frame, grpc_message, settings, wait_listening, window_update)
 from hyperframe.frame import PingFrame, SettingsFrame
@@ -340,3 +341,27 @@ def test_m8_header_blocks_on_reset_streams_are_still_decoded(procs, tmp_path):
     from gateway.protos import oip_pb2 as pb
 
     assert pb.ServerMetadataResponse.FromString(answer.data[5:]).name
+
+
+def test_a_tokenless_call_spends_no_work_on_its_typed_contents(procs, tmp_path):
+    """The gateway turns typed contents (here 3 million BYTES elements, 2 bytes each on the
+    wire) into a tensor body on its loop, which costs memory and time linear in the
+    message: a call without the service's token is refused before that."""
+    from gateway.protos import oip_pb2 as pb
+
+    gateway = start_front(procs, tmp_path)
+    request = pb.ModelInferRequest(model_name="digits")
+    tensor = request.inputs.add(name="images", datatype="BYTES", shape=[3_000_000])
+    tensor.contents.bytes_contents.extend([b""] * 3_000_000)
+    message = grpc_message(request.SerializeToString())
+    c = RawH2(gateway.grpc_port, timeout=30)
+    assert live(gateway.grpc_port)  # (started up: its CPU time from here is the call's)
+    cpu_before = cpu_seconds(gateway.proc.pid)
+    c.send(c.headers_frame(1, "/inference.GRPCInferenceService/ModelInfer",
+                           [("authorization", "not-the-token")]))
+    c.send_data(1, message, end_stream=True)
+    answer = c.answer(1, timeout=30)
+    # The gRPC front's own refusal, before the message's contents are converted (the
+    # chain's, after them, says "invalid token"); that conversion alone cost 1.2 s of CPU.
+    assert answer.status == 16 and "does not match" in answer.message  # UNAUTHENTICATED
+    assert cpu_seconds(gateway.proc.pid) - cpu_before < 0.6

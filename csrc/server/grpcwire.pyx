@@ -161,7 +161,11 @@ cdef int _on_header(nghttp2_session* session, const nghttp2_frame* frame, const 
     if frame.hd.type != NGHTTP2_HEADERS or frame.headers.cat != NGHTTP2_HCAT_REQUEST:
         return 0
     try:
-        (<GrpcConnection>user_data)._header(frame.hd.stream_id, name, namelen, value, valuelen)
+        if (<GrpcConnection>user_data)._header(frame.hd.stream_id, name, namelen, value,
+                                               valuelen):
+            # An HPACK bomb (one table entry named again and again): nghttp2 resets the
+            # stream and decodes the rest of the block without calling us per field.
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
     except BaseException:
         log.exception("gRPC: a header field failed")
         return NGHTTP2_ERR_CALLBACK_FAILURE
@@ -466,23 +470,25 @@ cdef class GrpcConnection:
         if stream_id > self.last_stream:
             self.last_stream = stream_id
 
-    cdef void _header(self, int32_t stream_id, const uint8_t* name, size_t namelen,
-                      const uint8_t* value, size_t valuelen) except *:
+    cdef bint _header(self, int32_t stream_id, const uint8_t* name, size_t namelen,
+                      const uint8_t* value, size_t valuelen) except -1:
+        """Take one metadata entry; True: the block decodes to far more than any client
+        sends (4x the limit), reset the stream rather than hear of each field."""
         cdef Stream stream = self.streams.get(stream_id)
         if stream is None:
-            return
+            return False
         stream.header_bytes += namelen + valuelen + 32
         if stream.header_bytes > MAX_HEAD or len(stream.metadata) >= MAX_HEADERS:
-            if stream.refused is None:
+            if stream.refused is None:  # answered RESOURCE_EXHAUSTED once the block ends
                 stream.refused = GrpcStatus(RESOURCE_EXHAUSTED, f"the metadata is larger than "
                                             f"{MAX_HEAD} bytes or {MAX_HEADERS} entries")
-            return
+            return stream.header_bytes > 4 * MAX_HEAD
         if namelen and name[0] == 0x3a:  # ':', a pseudo-header
             if namelen == 5 and memcmp(name, b":path", 5) == 0:
                 stream.path = PyUnicode_DecodeLatin1(<const char*>value, valuelen, NULL)
-            return
+            return False
         if namelen > 4 and memcmp(name + namelen - 4, b"-bin", 4) == 0:
-            return
+            return False
         key = PyUnicode_DecodeLatin1(<const char*>name, namelen, NULL)
         text = PyUnicode_DecodeLatin1(<const char*>value, valuelen, NULL)
         before = stream.metadata.get(key)
@@ -493,6 +499,7 @@ cdef class GrpcConnection:
                 stream.refused = GrpcStatus(INVALID_ARGUMENT, f"two {key} metadata entries")
         else:
             stream.metadata[key] = before + ", " + text
+        return False
 
     cdef void _headers_done(self, int32_t stream_id) except *:
         cdef Stream stream = self.streams.get(stream_id)

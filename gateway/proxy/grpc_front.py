@@ -30,6 +30,7 @@ is INVALID_ARGUMENT naming the field.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import re
 
@@ -194,9 +195,26 @@ class GrpcFront:
                                                                  "/config"))
         return _upstream(lambda: oip.config_message(orjson.loads(response.body)))
 
+    def _token_check(self, caller, service: str) -> None:
+        """UNAUTHENTICATED unless the call carries a token of `service` as it is (before a
+        message's typed contents are turned into tensors on the loop: that costs work and
+        memory linear in the message, which no caller without a token may spend). Over
+        gRPC a token is raw: the HTTP body an EAS signature covers is the gateway's.
+        Unknown services, and services without tokens, are left to the chain."""
+        route = self.app.table.routes.get(service)
+        if route is None or not (route.token or route.callers):
+            return
+        given = caller.metadata.get("authorization", "").encode("latin-1")
+        tokens = ([route.token] if route.token else []) + [token for token, _ in route.callers]
+        if not any(hmac.compare_digest(given, token.encode()) for token in tokens):
+            raise GrpcStatus(UNAUTHENTICATED, f"service {service!r} needs its token in the "
+                                              f"authorization metadata" if not given else
+                                              "the token does not match")
+
     async def model_infer(self, caller, message):
         try:
             request = oip.parse_infer_request(message)
+            self._token_check(caller, request.model_name)
             body, header_length = oip.http_from_grpc(request)
         except CodecError as exc:
             raise GrpcStatus(INVALID_ARGUMENT, str(exc)) from None
