@@ -288,6 +288,32 @@ def test_h2_idle_grpc_connections_count_against_max_connections(procs, tmp_path)
             s.close()
 
 
+def test_idle_grpc_connections_cannot_take_a_workers_descriptors(procs):
+    """A worker with 128 descriptors: 200 idle gRPC connections meet its connection cap
+    (below the descriptor limit) and the longest idle make room, so a client is served."""
+    from gateway.models import DIGITS_MODEL
+
+    port, grpc_port = free_port(), free_port()
+    worker = procs.start(["prlimit", "--nofile=128:128", *infergate_cmd(
+        "worker", "--service", "digits", "--model", str(DIGITS_MODEL), "--host", "127.0.0.1",
+        "--port", str(port), "--grpc-port", str(grpc_port))], port)
+    wait_listening(grpc_port)
+    idle = []
+    for _ in range(200):
+        s = socket.create_connection(("127.0.0.1", grpc_port), timeout=5)
+        s.sendall(PREFACE + settings())
+        idle.append(s)
+    try:
+        assert live(grpc_port)
+        conn = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=5)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        for s in idle:
+            s.close()
+
+
 # --- M1: acks to a client that never reads ---------------------------------------------------
 
 @pytest.mark.parametrize("flood", ["ping", "settings"])

@@ -15,6 +15,7 @@ from ..ratelimit import RateLimitFilter
 from ..routing.health import HealthChecker
 from ..routing.table import RouteTable
 from ..server import Request, Response, error_response, json_response
+from ..server.limits import default_max_connections
 from ..codec.oip import server_metadata
 from .. import auth
 from .._native.chain import AuthFilter, Chain, RouteFilter, VersionFilter
@@ -37,17 +38,6 @@ _EMPTY_OK = Response(200, b"", None, "text/plain")
 # Outlier ejection: the first lasts this long, each one after it in a row twice the last.
 EJECTION_SECONDS = 10.0
 MAX_EJECTION_SECONDS = 300.0
-
-
-def default_max_connections() -> int:
-    """Client connections at most: what the descriptor limit leaves once a quarter (64 at
-    least) is kept for upstream connections, the store and logs; 100,000 at most."""
-    import resource
-
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 100_000
-    return max(16, min(100_000, soft - max(64, soft // 4)))
 
 
 class GatewayApp:

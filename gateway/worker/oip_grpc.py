@@ -28,6 +28,7 @@ from .._native.oipwire import decode_grpc, encode_grpc
 from ..codec import oip
 from ..codec.tensors import CodecError
 from ..protos import oip_pb2 as pb
+from ..server.limits import default_max_connections
 from . import metrics
 from .model import BadInput
 from .processors.base import Call
@@ -97,8 +98,12 @@ class GrpcFace:
         self.face = face
         self.app = face.app
         http = self.app.server  # the same timeouts as the worker's HTTP/1.1 connections
+        # Connections: the gateway's cap (below the descriptor limit), counting the HTTP
+        # ones; past it the longest idle gRPC connection makes room.
         self.server = GrpcServer(self.call, max_message, self.status_of,
-                                 read_timeout=http.read_timeout, idle_timeout=http.idle_timeout)
+                                 read_timeout=http.read_timeout, idle_timeout=http.idle_timeout,
+                                 max_connections=default_max_connections(),
+                                 others=lambda: len(http.connections))
         self.serving = False
         self.methods = oip.grpc_routes(self)
         self._server_metadata = pb.ServerMetadataResponse(
