@@ -73,6 +73,13 @@ class Proc:
         return self.proc.returncode
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) a process has used, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _die_with_parent() -> None:
     """In the child: SIGTERM when pytest dies, so a killed test run leaks no servers."""
     import ctypes

@@ -10,9 +10,8 @@ import threading
 import pytest
 import tritonclient.grpc as tgrpc
 
-from conftest import free_port, infergate_cmd
+from conftest import cpu_seconds, free_port, infergate_cmd
 from gateway_helpers import endpoints, seed_services, worker_requests
-from test_hostile_http1 import cpu_seconds
 from h2_raw import (COMPRESSION_ERROR, NO_ERROR, PREFACE, PROTOCOL_ERROR, REFUSED_STREAM,
                     RawH2, frame, grpc_message, settings, wait_listening, window_update)
 from hyperframe.frame import PingFrame, SettingsFrame

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import free_port, infergate_cmd
+from conftest import cpu_seconds, free_port, infergate_cmd
 from gateway_helpers import seed_services, start_gateway
 
 
@@ -77,12 +77,6 @@ def ask(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, bytes, byte
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
         return answer(sock)
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, in clock ticks
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from conftest import free_port
+from wire_mutations import varint
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 MB = 1 << 20
@@ -106,15 +107,6 @@ def test_deeply_nested_bytes_data_is_a_400(worker_factory):
 
 
 # -- M5, L2: compressed bodies inflate within a size and a ratio -----------------------------
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def snappy_bomb(size: int) -> bytes:

@@ -12,14 +12,13 @@ not once per level: the worker spends on it about what it spends on a body of th
 size spoiled at the top.
 """
 import json
-import os
 import select
 import socket
 import time
 
 import pytest
 
-from conftest import free_port, infergate_cmd
+from conftest import cpu_seconds, free_port, infergate_cmd
 
 TIMEOUTS = {"INFERGATE_WORKER_HEAD_TIMEOUT": "1", "INFERGATE_WORKER_READ_TIMEOUT": "2",
             "INFERGATE_WORKER_IDLE_TIMEOUT": "2"}
@@ -131,12 +130,6 @@ def test_slow_clients_leave_the_worker_serving(json_worker):
     assert answer.startswith(b"HTTP/1.1 200 ") and b'"outputs"' in answer, answer
     status, content = call(json_worker.port, "POST", PREDICT, body)
     assert status == 200, content
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_deeply_nested_spoiled_array_is_read_once(json_worker):

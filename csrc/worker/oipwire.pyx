@@ -234,10 +234,14 @@ cdef object _input_tensor(const uint8_t* p, Py_ssize_t n):
     while at < n:
         if not _field(p, n, &at, &number, &start, &length):
             return None
-        if number == 1:
-            name = _text(p + start, length)
-        elif number == 2:
-            datatype = _text(p + start, length)
+        if number == 1 or number == 2:
+            text = _text(p + start, length)
+            if text is None:
+                return None  # not UTF-8, which protobuf refuses (though a later one were)
+            if number == 1:
+                name = text
+            else:
+                datatype = text
         elif number == 3:  # packed int64
             k = start
             while k < start + length:
@@ -260,6 +264,8 @@ cdef object _output_name(const uint8_t* p, Py_ssize_t n):
         if not _field(p, n, &at, &number, &start, &length) or number != 1:
             return None
         name = _text(p + start, length)
+        if name is None:
+            return None
     return name
 
 
