@@ -184,19 +184,23 @@ class OnnxModel:
             if array is None:
                 raise BadInput(f"missing input {spec.name!r} (shape {list(spec.shape)}, "
                                f"{_DT_NAMES.get(spec.dtype, spec.dtype)})")
-            if array.dtype != spec.dtype:
-                if (spec.dtype.kind in "fiu" and array.dtype.kind in "fiu"
-                        and np.can_cast(array.dtype, spec.dtype, "same_kind")
-                        and not (spec.dtype.kind in "iu" and array.dtype.kind == "f")):
-                    array = array.astype(spec.dtype)
-                else:
-                    raise BadInput(f"input {spec.name!r} must be {_DT_NAMES.get(spec.dtype, spec.dtype)}, "
-                                   f"got {_DT_NAMES.get(array.dtype, array.dtype)}")
+            if array.dtype != spec.dtype and not (
+                    spec.dtype.kind in "fiu" and array.dtype.kind in "fiu"
+                    and np.can_cast(array.dtype, spec.dtype, "same_kind")
+                    and not (spec.dtype.kind in "iu" and array.dtype.kind == "f")):
+                raise BadInput(f"input {spec.name!r} must be {_DT_NAMES.get(spec.dtype, spec.dtype)}, "
+                               f"got {_DT_NAMES.get(array.dtype, array.dtype)}")
             shape = array.shape
             if len(shape) != len(spec.shape) or any(
                     want >= 0 and got != want for want, got in zip(spec.shape, shape)):
                 raise BadInput(f"input {spec.name!r} expects shape {list(spec.shape)}, "
                                f"got {list(shape)}")
+            if array.dtype != spec.dtype:
+                try:
+                    array = array.astype(spec.dtype)
+                except ValueError:  # an empty array whose other dims overflow once wider
+                    raise BadInput(f"input {spec.name!r}: shape {list(shape)} is too large "
+                                   f"as {_DT_NAMES.get(spec.dtype, spec.dtype)}") from None
             if len(shape) and shape[0] == 0:
                 raise BadInput(f"input {spec.name!r} has an empty batch (shape {list(shape)})")
             checked[spec.name] = array

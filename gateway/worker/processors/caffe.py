@@ -13,9 +13,13 @@ class CaffeProcessor(Processor):
         if len(request.input_name) != len(request.input_data):
             raise BadInput(f"{len(request.input_name)} input names but "
                            f"{len(request.input_data)} input arrays")
+        names = list(request.input_name)
+        if len(set(names)) != len(names):
+            twice = next(name for name in names if names.count(name) > 1)
+            raise BadInput(f"input {twice!r} is given twice")
         try:
             feeds = {name: decode_caffe(proto, name)
-                     for name, proto in zip(request.input_name, request.input_data)}
+                     for name, proto in zip(names, request.input_data)}
         except CodecError as exc:
             raise BadInput(str(exc)) from None
         return self._call(feeds, tuple(request.output_filter))
