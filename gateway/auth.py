@@ -168,6 +168,17 @@ def verify(headers: dict, method: str, path: str, body: bytes, token: str, servi
     return _replay_verdict(method, service, token, expected.decode(), sent, now)
 
 
+def raw_token_refusal(given: str, tokens, service: str) -> str | None:
+    """Why a call whose `authorization` is `given` carries none of `tokens` as it is (a
+    gRPC call's token is raw: the HTTP body a signature would cover is not the caller's);
+    None when it carries one."""
+    if any(hmac.compare_digest(given.encode("latin-1"), token.encode()) for token in tokens):
+        return None
+    if not given:
+        return f"service {service!r} needs its token in the authorization metadata"
+    return "the token does not match"
+
+
 def sign(token: str, body: bytes, service: str, content_type: str = "application/octet-stream",
          now: float | None = None, method: str = "POST", resource: str | None = None) -> dict:
     """Headers that sign a POST to /api/predict/<service> as the EAS SDK does (or another

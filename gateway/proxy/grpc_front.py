@@ -30,7 +30,6 @@ is INVALID_ARGUMENT naming the field.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 
@@ -39,6 +38,7 @@ import orjson
 from .._native.grpcwire import (DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, NOT_FOUND,
                                 PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAUTHENTICATED,
                                 UNAVAILABLE, UNIMPLEMENTED, GrpcServer, GrpcStatus)
+from ..auth import raw_token_refusal
 from ..codec import oip
 from ..codec.tensors import CodecError
 from ..protos import oip_pb2 as pb
@@ -204,12 +204,10 @@ class GrpcFront:
         route = self.app.table.routes.get(service)
         if route is None or not (route.token or route.callers):
             return
-        given = caller.metadata.get("authorization", "").encode("latin-1")
         tokens = ([route.token] if route.token else []) + [token for token, _ in route.callers]
-        if not any(hmac.compare_digest(given, token.encode()) for token in tokens):
-            raise GrpcStatus(UNAUTHENTICATED, f"service {service!r} needs its token in the "
-                                              f"authorization metadata" if not given else
-                                              "the token does not match")
+        reason = raw_token_refusal(caller.metadata.get("authorization", ""), tokens, service)
+        if reason is not None:
+            raise GrpcStatus(UNAUTHENTICATED, reason)
 
     async def model_infer(self, caller, message):
         try:

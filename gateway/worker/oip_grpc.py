@@ -17,7 +17,6 @@ service's keepalive passed DEADLINE_EXCEEDED.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 
@@ -25,6 +24,7 @@ import time
 from .._native.grpcwire import (DEADLINE_EXCEEDED, INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED,
                                 UNAVAILABLE, UNIMPLEMENTED, GrpcServer, GrpcStatus)
 from .._native.oipwire import decode_grpc, encode_grpc
+from ..auth import raw_token_refusal
 from ..codec import oip
 from ..codec.tensors import CodecError
 from ..protos import oip_pb2 as pb
@@ -131,12 +131,11 @@ class GrpcFace:
             return GrpcStatus(UNIMPLEMENTED, f"method {path} is not served here")
         token = self.app.token
         if token and path in oip.GRPC_MODEL_METHODS:
-            given = metadata.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), token.encode()):
+            reason = raw_token_refusal(metadata.get("authorization", ""), (token,),
+                                       self.face.name)
+            if reason is not None:
                 metrics.observe(401, None)
-                return GrpcStatus(UNAUTHENTICATED, f"service {self.face.name!r} needs its "
-                                  f"token in the authorization metadata" if not given else
-                                  "the token does not match")
+                return GrpcStatus(UNAUTHENTICATED, reason)
         return method(message)
 
     def _model(self, message: bytes, message_type, answer: bytes):
