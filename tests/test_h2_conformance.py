@@ -8,7 +8,7 @@ import pytest
 
 from conftest import Proc, free_port, infergate_cmd
 from h2_raw import (CANCEL, COMPRESSION_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, NO_ERROR,
-                    PROTOCOL_ERROR, REFUSED_STREAM, STREAM_CLOSED, RawH2, frame,
+                    PROTOCOL_ERROR, REFUSED_STREAM, SERVER_LIVE, STREAM_CLOSED, RawH2, frame,
                     grpc_message, rst_stream, settings, wait_listening, window_update)
 from hyperframe.frame import SettingsFrame
 
@@ -283,6 +283,39 @@ def test_a_continuation_flood_ends_the_connection(client):
     c.send(b"".join(frame(0x9, 0, 1, c.block([("x-flood", "y" * 100)]))
                     for _ in range(100)))
     assert c.goaway_code() != NO_ERROR
+
+
+REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", SERVER_LIVE),
+           (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")]
+
+
+def _split_headers(c: RawH2, metadata, frame_size: int = 16000) -> list[bytes]:
+    """One call's header block (literal, no Huffman: its length is what it decodes to)
+    in HEADERS and CONTINUATION frames of `frame_size` bytes, fewer than nghttp2's 8."""
+    block = c.encoder.encode(REQUEST + metadata, huffman=False)
+    parts = [block[at:at + frame_size] for at in range(0, len(block), frame_size)]
+    assert len(parts) < 8
+    return [frame(0x1 if i == 0 else 0x9, 0x4 if i == len(parts) - 1 else 0, 1, part)
+            for i, part in enumerate(parts)]
+
+
+def test_a_header_block_over_64_kib_ends_the_connection(client):
+    """A block that long decodes to more than the 64 KiB header list we take: the
+    connection ends at the head of the frame that crosses 64 KiB, rather than decode the
+    rest field by field. (Only that head is sent: a payload the server never reads would
+    make its close a reset, racing the GOAWAY.)"""
+    c = client()
+    frames = _split_headers(c, [(f"x-pad-{i}", "v" * 1000) for i in range(70)])
+    assert sum(len(f) - 9 for f in frames[:-1]) <= 65536 < sum(len(f) - 9 for f in frames)
+    c.send(b"".join(frames[:-1]) + frames[-1][:9])
+    assert_goaway(c, PROTOCOL_ERROR)
+
+
+def test_a_header_block_under_64_kib_in_continuations_is_answered(client):
+    c = client()
+    c.send(b"".join(_split_headers(c, [(f"x-pad-{i}", "v" * 1000) for i in range(50)])) +
+           frame(0x0, 0x1, 1, grpc_message()))
+    assert c.answer(1).status == OK
 
 
 def test_a_cancelled_call_is_reset(client):

@@ -136,9 +136,21 @@ cdef int _on_begin_frame(nghttp2_session* session, const nghttp2_frame_hd* hd,
     Those it has a record of it judges itself: a stream we reset gets its header blocks
     decoded and ignored, as HPACK needs."""
     cdef GrpcConnection conn = <GrpcConnection>user_data
-    if hd.type == NGHTTP2_HEADERS and hd.stream_id <= conn.last_stream and \
-            nghttp2_session_find_stream(session, hd.stream_id) == NULL:
-        nghttp2_session_terminate_session(session, NGHTTP2_PROTOCOL_ERROR)
+    if hd.type == NGHTTP2_HEADERS:
+        conn.block_bytes = hd.length
+        if hd.stream_id <= conn.last_stream and \
+                nghttp2_session_find_stream(session, hd.stream_id) == NULL:
+            nghttp2_session_terminate_session(session, NGHTTP2_PROTOCOL_ERROR)
+    elif hd.type == NGHTTP2_CONTINUATION:
+        conn.block_bytes += hd.length
+        if conn.block_bytes > MAX_HEAD:
+            # A block this long decodes to more than the MAX_HEAD we allow (but for fillers
+            # no client sends: table size updates, Huffman codes of control bytes), so its
+            # call would be refused; and it must be decoded whole to keep HPACK's table in
+            # step, unless the connection ends. A CONTINUATION flood ends here, after
+            # 64 KiB rather than after 8 frames of 16 KiB decoded field by field.
+            conn.refusal = f"a header block of more than {MAX_HEAD} bytes"
+            return NGHTTP2_ERR_CALLBACK_FAILURE
     return 0
 
 
@@ -295,6 +307,8 @@ cdef class GrpcConnection:
     cdef object budget           # the server's shared body budget, or None
     cdef dict streams
     cdef int32_t last_stream     # the highest stream id opened
+    cdef Py_ssize_t block_bytes  # the header block being received, as sent (HPACK)
+    cdef str refusal             # why a callback ended the connection
     cdef Py_ssize_t max_message, max_buffered, buffered
     cdef double read_timeout, paused_since
     cdef readonly double idle_since   # when its last call ended (or it opened)
@@ -355,7 +369,7 @@ cdef class GrpcConnection:
             self.session, <const uint8_t*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         if rv < 0:
             log.info("gRPC connection from %s refused: %s", self.peer,
-                     nghttp2_strerror(<int>rv).decode())
+                     self.refusal or nghttp2_strerror(<int>rv).decode())
             nghttp2_session_terminate_session(self.session, NGHTTP2_PROTOCOL_ERROR)
         self._flush()
 
