@@ -407,3 +407,41 @@ def test_processes_serve_one_port_each_with_its_model(digits):
         for conn in connections:
             conn.close()
         proc.stop()
+
+
+def test_one_cpu_runs_the_model_on_two_threads(digits):
+    """rpc.worker_threads 5 in a process allowed one CPU: two threads run the model (more
+    only take turns at the GIL), the log says so, and concurrent requests get the right
+    answers. A python processor keeps its 5 (user code may wait on I/O)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import Proc
+    from gateway.models import DIGITS_MODEL
+
+    x_test, y_test = digits
+    port = free_port()
+    worker = Proc(["taskset", "-c", "0"] + infergate_cmd(
+        "worker", "--service", "digits", "--model", str(DIGITS_MODEL), "--processor", "json",
+        "--threads", "5", "--port", str(port)), port)
+    try:
+        def classify(i):
+            body = json.dumps({"inputs": {"images": x_test[i:i + 1].tolist()}}).encode()
+            status, answer, _ = post(worker.url + "/api/predict/digits", body)
+            assert status == 200, answer
+            return int(np.argmax(json.loads(answer)["outputs"]["scores"][0]))
+
+        with ThreadPoolExecutor(16) as pool:
+            predicted = list(pool.map(classify, range(64)))
+        assert np.mean(np.array(predicted) == y_test[:64]) >= 0.9
+        assert "rpc.worker_threads 5: 2 threads run the model" in worker.output()
+    finally:
+        worker.stop()
+    port = free_port()
+    user = Proc(["taskset", "-c", "0"] + infergate_cmd(
+        "worker", "--service", "echo", "--model", ECHO, "--processor", "python",
+        "--threads", "5", "--port", str(port)), port)
+    try:
+        assert post(user.url + "/api/predict/echo", b"hi")[0] == 200
+        assert "threads run the model" not in user.output()
+    finally:
+        user.stop()

@@ -1,6 +1,9 @@
 """Limits a server derives from its process's resources, for the gateway and the workers
 alike: a connection cap below the descriptor limit, so that an idle-connection flood meets
-the cap (and its eviction) before accept() meets EMFILE."""
+the cap (and its eviction) before accept() meets EMFILE; and the CPUs the process may use
+(its affinity, and a container's CPU quota), which sizes the threads that run models."""
+import math
+import os
 import resource
 
 
@@ -11,3 +14,17 @@ def default_max_connections() -> int:
     if soft == resource.RLIM_INFINITY:
         return 100_000
     return max(16, min(100_000, soft - max(64, soft // 4)))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may keep busy: its affinity mask, or less where cgroup v2's
+    cpu.max sets a quota (a container given 2 CPUs on a 64-core host may use 2)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus

@@ -27,7 +27,7 @@ from .model import BadInput, OnnxModel
 from .oip import OipFace
 from .processors import make_processor
 from .processors.base import BodyTooLarge
-from .runner import DeadlineExceeded, QueueFull, ThreadedRunner
+from .runner import DeadlineExceeded, QueueFull, ThreadedRunner, cpu_inference_threads
 from .user_code import UserProcessor
 from .warmup import WarmUp
 
@@ -47,9 +47,9 @@ class WorkerApp:
         self.token = token
         self.prefix = f"/api/predict/{service}"
         self.prefix_slash = self.prefix + "/"
-        self.runner = ThreadedRunner(settings)
         self.user = None
         self.model = None
+        threads = settings.worker_threads
         if processor == "python":
             entry = processor_entry or model_path
             self.user = UserProcessor(entry, model_path if entry != model_path else None,
@@ -59,6 +59,9 @@ class WorkerApp:
                                    signature_name)
             self.processor = make_processor(processor, self.model, max_body_size)
             self.signature = json_response(self.model.signature())
+            if self.model.provider == "CPUExecutionProvider":
+                threads = cpu_inference_threads(threads, intra_op_threads)
+        self.runner = ThreadedRunner(settings, threads)
         self.batcher = None
         if settings.batching and self.model is not None:
             from ..batching import BatchingRunner
