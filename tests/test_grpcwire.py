@@ -132,6 +132,22 @@ def test_metadata_repeats_and_binary(served):
     assert len(s.calls) == 1
 
 
+def test_metadata_entries_count_each_repeat(served):
+    """100 metadata entries at most (content-type and te among them), a key sent again
+    counting again: 98 of one key are joined in order, 99 are RESOURCE_EXHAUSTED. (Each
+    repeat was once a copy of all the values before it, and only distinct keys counted: a
+    CONTINUATION flood of one key cost a server quadratic time.)"""
+    s = served()
+    c = RawH2(s.port)
+    c.call(1, "/svc/Echo", b"", [("x-tag", str(i)) for i in range(98)])
+    assert c.answer(1).status == OK
+    assert s.calls[-1][1]["x-tag"] == ", ".join(str(i) for i in range(98))
+    c.call(3, "/svc/Echo", b"", [("x-tag", str(i)) for i in range(99)])
+    answer = c.answer(3)
+    assert answer.status == RESOURCE_EXHAUSTED and "100 entries" in answer.message
+    assert len(s.calls) == 1
+
+
 def test_message_over_max_message_is_refused_early(served):
     """Past max_message: RESOURCE_EXHAUSTED before the request ends, RST_STREAM NO_ERROR
     (the client may stop sending), and the connection goes on."""

@@ -290,6 +290,8 @@ cdef class Stream:
     cdef dict metadata
     cdef bytearray data          # the request's DATA so far (None once handed on or refused)
     cdef Py_ssize_t header_bytes
+    cdef Py_ssize_t entries      # metadata entries so far (a key sent twice counts twice)
+    cdef list repeated           # keys sent more than once: their values are lists till joined
     cdef Py_ssize_t held         # bytes of the server's shared body budget, until it closes
     cdef object refused          # a GrpcStatus to answer instead of calling the handler
     cdef bint headers_done, request_done, answered
@@ -497,7 +499,9 @@ cdef class GrpcConnection:
         if stream is None:
             return False
         stream.header_bytes += namelen + valuelen + 32
-        if stream.header_bytes > MAX_HEAD or len(stream.metadata) >= MAX_HEADERS:
+        if namelen and name[0] != 0x3a:
+            stream.entries += 1
+        if stream.header_bytes > MAX_HEAD or stream.entries > MAX_HEADERS:
             if stream.refused is None:  # answered RESOURCE_EXHAUSTED once the block ends
                 stream.refused = GrpcStatus(RESOURCE_EXHAUSTED, f"the metadata is larger than "
                                             f"{MAX_HEAD} bytes or {MAX_HEADERS} entries")
@@ -516,14 +520,23 @@ cdef class GrpcConnection:
         elif key in SINGLE_VALUED:
             if stream.refused is None:
                 stream.refused = GrpcStatus(INVALID_ARGUMENT, f"two {key} metadata entries")
+        elif type(before) is list:  # joined once the block ends: a key sent n times
+            (<list>before).append(text)  # costs n copies, not n squared
         else:
-            stream.metadata[key] = before + ", " + text
+            stream.metadata[key] = [before, text]
+            if stream.repeated is None:
+                stream.repeated = []
+            stream.repeated.append(key)
         return False
 
     cdef void _headers_done(self, int32_t stream_id) except *:
         cdef Stream stream = self.streams.get(stream_id)
         if stream is not None:
             stream.headers_done = True
+            if stream.repeated is not None:
+                for key in stream.repeated:
+                    stream.metadata[key] = ", ".join(stream.metadata[key])
+                stream.repeated = None
 
     cdef void _data(self, int32_t stream_id, const uint8_t* data, size_t n) except *:
         cdef Stream stream = self.streams.get(stream_id)
