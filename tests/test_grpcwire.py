@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from gateway._native.grpcwire import (DEADLINE_EXCEEDED, INVALID_ARGUMENT, OK,
+from gateway._native.grpcwire import (DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, OK,
                                       RESOURCE_EXHAUSTED, UNIMPLEMENTED, GrpcServer,
                                       GrpcStatus)
 from h2_raw import CANCEL, NO_ERROR, PROTOCOL_ERROR, RawH2, frame, grpc_message, rst_stream
@@ -30,6 +30,8 @@ class Served:
                 return future
             if message == b"fail":
                 return GrpcStatus(INVALID_ARGUMENT, "told to fail: 100%")
+            if message == b"nothing":  # a handler's bug
+                return None
             return b"echo:" + message
 
         async def start():
@@ -159,6 +161,18 @@ def test_calls_reset_in_the_same_read_never_reach_the_handler(served):
     c.send(burst + c.headers_frame(201, "/svc/Echo") + frame(0x0, 0x1, 201, grpc_message(b"y")))
     assert c.answer(201).data == grpc_message(b"echo:y")
     assert [message for _, _, message in s.calls] == [b"y"]
+
+
+def test_a_handler_that_answers_nothing_costs_only_its_call(served):
+    """A handler returning neither bytes, a GrpcStatus nor a Future: that call is INTERNAL,
+    the next one in the same read is served (hostile review: the error escaped the read,
+    and asyncio closed the connection without a GOAWAY)."""
+    s = served()
+    c = RawH2(s.port)
+    c.send(c.headers_frame(1, "/svc/Echo") + frame(0x0, 0x1, 1, grpc_message(b"nothing")) +
+           c.headers_frame(3, "/svc/Echo") + frame(0x0, 0x1, 3, grpc_message(b"z")))
+    assert c.answer(1).status == INTERNAL
+    assert c.answer(3).data == grpc_message(b"echo:z")
 
 
 def test_message_over_max_message_is_refused_early(served):

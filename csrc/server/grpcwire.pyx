@@ -136,21 +136,9 @@ cdef int _on_begin_frame(nghttp2_session* session, const nghttp2_frame_hd* hd,
     Those it has a record of it judges itself: a stream we reset gets its header blocks
     decoded and ignored, as HPACK needs."""
     cdef GrpcConnection conn = <GrpcConnection>user_data
-    if hd.type == NGHTTP2_HEADERS:
-        conn.block_bytes = hd.length
-        if hd.stream_id <= conn.last_stream and \
-                nghttp2_session_find_stream(session, hd.stream_id) == NULL:
-            nghttp2_session_terminate_session(session, NGHTTP2_PROTOCOL_ERROR)
-    elif hd.type == NGHTTP2_CONTINUATION:
-        conn.block_bytes += hd.length
-        if conn.block_bytes > MAX_HEAD:
-            # A block this long decodes to more than the MAX_HEAD we allow (but for fillers
-            # no client sends: table size updates, Huffman codes of control bytes), so its
-            # call would be refused; and it must be decoded whole to keep HPACK's table in
-            # step, unless the connection ends. A CONTINUATION flood ends here, after
-            # 64 KiB rather than after 8 frames of 16 KiB decoded field by field.
-            conn.refusal = f"a header block of more than {MAX_HEAD} bytes"
-            return NGHTTP2_ERR_CALLBACK_FAILURE
+    if hd.type == NGHTTP2_HEADERS and hd.stream_id <= conn.last_stream and \
+            nghttp2_session_find_stream(session, hd.stream_id) == NULL:
+        nghttp2_session_terminate_session(session, NGHTTP2_PROTOCOL_ERROR)
     return 0
 
 
@@ -311,8 +299,6 @@ cdef class GrpcConnection:
     cdef dict streams
     cdef list ready              # calls completed by the bytes being read, to dispatch after
     cdef int32_t last_stream     # the highest stream id opened
-    cdef Py_ssize_t block_bytes  # the header block being received, as sent (HPACK)
-    cdef str refusal             # why a callback ended the connection
     cdef Py_ssize_t max_message, max_buffered, buffered
     cdef double read_timeout, paused_since
     cdef readonly double idle_since   # when its last call ended (or it opened)
@@ -374,7 +360,7 @@ cdef class GrpcConnection:
             self.session, <const uint8_t*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         if rv < 0:
             log.info("gRPC connection from %s refused: %s", self.peer,
-                     self.refusal or nghttp2_strerror(<int>rv).decode())
+                     nghttp2_strerror(<int>rv).decode())
             nghttp2_session_terminate_session(self.session, NGHTTP2_PROTOCOL_ERROR)
             self.ready.clear()
         elif self.ready:
@@ -648,6 +634,8 @@ cdef class GrpcConnection:
         task and a trip through the filter chain, a third of the gateway's time)."""
         cdef Stream stream
         ready, self.ready = self.ready, []
+        if not nghttp2_session_want_read(self.session):  # it ended: nobody will hear back
+            return
         for value in ready:
             stream = <Stream>value
             if self.streams.get(stream.id) is stream and not stream.answered:
@@ -664,9 +652,13 @@ cdef class GrpcConnection:
             result = GrpcStatus(INTERNAL, "internal error")
         if isinstance(result, (bytes, GrpcStatus)):
             self._answer(stream, result)
-        else:
+        elif isinstance(result, asyncio.Future):
             stream.working = result
             result.add_done_callback(_Done(self, stream))
+        else:
+            log.error("gRPC handler for %s returned %r, not bytes, a GrpcStatus or a Future",
+                      stream.path, type(result))
+            self._answer(stream, GrpcStatus(INTERNAL, "internal error"))
 
     cdef void _done(self, Stream stream, future) except *:
         stream.working = None

@@ -23,7 +23,6 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_HEADERS
         NGHTTP2_RST_STREAM
         NGHTTP2_GOAWAY
-        NGHTTP2_CONTINUATION
 
     enum:
         NGHTTP2_FLAG_NONE
