@@ -19,12 +19,13 @@ def default_max_connections() -> int:
 def usable_cpus() -> int:
     """CPUs this process may keep busy: its affinity mask, or less where cgroup v2's
     cpu.max sets a quota (a container given 2 CPUs on a 64-core host may use 2)."""
-    cpus = len(os.sched_getaffinity(0))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux
+    cpus = len(affinity(0)) if affinity else os.cpu_count() or 1
     try:
         with open("/sys/fs/cgroup/cpu.max") as f:
             quota, period = f.read().split()
         if quota != "max":
             cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
+    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2 here, or not its format
         pass
     return cpus
