@@ -7,8 +7,10 @@ with it."""
 from __future__ import annotations
 
 import subprocess
+import sys
 
 from eas_env import REPO, eas_python
+from test_eas_compat import digits  # noqa: F401  (a fixture)
 
 BESIDE_EAS = r"""
 import google.protobuf
@@ -73,3 +75,62 @@ def test_wire_modules_load_beside_tritonclient_and_grpc_health():
     request.inputs.add(name="images", datatype="FP32", shape=[1, 784])
     read = oip_pb2.ModelInferRequest.FromString(request.SerializeToString())
     assert (read.model_name, read.id, list(read.inputs[0].shape)) == ("digits", "7", [1, 784])
+
+
+def _protobuf_3_20(tmp_path) -> dict:
+    """An environment whose `google.protobuf` is eas-prediction's 3.20.3 (a path entry in
+    front of ours holding only that package: what `pip install eas-prediction` after
+    infergate leaves), checked to be what the processes import."""
+    import os
+
+    site = subprocess.run([eas_python(), "-c", "import google.protobuf, os; print(os.path."
+                           "dirname(google.protobuf.__file__))"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / "google").mkdir(parents=True)
+    (tmp_path / "google" / "protobuf").symlink_to(site)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    version = subprocess.run([sys.executable, "-c", "import google.protobuf as p, "
+                              "gateway.codec.oip, gateway.proxy.grpc_front; print(p.__version__)"],
+                             capture_output=True, text=True, env=env, cwd=REPO)
+    assert version.stdout.strip() == "3.20.3", version.stderr
+    return env
+
+
+def test_a_gateway_and_workers_on_protobuf_3_20_serve_eas_prediction(tmp_path, digits):
+    """infergate's worker (TF and PyTorch protobuf formats) and gateway running on
+    protobuf 3.20.3 answer the unchanged eas-prediction SDK with onnxruntime's numbers."""
+    from conftest import Proc, free_port, infergate_cmd
+    from gateway.models import DIGITS_MODEL
+    from gateway_helpers import endpoints, seed_services, start_gateway
+    from test_eas_compat import assert_scores, case, run_cases
+
+    env = _protobuf_3_20(tmp_path / "pb")
+    started = []
+
+    class Starter:
+        def start(self, args, port, **kw):
+            started.append(Proc(args, port, env=env, **kw))
+            return started[-1]
+
+    try:
+        workers = {}
+        for processor in ("tensorflow", "pytorch"):
+            port = free_port()
+            workers[processor] = Starter().start(infergate_cmd(
+                "worker", "--service", "digits", "--model", str(DIGITS_MODEL), "--processor",
+                processor, "--port", str(port)), port)
+        state = str(tmp_path / "state")
+        seed_services(state, [{"name": "digits", "config": {
+            "name": "digits", "processor": "tensorflow",
+            "endpoints": endpoints(workers["tensorflow"])}}])
+        gateway = start_gateway(Starter(), state)
+        x, expected = digits
+        batch = x[:3]
+        results = run_cases(tmp_path, [case(gateway.url, "tf", batch),
+                                       case(workers["tensorflow"].url, "tf", batch),
+                                       case(workers["pytorch"].url, "torch", batch)])
+        for result in results:
+            assert_scores(result, expected(batch))
+    finally:
+        for proc in reversed(started):
+            proc.stop()
