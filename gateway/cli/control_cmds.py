@@ -233,6 +233,8 @@ def describe(view: dict) -> str:
         rows.append(["Restarts", view["restarts"]])
     if view.get("crash_logs"):
         rows.append(["LastCrashLog", view["crash_logs"][-1]])
+    if view.get("ignored"):
+        rows.append(["Ignored", ", ".join(view["ignored"])])
     out = [_table(rows)]
     instances = view.get("instances") or []
     if instances:
@@ -291,6 +293,9 @@ def _after_change(args, client, view: dict, done: str) -> dict:
     if getattr(args, "wait", False) and view["status"] in WAIT_STATES:
         view = wait_running(client, view["name"], args.timeout, args.json)
     if not args.json:
+        if view.get("ignored"):
+            print("[WARN] Ignored (accepted, not implemented by infergate): "
+                  + ", ".join(view["ignored"]), file=sys.stderr)
         print(_summary(view))
         print(f"[OK] {done}" if view["status"] != "Stopped" else "[OK] Service is stopped")
     else:
