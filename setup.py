@@ -16,14 +16,29 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def generate_protos():
+    """protos/NAME.proto -> gateway/protos/NAME_pb2.py: its FileDescriptorProto, which
+    gateway.protos.build() turns into message classes on any protobuf from 3.20 (see
+    there why not protoc's Python output). Rewritten only when changed."""
+    from google.protobuf import descriptor_pb2
     from grpc_tools import protoc
 
     out = os.path.join(ROOT, "gateway", "protos")
     for proto in sorted(glob.glob(os.path.join(ROOT, "protos", "*.proto"))):
+        name = os.path.basename(proto)[:-len(".proto")]
+        descriptors = os.path.join(ROOT, "build", f"{name}.desc")
+        os.makedirs(os.path.dirname(descriptors), exist_ok=True)
         rc = protoc.main(["grpc_tools.protoc", f"-I{os.path.join(ROOT, 'protos')}",
-                          f"--python_out={out}", proto])
+                          f"--descriptor_set_out={descriptors}", proto])
         if rc != 0:
             raise RuntimeError(f"protoc failed on {proto}")
+        with open(descriptors, "rb") as f:
+            (file,) = descriptor_pb2.FileDescriptorSet.FromString(f.read()).file
+        text = (f'"""protos/{name}.proto, compiled by setup.py (do not edit)."""\n'
+                f"from . import build\n\nbuild(globals(), {file.SerializeToString()!r})\n")
+        module = os.path.join(out, f"{name}_pb2.py")
+        if not os.path.exists(module) or open(module).read() != text:
+            with open(module, "w") as f:
+                f.write(text)
 
 
 class BuildPy(build_py):

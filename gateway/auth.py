@@ -144,7 +144,7 @@ def verify(headers: dict, method: str, path: str, body: bytes, token: str, servi
     if hmac.compare_digest(auth.encode("latin-1"), token.encode()):
         return None
     if not auth.startswith("EAS "):
-        return "invalid token"
+        return _bearer_hint(auth) or "invalid token"
     if query:
         return "signed requests cannot carry a query string (it is not signed)"
     content_md5 = headers.get("content-md5", "")
@@ -176,7 +176,16 @@ def raw_token_refusal(given: str, tokens, service: str) -> str | None:
         return None
     if not given:
         return f"service {service!r} needs its token in the authorization metadata"
-    return "the token does not match"
+    return _bearer_hint(given) or "the token does not match"
+
+
+def _bearer_hint(given: str) -> str | None:
+    """What to say to a client that sent `Bearer <token>` (as the admin API and KServe's
+    clients do): EAS service tokens go as they are."""
+    if given[:7].lower() == "bearer ":
+        return ("invalid token: a service token goes in the Authorization header as it is, "
+                "without 'Bearer '")
+    return None
 
 
 def sign(token: str, body: bytes, service: str, content_type: str = "application/octet-stream",

@@ -6,12 +6,16 @@ with "/"), `health_path` (what the gateway's health checker requests on each
 instance, starting with "/"; "" means a TCP connect check only).
 
 Keys may be flat (`"rpc.keepalive": 5000`) as in the EAS manual, or nested
-(`"rpc": {"keepalive": 5000}`). Unknown keys are kept as they are; invalid
-values are refused with a message naming the key.
+(`"rpc": {"keepalive": 5000}`). Invalid values are refused with a message naming
+the key. Unknown keys are refused too, naming the closest known one: a typo such
+as `generate_tokn` would otherwise create a service without authentication.
+Keys that EAS or ModelArts define but infergate does not implement are accepted
+and reported as ignored, so that their service.json files deploy as they are.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any
 
 PROCESSORS = ("tensorflow", "pytorch", "caffe", "json", "python")
@@ -53,6 +57,143 @@ _RPC_KEYS = {
     "worker_threads": (int, 1),
     "batch_sizes": (tuple, 1),
 }
+
+
+# --- the keys of a service.json ------------------------------------------------------------
+# Keys infergate reads, with where. Top level: control/services.py (create, modify, model_spec),
+# control/launcher.py (model_config, env), routing/table.py (endpoints, upstream_path,
+# health_path); entry_only marks the endpoint a deleted blue-green original leaves behind.
+TOP_LEVEL_KEYS = ("name", "token", "generate_token", "model_path", "model_entry", "model_config",
+                  "processor", "processor_type", "processor_entry", "processor_path", "metadata",
+                  "endpoints", "upstream_path", "health_path", "env", "entry_only")
+# metadata: validate_service below, control/services.py (instance, owner, which the gateway
+# sets), control/launcher.py (gpu, workers), routing/table.py (rate_limits), cli/worker_cmd.py
+# (processes, onnxruntime, signature_name); cpu and memory are checked but not used locally.
+METADATA_KEYS = ("instance", "cpu", "gpu", "memory", "workers", "processes", "owner",
+                 "rate_limits", "onnxruntime", "signature_name")
+# endpoints[i]: routing/table.py and control/admin.py.
+ENDPOINT_KEYS = ("ip", "port", "weight", "grpc_port")
+
+# Keys defined elsewhere that are accepted and ignored (listed in the create/modify answer and
+# in desc). A key listed here covers what it holds ("cloud" covers "cloud.networking.vpc_id").
+IGNORED_TOP_LEVEL_KEYS = (
+    # EAS manual (../shared/seeds/002, eascmd "创建服务" parameter table and examples)
+    "oss_endpoint", "processor_mainclass", "data_image", "cuda",
+    # EAS JSON parameter reference (alibabacloud.com/help/en/pai/user-guide/
+    # parameters-of-model-services), the newer form of the same file
+    "cloud", "containers", "dockerAuth", "networking", "storage", "autoscaler", "runtime",
+    "features", "labels",
+    # ModelArts real-time service "Description" (../shared/seeds/000, Table 3-1)
+    "description",
+    # SPEC.md section 11, not built yet
+    "upstream_tls",
+)
+IGNORED_METADATA_KEYS = (
+    # EAS manual (seeds/002): resource group, region and CUDA version of the instances, and
+    # the flat "eas.handlers.disable_failure_handler" of its MediaFlow examples
+    "resource", "region", "cuda", "eas",
+    # EAS JSON parameter reference (see above); the last three as issue 22 names them
+    "workspace_id", "disk", "shm_size", "rdma", "enable_grpc", "rolling_strategy",
+    "resource_burstable", "qos", "enable_webservice",
+    # SPEC.md section 9 (Ray placement), not built yet
+    "autoscaling",
+)
+# metadata.rpc.*: EAS manual (seeds/002, the MediaFlow examples)
+IGNORED_RPC_KEYS = ("enable_jemalloc",)
+
+
+def _unknown_key(path: str, key: str, candidates: dict, known) -> ConfigError:
+    """The refusal of an unknown key: its full path and the path of the closest candidate
+    ({name: path}), or, when none is close, the keys infergate reads there."""
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    if close:
+        return ConfigError(f"unknown key '{path}': did you mean '{candidates[close[0]]}'?")
+    return ConfigError(f"unknown key '{path}' (infergate reads {', '.join(known)} here)")
+
+
+def unknown_key_error(prefix: str, key: str, known) -> ConfigError:
+    """`prefix + key` is none of `known` (names under `prefix`): ConfigError naming both."""
+    return _unknown_key(prefix + key, key, {name: prefix + name for name in known}, known)
+
+
+class _KeyWalk:
+    """One pass over the keys of a service.json: the ignored ones are collected, an unknown
+    one is refused, or (`keep_unknown`, for services stored before keys were checked)
+    collected with them."""
+
+    def __init__(self, keep_unknown: bool):
+        self.keep_unknown = keep_unknown
+        self.ignored: list[str] = []
+
+    def unknown(self, path: str, key: str, candidates: dict, known) -> None:
+        if not self.keep_unknown:
+            raise _unknown_key(path, key, candidates, known)
+        self.ignored.append(path)
+
+    def check(self, prefix: str, obj: dict, known, ignored=(), also_suggest=(),
+              shown=None) -> None:
+        """Keys of `obj` that are neither known nor ignored are unknown; a key given as
+        null counts as not set (how modify unsets a key). `shown`: how to list `known`."""
+        for key, value in obj.items():
+            if value is None or key in known:
+                continue
+            if key.split(".")[0] in ignored:  # "eas" covers "eas.handlers.x"
+                self.ignored.append(prefix + key)
+                continue
+            names = [*known, *ignored, *also_suggest]
+            self.unknown(prefix + key, key, {name: prefix + name for name in names},
+                         shown or known)
+
+
+def _walk_keys(config: dict, keep_unknown: bool) -> list[str]:
+    walk = _KeyWalk(keep_unknown)
+    for key, value in config.items():
+        if value is None or key in TOP_LEVEL_KEYS:
+            continue
+        if key in IGNORED_TOP_LEVEL_KEYS:
+            walk.ignored.append(key)
+            continue
+        # `-Dinstance=3` for `-Dmetadata.instance=3` is a likely slip: offer metadata's keys too
+        candidates = {name: f"metadata.{name}" for name in METADATA_KEYS}
+        candidates.update((name, name) for name in TOP_LEVEL_KEYS + IGNORED_TOP_LEVEL_KEYS)
+        walk.unknown(key, key, candidates, TOP_LEVEL_KEYS)
+    metadata = config.get("metadata")
+    if isinstance(metadata, dict):
+        metadata = flat_rpc(metadata)
+        rpc = {k[len("rpc."):]: v for k, v in metadata.items() if k.startswith("rpc.")}
+        rest = {k: v for k, v in metadata.items() if not k.startswith("rpc.")}
+        rpc_names = [f"rpc.{name}" for name in (*_RPC_KEYS, *IGNORED_RPC_KEYS)]
+        walk.check("metadata.", rest, METADATA_KEYS, IGNORED_METADATA_KEYS, rpc_names,
+                   shown=(*METADATA_KEYS, "rpc.*"))
+        walk.check("metadata.rpc.", rpc, _RPC_KEYS, IGNORED_RPC_KEYS)
+        limits = metadata.get("rate_limits")
+        if isinstance(limits, list):
+            from .ratelimit.filter import FIELDS as RATE_LIMIT_KEYS
+
+            for i, limit in enumerate(limits):
+                if isinstance(limit, dict):
+                    walk.check(f"metadata.rate_limits[{i}].", limit, RATE_LIMIT_KEYS)
+    endpoints = config.get("endpoints")
+    if isinstance(endpoints, list):
+        for i, endpoint in enumerate(endpoints):
+            if isinstance(endpoint, dict):
+                walk.check(f"endpoints[{i}].", endpoint, ENDPOINT_KEYS)
+    return walk.ignored
+
+
+def check_keys(config: dict) -> list[str]:
+    """Refuse an unknown key of a service.json, at every level infergate reads, naming its
+    path and the closest known key; returns the paths of the keys accepted and ignored."""
+    return _walk_keys(config, keep_unknown=False)
+
+
+def ignored_keys(config: dict) -> list[str]:
+    """The keys of a stored service.json that infergate ignores (for desc), its unknown ones
+    included: a service stored before keys were checked may hold some."""
+    try:
+        return _walk_keys(config, keep_unknown=True)
+    except ConfigError:  # metadata.rpc given both ways, differently: create refuses that
+        return []
 
 
 def flat_rpc(metadata: dict) -> dict:
@@ -179,6 +320,7 @@ def validate_service(config: dict) -> dict:
     """Check a whole service.json; returns it with metadata defaults untouched."""
     if not isinstance(config, dict):
         raise ConfigError("service.json must be a JSON object")
+    check_keys(config)
     name = config.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError("name is required and must be a non-empty string")

@@ -39,10 +39,20 @@ setup() {
     if [ ! -x .venv/bin/python ]; then
         "$PYTHON" -m venv .venv
     fi
+    # What the install depends on: unchanged since the last one, it is skipped (it recompiles
+    # every Cython module, a minute).
+    local extras="${INFERGATE_RUNTIME:-cpu},$1" stamp=.venv/.infergate-installed inputs
+    inputs=$( { echo "$extras"; cat pyproject.toml setup.py; find csrc protos -type f \
+        \( -name '*.pyx' -o -name '*.pxd' -o -name '*.proto' -o -name '*.h' -o -name '*.hpp' \) \
+        -print0 | sort -z | xargs -0 cat; } | sha256sum | cut -d' ' -f1)
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ]; then
+        return 0
+    fi
     .venv/bin/pip install -q --upgrade pip setuptools wheel
     # Build requirements first, so the editable build needs no isolated env.
     .venv/bin/pip install -q "Cython>=3.0" "grpcio-tools>=1.75,<1.80" "numpy>=1.24"
-    .venv/bin/pip install -q --no-build-isolation -e ".[${INFERGATE_RUNTIME:-cpu},$1]"
+    .venv/bin/pip install -q --no-build-isolation -e ".[$extras]"
+    echo "$inputs" > "$stamp"
 }
 
 setup_eas() {

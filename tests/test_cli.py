@@ -207,3 +207,35 @@ def test_gateway_url_with_ipv6_host():
     assert control_cmds.AdminClient("http://[::1]:8080").base == "http://[::1]:8080"
     assert control_cmds.AdminClient("::1:8080").base == "http://[::1]:8080"
     assert control_cmds.AdminClient("127.0.0.1:9").base == "http://127.0.0.1:9"
+
+
+def test_create_waits_for_a_gateway_that_is_starting(tmp_path):
+    """`infergate gateway & infergate create svc.json`: create tries a refused connection
+    again for a few seconds, and the gateway says where it listens once it does."""
+    import time
+
+    from conftest import Proc
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    spec = tmp_path / "static.json"
+    spec.write_text(json.dumps({"name": "static", "endpoints": [
+        {"ip": "127.0.0.1", "port": free_port(), "weight": 1}]}))
+    create = subprocess.Popen(infergate_cmd("create", str(spec), "--gateway", url),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    gateway = Proc(infergate_cmd("gateway", "--port", str(port), "--state-dir",
+                                 str(tmp_path / "state")), port)
+    try:
+        out, err = create.communicate(timeout=30)
+        assert create.returncode == 0, err
+        assert f"gateway listening on {url}" in gateway.output()
+    finally:
+        gateway.stop()
+
+
+def test_version():
+    from gateway import __version__
+
+    proc = subprocess.run(infergate_cmd("--version"), capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stdout.strip()) == (0, f"infergate {__version__}")

@@ -120,7 +120,7 @@ def test_validate_rate_limits_names_entry_and_field():
         ({"key": "ip", "rate": 1, "scope": "cluster"}, "rate_limits[0]", "'scope'"),
         ({"key": "ip", "rate": 1, "on_redis_error": "retry"}, "rate_limits[0]",
          "'on_redis_error'"),
-        ({"key": "ip", "rate": 1, "rps": 3}, "rate_limits[0]", "'rps'"),
+        ({"key": "ip", "rate": 1, "rps": 3}, "rate_limits[0]", "'rate_limits[0].rps'"),
     ]
     for entry, where, field in cases:
         with pytest.raises(ValueError) as info:

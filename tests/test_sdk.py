@@ -190,8 +190,7 @@ def test_tf_request_forms_agree(digits):
     a.add_feed("images", batch)
     b = TFRequest("predict_images")
     b.add_feed("images", [3, 784], TFRequest.DT_FLOAT, batch.ravel().tolist())
-    c = TFRequest("predict_images")
-    c.add_feed("images", [3, 784], TFRequest.DT_FLOAT, batch)
+    c = TFRequest("predict_images").add_feed("images", [3, 784], TFRequest.DT_FLOAT, batch)
     ref = pb.PredictRequest(signature_name="predict_images")
     ref.inputs["images"].dtype = pb.DT_FLOAT
     ref.inputs["images"].array_shape.dim.extend([3, 784])
@@ -230,9 +229,8 @@ def test_predictions_equal_onnxruntime(cluster, digits, kind):
             correct += int((scores.argmax(1) == y[start:start + len(batch)]).sum())
         assert correct > 0.8 * sum(len(x[s:s + 1 + s % 7]) for s in range(0, len(x), 8))
         # The reference SDK's form: flat values, explicit shape and dtype.
-        req = TFRequest("predict_images")
-        req.add_feed("images", [2, 784], TFRequest.DT_FLOAT, x[:2].ravel().tolist())
-        req.add_fetch("scores")
+        req = TFRequest("predict_images").add_feed(
+            "images", [2, 784], TFRequest.DT_FLOAT, x[:2].ravel().tolist()).add_fetch("scores")
         np.testing.assert_allclose(client.predict(req).get_array("scores"), expected(x[:2]),
                                    rtol=1e-5, atol=1e-7)
         counts = client.instance_counts()

@@ -445,3 +445,20 @@ def test_one_cpu_runs_the_model_on_two_threads(digits):
         assert "threads run the model" not in user.output()
     finally:
         user.stop()
+
+
+def test_bearer_token_gets_a_hint(procs, digits):
+    """A client that sends `Bearer <token>` (as the admin API and KServe's clients do) is
+    told that an EAS service token goes as it is; the token as it is passes."""
+    from gateway.models import DIGITS_MODEL
+
+    x_test, _ = digits
+    port = free_port()
+    procs.start(infergate_cmd("worker", "--service", "digits", "--model", str(DIGITS_MODEL),
+                              "--processor", "tensorflow", "--token", "s3cret", "--port",
+                              str(port)), port)
+    url = f"http://127.0.0.1:{port}/api/predict/digits"
+    body = tf_body({"images": x_test[:1].astype(np.float32)})
+    status, answer, _ = post(url, body, {"Authorization": "Bearer s3cret"})
+    assert status == 401 and "without 'Bearer '" in error_message(answer)
+    assert post(url, body, {"Authorization": "s3cret"})[0] == 200

@@ -25,6 +25,7 @@ from .errors import CliError
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
 WAIT_STATES = ("Creating", "Updating", "Restarting")
+STARTING_GATEWAY_S = 5.0  # how long a refused connection is tried again
 
 
 # ------------------------------------------------------------------------- HTTP
@@ -59,8 +60,7 @@ class AdminClient:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(self.base + path, data=data, headers=headers, method=method)
         try:
-            with self.opener.open(req, timeout=self.timeout) as resp:
-                payload = resp.read()
+            payload = self._send(req)
         except urllib.error.HTTPError as exc:
             payload = exc.read()
             try:
@@ -80,6 +80,22 @@ class AdminClient:
         except ValueError:
             raise CliError(f"the gateway at {self.base} answered something that is not JSON") \
                 from None
+
+
+    def _send(self, req) -> bytes:
+        """The answer's body; a refused connection is tried again for STARTING_GATEWAY_S
+        (a gateway started a moment ago, as in `infergate gateway & infergate create`):
+        refused, the request never reached it, so sending it again is safe."""
+        deadline = time.monotonic() + STARTING_GATEWAY_S
+        while True:
+            try:
+                with self.opener.open(req, timeout=self.timeout) as resp:
+                    return resp.read()
+            except urllib.error.URLError as exc:
+                if not isinstance(exc.reason, ConnectionRefusedError) or \
+                        time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
 
 
 def _svc(name: str) -> str:
@@ -217,6 +233,8 @@ def describe(view: dict) -> str:
         rows.append(["Restarts", view["restarts"]])
     if view.get("crash_logs"):
         rows.append(["LastCrashLog", view["crash_logs"][-1]])
+    if view.get("ignored"):
+        rows.append(["Ignored", ", ".join(view["ignored"])])
     out = [_table(rows)]
     instances = view.get("instances") or []
     if instances:
@@ -275,6 +293,9 @@ def _after_change(args, client, view: dict, done: str) -> dict:
     if getattr(args, "wait", False) and view["status"] in WAIT_STATES:
         view = wait_running(client, view["name"], args.timeout, args.json)
     if not args.json:
+        if view.get("ignored"):
+            print("[WARN] Ignored (accepted, not implemented by infergate): "
+                  + ", ".join(view["ignored"]), file=sys.stderr)
         print(_summary(view))
         print(f"[OK] {done}" if view["status"] != "Stopped" else "[OK] Service is stopped")
     else:

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 
+from .. import __version__
 from .errors import CliError
 
 # command -> module in gateway.cli that defines `register(subparsers)`.
@@ -14,6 +15,7 @@ _COMMAND_MODULES = ("demo_cmd", "gateway_cmd", "worker_cmd", "control_cmds")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infergate", description=(
         "infergate: an inference gateway and ONNX Runtime workers speaking the PAI-EAS protocol"))
+    parser.add_argument("--version", action="version", version=f"infergate {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(f"gateway.cli.{name}").register(sub)

@@ -24,10 +24,9 @@ import math
 
 import numpy as np
 import orjson
-from grpc_health.v1 import health_pb2
 
 from .. import __version__
-from ..protos import oip_pb2 as pb
+from ..protos import health_pb2, oip_pb2 as pb
 from .._native.tensorjson import loads
 from .tensors import CodecError
 

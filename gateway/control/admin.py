@@ -43,6 +43,7 @@ import orjson
 from ..auth import registration_token
 from ..registry import InstanceRecord, ServiceNotFound, StoreError, StoreUnavailable
 from ..server import Request, Response, error_response, json_response
+from ..serviceconfig import ignored_keys
 from . import packages
 from .logs import read_logs
 from .services import (ServiceError, ServiceOps, cached_model_spec, desired_instances,
@@ -436,6 +437,8 @@ class AdminApi:
         if brief:
             return view
         view["config"] = rec.config
+        # EAS/ModelArts keys that were accepted but do nothing here
+        view["ignored"] = ignored_keys(rec.config)
         view["versions"] = [{"revision": h.get("revision"), "created_at": h.get("created_at")}
                             for h in rec.history]
         if self.launcher is not None:

@@ -158,6 +158,7 @@ class GatewayApp:
                                         reuse_port=reuse_port)
             self.dataplane.listen(sock)
             self.port = sock.getsockname()[1]
+            log.info("gateway listening on http://%s:%d", host, self.port)
             if self._grpc_port is not None:
                 from .grpc_front import GrpcFront
 
@@ -167,7 +168,7 @@ class GatewayApp:
                 self.grpc = GrpcFront(self, self.max_body_size)
                 self.dataplane.others = self.grpc.server
                 self.grpc_port = await self.grpc.listen(host, self._grpc_port, reuse_port)
-                log.info("gateway serving gRPC on %s:%d", host, self.grpc_port)
+                log.info("gateway listening for gRPC on %s:%d", host, self.grpc_port)
         self.health.start()
         if self.admin is not None:
             await self.admin.start()

@@ -63,6 +63,7 @@ import re
 from dataclasses import dataclass
 
 from ..server import error_response
+from ..serviceconfig import unknown_key_error
 from .local import DEFAULT_MAX_KEYS, TokenBuckets, monotonic, retry_after
 from .redis_limiter import GlobalLimiter, RedisUnavailable
 
@@ -121,9 +122,9 @@ def _parse_entry(i: int, entry) -> LimitSpec:
     key = entry.get("key")
     if isinstance(key, str):
         where = f"rate_limits[{i}] (key {key!r})"
-    unknown = sorted(set(entry) - set(FIELDS))
+    unknown = [field for field in entry if field not in FIELDS]
     if unknown:
-        raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(FIELDS)})")
+        raise unknown_key_error(f"rate_limits[{i}].", unknown[0], FIELDS)
     if key is None:
         raise ValueError(f"{where}: field 'key' is required "
                          "('service', 'ip', 'token' or 'header:<Name>')")

@@ -10,7 +10,9 @@ client only moves bytes. Beyond the reference SDK:
 * numpy out: ``get_array(name)`` (shaped, of the tensor's dtype) and
   ``to_numpy()`` (every output);
 * ``get_values`` returns a plain list of the flat values and raises ``KeyError``
-  naming the outputs there are for an output the response does not have.
+  naming the outputs there are for an output the response does not have;
+* ``add_feed``, ``add_fetch``, ``add_input`` and ``add_output`` return the request,
+  so that calls chain: ``InferRequest().add_input("images", x).add_output("scores")``.
 """
 from __future__ import annotations
 
@@ -179,13 +181,15 @@ class TFRequest(_TensorDtypes, Request):
     def set_signature_name(self, signature_name: str) -> None:
         self.signature_name = signature_name
 
-    def add_feed(self, input_name: str, shape, content_type=None, content=None) -> None:
+    def add_feed(self, input_name: str, shape, content_type=None, content=None):
         """``add_feed(name, [1, 784], TFRequest.DT_FLOAT, flat_values)`` as in eas-prediction
         (values: a list or a numpy array), or ``add_feed(name, ndarray)``."""
         _fill(self.request_data.inputs[input_name], input_name, shape, content_type, content)
+        return self
 
-    def add_fetch(self, output_name: str) -> None:
+    def add_fetch(self, output_name: str):
         self.request_data.output_filter.append(output_name)
+        return self
 
     def to_string(self) -> bytes:
         if self.signature_name:
@@ -233,17 +237,20 @@ class TorchRequest(_TensorDtypes, Request):
     def set_debug_level(self, dbg_lvl: int = 0) -> None:
         self.request_data.debug_level = dbg_lvl
 
-    def add_feed(self, index: int, shape, content_type=None, content=None) -> None:
+    def add_feed(self, index: int, shape, content_type=None, content=None):
         inputs = self.request_data.inputs
         while len(inputs) < index + 1:
             inputs.add()
         _fill(inputs[index], f"#{index}", shape, content_type, content)
+        return self
 
-    def add_feed_map(self, name: str, shape, content_type=None, content=None) -> None:
+    def add_feed_map(self, name: str, shape, content_type=None, content=None):
         _fill(self.request_data.map_inputs[name], name, shape, content_type, content)
+        return self
 
-    def add_fetch(self, output_index: int) -> None:
+    def add_fetch(self, output_index: int):
         self.request_data.output_filter.append(int(output_index))
+        return self
 
     def to_string(self) -> bytes:
         data = self.request_data.SerializeToString()
@@ -304,7 +311,7 @@ class CaffeRequest(Request):
     def __str__(self) -> str:
         return str(self.request_data)
 
-    def add_feed(self, input_name: str, shape, *rest) -> None:
+    def add_feed(self, input_name: str, shape, *rest):
         """``add_feed(name, shape, values)``, ``add_feed(name, shape, DT_FLOAT, values)``
         or ``add_feed(name, ndarray)``; values are sent as float32."""
         if not rest:
@@ -327,9 +334,11 @@ class CaffeRequest(Request):
             arr = arr.reshape(shape)
         self.request_data.input_name.append(input_name)
         encode_caffe(arr, self.request_data.input_data.add(), input_name)
+        return self
 
-    def add_fetch(self, output_name: str) -> None:
+    def add_fetch(self, output_name: str):
         self.request_data.output_filter.append(output_name)
+        return self
 
     def to_string(self) -> bytes:
         return self.request_data.SerializeToString()
@@ -378,7 +387,7 @@ class InferRequest(Request):
         self.outputs: list[str] = []
         self._header_length = 0
 
-    def add_input(self, name: str, values, shape=None, datatype: str | None = None) -> None:
+    def add_input(self, name: str, values, shape=None, datatype: str | None = None):
         """A tensor from an array (its dtype, or the v2 `datatype`: FP32, INT64, BYTES...)."""
         dtype = _oip.dtype_of(datatype, f"input {name!r}") if datatype else None
         array = np.asarray(values, dtype=dtype)
@@ -386,10 +395,12 @@ class InferRequest(Request):
             array = array.reshape(shape)
         _oip.datatype_name(array.dtype)  # a dtype the protocol has
         self.inputs.append((name, array))
+        return self
 
-    def add_output(self, name: str) -> None:
+    def add_output(self, name: str):
         """Fetch only the outputs named (all when none is)."""
         self.outputs.append(name)
+        return self
 
     def subpath(self, service: str) -> str:
         version = f"/versions/{self.model_version}" if self.model_version else ""
