@@ -537,3 +537,22 @@ def test_bytes_shapes_are_checked_against_the_payload_first():
     for _ in range(5000):
         deep = [deep]
     assert oip.from_json(deep, obj, (1,), "x").tolist() == ["a"]  # flattened by a loop
+
+
+@pytest.mark.parametrize("datatype, field, value", [
+    ("INT16", "int_contents", -524290), ("INT8", "int_contents", 128),
+    ("UINT8", "uint_contents", 256), ("UINT16", "uint_contents", 70000),
+])
+def test_typed_contents_out_of_range_are_a_codec_error(datatype, field, value):
+    """INT8/16 and UINT8/16 come in 32-bit contents fields: a value outside the type is a
+    400 naming it (found by fuzz_oip_grpc in CI: it was an OverflowError, a 500)."""
+    from gateway.codec import oip
+    from gateway.protos import oip_pb2
+
+    request = oip_pb2.ModelInferRequest()
+    tensor = request.inputs.add(name="x", datatype=datatype, shape=[2])
+    getattr(tensor.contents, field).extend([1, value])
+    with pytest.raises(CodecError, match=f"out of range for {datatype}"):
+        oip.feeds_from_grpc(request)
+    getattr(tensor.contents, field)[1] = 2
+    assert oip.feeds_from_grpc(request)["x"].tolist() == [1, 2]

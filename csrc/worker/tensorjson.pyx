@@ -143,6 +143,8 @@ cdef int read_number(const unsigned char* p, Py_ssize_t n, Py_ssize_t* at, doubl
         number[0] = strtod(<const char*>p + start, NULL)
         if not -HUGE_VAL < number[0] < HUGE_VAL:
             return BAD  # orjson refuses a number past the doubles
+    if integer[0] and number[0] == 0:
+        number[0] = 0.0  # the integer -0 is 0, as orjson and Python read it, not -0.0
     return 0
 
 

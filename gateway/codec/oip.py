@@ -422,7 +422,11 @@ def feeds_from_grpc(request) -> dict:
                 raise CodecError(f"{what}: contents.{field} holds bytes that are not UTF-8 "
                                  f"text") from None
         else:
-            array = np.asarray(values, dtype=dtype)
+            try:
+                array = np.asarray(values, dtype=dtype)
+            except OverflowError as exc:  # INT8/16, UINT8/16 come in 32-bit fields
+                raise CodecError(f"{what}: contents.{field} holds a value out of range for "
+                                 f"{tensor.datatype}: {exc}") from None
         feeds[tensor.name] = shaped(array, shape, what)
     return feeds
 
