@@ -189,3 +189,19 @@ def test_modify_refuses_unknown_keys_and_changes_nothing(gw):
     status, view = admin(gw.url, "POST", "/admin/services/kept/modify",
                          {"set": {"metadata.qos": "BestEffort"}})
     assert status == 200 and view["ignored"] == ["metadata.qos"], view
+
+
+def test_a_global_limit_on_the_embedded_store_is_flagged(gw):
+    """scope "global" needs Redis: on the embedded store the create answer, the CLI and
+    desc say that each gateway process counts it alone; a local limit is not flagged."""
+    limits = [{"key": "ip", "rate": 5, "burst": 5},
+              {"key": "service", "rate": 50, "burst": 50, "scope": "global"}]
+    res = cli(gw.url, "create", write_json(gw.files / "service.json", {
+        "name": "limited", **STATIC, "metadata": {"rate_limits": limits}}))
+    assert res.returncode == 0, res.stderr
+    assert "[WARN] metadata.rate_limits[1] has scope 'global', which needs a Redis store" \
+        in res.stderr and "rate_limits[0]" not in res.stderr
+    view = json.loads(cli_ok(gw.url, "desc", "limited", "--json"))
+    assert len(view["warnings"]) == 1 and "each gateway process counts it alone" in \
+        view["warnings"][0]
+    assert "Warning" in cli_ok(gw.url, "desc", "limited")
