@@ -262,3 +262,16 @@ def test_demo_without_a_model_runtime_says_which_extra_at_once(tmp_path):
         assert gateway.output().count("onnxruntime is not installed") == 1
     finally:
         gateway.stop()
+
+
+def test_models_lists_the_bundled_model_and_prints_its_path():
+    from gateway.models import DIGITS_MODEL
+
+    listed = subprocess.run(infergate_cmd("models"), capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0 and listed.stdout.startswith(f"digits\t{DIGITS_MODEL}\t")
+    path = subprocess.run(infergate_cmd("models", "--path", "digits"), capture_output=True,
+                          text=True, timeout=30)
+    assert (path.returncode, path.stdout) == (0, f"{DIGITS_MODEL}\n")
+    unknown = subprocess.run(infergate_cmd("models", "--path", "resnet"), capture_output=True,
+                             text=True, timeout=30)
+    assert unknown.returncode == 1 and "no bundled model 'resnet'" in unknown.stderr
