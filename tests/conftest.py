@@ -12,6 +12,16 @@ import urllib.request
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The logs of the processes tests start: one folder, removed when the session ends well
+# (a failed session keeps it, and says where).
+PROC_LOGS = tempfile.mkdtemp(prefix="infergate-test-logs-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0:
+        shutil.rmtree(PROC_LOGS, ignore_errors=True)
+    else:
+        print(f"\nlogs of the processes the tests started: {PROC_LOGS}")
 
 
 def free_port() -> int:
@@ -43,7 +53,7 @@ class Proc:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile(prefix="infergate-", suffix=".log", delete=False,
-                                               dir=log_dir)
+                                               dir=log_dir or PROC_LOGS)
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")
         full_env.update(env or {})
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,

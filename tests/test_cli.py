@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -239,3 +240,38 @@ def test_version():
 
     proc = subprocess.run(infergate_cmd("--version"), capture_output=True, text=True, timeout=30)
     assert (proc.returncode, proc.stdout.strip()) == (0, f"infergate {__version__}")
+
+
+def test_demo_without_a_model_runtime_says_which_extra_at_once(tmp_path):
+    """Without onnxruntime (hidden from the process), demo fails in one line naming the
+    extra to install, before launching anything; a gateway starts and warns once."""
+    hide = "import sys; sys.modules['onnxruntime'] = None; from gateway.cli.main import main; "
+    proc = subprocess.run([sys.executable, "-c", hide + "sys.exit(main(['demo']))"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "infergate demo: onnxruntime is not installed: pip install 'infergate[cpu]', or "
+        "'infergate[gpu]' for CUDA"]
+    assert proc.stdout == ""
+    from conftest import Proc
+
+    port = free_port()
+    gateway = Proc([sys.executable, "-c", hide + f"sys.exit(main(['gateway', '--port', "
+                    f"'{port}', '--state-dir', {str(tmp_path / 'state')!r}]))"], port)
+    try:
+        assert gateway.output().count("onnxruntime is not installed") == 1
+    finally:
+        gateway.stop()
+
+
+def test_models_lists_the_bundled_model_and_prints_its_path():
+    from gateway.models import DIGITS_MODEL
+
+    listed = subprocess.run(infergate_cmd("models"), capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0 and listed.stdout.startswith(f"digits\t{DIGITS_MODEL}\t")
+    path = subprocess.run(infergate_cmd("models", "--path", "digits"), capture_output=True,
+                          text=True, timeout=30)
+    assert (path.returncode, path.stdout) == (0, f"{DIGITS_MODEL}\n")
+    unknown = subprocess.run(infergate_cmd("models", "--path", "resnet"), capture_output=True,
+                             text=True, timeout=30)
+    assert unknown.returncode == 1 and "no bundled model 'resnet'" in unknown.stderr

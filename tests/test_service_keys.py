@@ -22,16 +22,24 @@ def refusal(config: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- validate_service
-@pytest.mark.parametrize("config, message", [
-    ({"generate_tokn": "true"}, "unknown key 'generate_tokn': did you mean 'generate_token'?"),
-    ({"procesor": "tensorflow"}, "unknown key 'procesor': did you mean 'processor'?"),
-    ({"instance": 3}, "unknown key 'instance': did you mean 'metadata.instance'?"),
+# Typos at each level, and what a user is told (through validate_service and through a
+# real gateway's CLI).
+TYPOS = [
+    ({"procesor": "json"}, "unknown key 'procesor': did you mean 'processor'?"),
     ({"metadata": {"instances": 3}},
      "unknown key 'metadata.instances': did you mean 'metadata.instance'?"),
     ({"metadata": {"rpc.keepalve": 500}},
      "unknown key 'metadata.rpc.keepalve': did you mean 'metadata.rpc.keepalive'?"),
     ({"metadata": {"rpc": {"keepalve": 500}}},
      "unknown key 'metadata.rpc.keepalve': did you mean 'metadata.rpc.keepalive'?"),
+    ({"metadata": {"rate_limits": [{"key": "ip", "rat": 5}]}},
+     "unknown key 'metadata.rate_limits[0].rat': did you mean 'metadata.rate_limits[0].rate'?"),
+]
+
+
+@pytest.mark.parametrize("config, message", TYPOS + [
+    ({"generate_tokn": "true"}, "unknown key 'generate_tokn': did you mean 'generate_token'?"),
+    ({"instance": 3}, "unknown key 'instance': did you mean 'metadata.instance'?"),
     ({"metadata": {"rcp.keepalive": 500}},
      "unknown key 'metadata.rcp.keepalive': did you mean 'metadata.rpc.keepalive'?"),
     ({**STATIC, "metadata": {"rate_limits": [{"key": "ip", "rate": 5, "brust": 10}]}},
@@ -128,17 +136,7 @@ def test_admin_api_refuses_generate_tokn_and_creates_nothing(gw):
     assert "typo" not in services(gw)
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"procesor": "json"}, "unknown key 'procesor': did you mean 'processor'?"),
-    ({"metadata": {"instances": 3}},
-     "unknown key 'metadata.instances': did you mean 'metadata.instance'?"),
-    ({"metadata": {"rpc.keepalve": 500}},
-     "unknown key 'metadata.rpc.keepalve': did you mean 'metadata.rpc.keepalive'?"),
-    ({"metadata": {"rpc": {"keepalve": 500}}},
-     "unknown key 'metadata.rpc.keepalve': did you mean 'metadata.rpc.keepalive'?"),
-    ({"metadata": {"rate_limits": [{"key": "ip", "rat": 5}]}},
-     "unknown key 'metadata.rate_limits[0].rat': did you mean 'metadata.rate_limits[0].rate'?"),
-])
+@pytest.mark.parametrize("config, message", TYPOS)
 def test_cli_create_refuses_unknown_keys_in_one_line(gw, config, message):
     res = cli(gw.url, "create", write_json(gw.files / "service.json",
                                            {"name": "typo", **STATIC, **config}))
@@ -189,3 +187,19 @@ def test_modify_refuses_unknown_keys_and_changes_nothing(gw):
     status, view = admin(gw.url, "POST", "/admin/services/kept/modify",
                          {"set": {"metadata.qos": "BestEffort"}})
     assert status == 200 and view["ignored"] == ["metadata.qos"], view
+
+
+def test_a_global_limit_on_the_embedded_store_is_flagged(gw):
+    """scope "global" needs Redis: on the embedded store the create answer, the CLI and
+    desc say that each gateway process counts it alone; a local limit is not flagged."""
+    limits = [{"key": "ip", "rate": 5, "burst": 5},
+              {"key": "service", "rate": 50, "burst": 50, "scope": "global"}]
+    res = cli(gw.url, "create", write_json(gw.files / "service.json", {
+        "name": "limited", **STATIC, "metadata": {"rate_limits": limits}}))
+    assert res.returncode == 0, res.stderr
+    assert "[WARN] metadata.rate_limits[1] has scope 'global', which needs a Redis store" \
+        in res.stderr and "rate_limits[0]" not in res.stderr
+    view = json.loads(cli_ok(gw.url, "desc", "limited", "--json"))
+    assert len(view["warnings"]) == 1 and "each gateway process counts it alone" in \
+        view["warnings"][0]
+    assert "Warning" in cli_ok(gw.url, "desc", "limited")

@@ -235,6 +235,8 @@ def describe(view: dict) -> str:
         rows.append(["LastCrashLog", view["crash_logs"][-1]])
     if view.get("ignored"):
         rows.append(["Ignored", ", ".join(view["ignored"])])
+    for warning in view.get("warnings") or ():
+        rows.append(["Warning", warning])
     out = [_table(rows)]
     instances = view.get("instances") or []
     if instances:
@@ -296,6 +298,8 @@ def _after_change(args, client, view: dict, done: str) -> dict:
         if view.get("ignored"):
             print("[WARN] Ignored (accepted, not implemented by infergate): "
                   + ", ".join(view["ignored"]), file=sys.stderr)
+        for warning in view.get("warnings") or ():
+            print(f"[WARN] {warning}", file=sys.stderr)
         print(_summary(view))
         print(f"[OK] {done}" if view["status"] != "Stopped" else "[OK] Service is stopped")
     else:

@@ -20,7 +20,7 @@ import urllib.request
 
 import numpy as np
 
-from .errors import CliError
+from .errors import NO_RUNTIME, CliError, has_model_runtime
 
 
 def register(sub) -> None:
@@ -85,6 +85,8 @@ def run(args) -> int:
     from ..sdk import ENDPOINT_TYPE_DIRECT, PredictClient
     from .control_cmds import AdminClient, wait_running
 
+    if not has_model_runtime():  # before any worker is launched to fail on it
+        raise CliError(NO_RUNTIME)
     images, labels = load_held_out_digits()
     state = tempfile.mkdtemp(prefix="infergate-demo-")
     port = _free_port()

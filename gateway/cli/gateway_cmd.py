@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 
 from ..auth import SHARED_CAPACITY
-from .errors import CliError
+from .errors import NO_RUNTIME, CliError, has_model_runtime
 
 DEFAULT_STATE_DIR = os.path.join(os.path.expanduser("~"), ".infergate")
 
@@ -93,6 +94,9 @@ def run(args) -> int:
         if not 0 < seconds <= 3600:
             raise CliError(f"{flag} must be more than 0 and at most 3600 seconds, got {seconds}")
     configure_logging(args.log_level)
+    if not has_model_runtime():
+        logging.getLogger("infergate.gateway").warning(
+            "%s; services with a model_path will not start (static endpoints work)", NO_RUNTIME)
     location = args.registry or args.state_dir or DEFAULT_STATE_DIR
     host = f"[{args.host}]" if ":" in args.host else args.host
 

@@ -9,7 +9,7 @@ from .. import __version__
 from .errors import CliError
 
 # command -> module in gateway.cli that defines `register(subparsers)`.
-_COMMAND_MODULES = ("demo_cmd", "gateway_cmd", "worker_cmd", "control_cmds")
+_COMMAND_MODULES = ("demo_cmd", "gateway_cmd", "worker_cmd", "control_cmds", "models_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,13 +1,12 @@
 """`infergate worker`: serve one model instance."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 from ..serviceconfig import (ConfigError, gpus_per_instance, processor_kind, provider_options,
                              rpc_settings, worker_processes)
-from .errors import CliError
+from .errors import NO_RUNTIME, CliError, has_model_runtime
 
 
 def register(sub) -> None:
@@ -74,9 +73,8 @@ def run(args) -> int:
         device = args.device or ("cpu" if gpus_per_instance(metadata) == 0 else "auto")
     except (ConfigError, json.JSONDecodeError) as exc:
         raise CliError(str(exc)) from None
-    if importlib.util.find_spec("onnxruntime") is None:  # the model runtime, from an extra
-        raise CliError("onnxruntime is not installed: pip install 'infergate[cpu]', or "
-                       "'infergate[gpu]' for CUDA")
+    if not has_model_runtime():
+        raise CliError(NO_RUNTIME)
     if processor != "python" and not args.model:
         raise CliError("--model is required")
     if args.model and not os.path.exists(args.model):

@@ -439,6 +439,8 @@ class AdminApi:
         view["config"] = rec.config
         # EAS/ModelArts keys that were accepted but do nothing here
         view["ignored"] = ignored_keys(rec.config)
+        view["warnings"] = global_limits_without_redis(rec.config,
+                                                       self.app.rate_limits.redis is not None)
         view["versions"] = [{"revision": h.get("revision"), "created_at": h.get("created_at")}
                             for h in rec.history]
         if self.launcher is not None:
@@ -518,3 +520,16 @@ class ControlPlane:
             await self.launcher.stop()
         if self._subscription is not None:
             self._subscription.cancel()
+
+
+def global_limits_without_redis(config: dict, has_redis: bool) -> list[str]:
+    """What a service asks for that this gateway's store cannot give: a "global" rate limit
+    needs Redis; on the embedded store each gateway process counts it alone."""
+    if has_redis:
+        return []
+    limits = (config.get("metadata") or {}).get("rate_limits") or []
+    return [f"metadata.rate_limits[{i}] has scope 'global', which needs a Redis store "
+            f"(infergate gateway --registry redis://...): on this gateway's embedded store "
+            f"each gateway process counts it alone"
+            for i, limit in enumerate(limits)
+            if isinstance(limit, dict) and limit.get("scope") == "global"]
