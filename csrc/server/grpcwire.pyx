@@ -633,13 +633,15 @@ cdef class GrpcConnection:
         the same bytes reset: a rapid-reset client's calls never reach it (each cost a
         task and a trip through the filter chain, a third of the gateway's time)."""
         cdef Stream stream
-        ready, self.ready = self.ready, []
-        if not nghttp2_session_want_read(self.session):  # it ended: nobody will hear back
-            return
-        for value in ready:
-            stream = <Stream>value
-            if self.streams.get(stream.id) is stream and not stream.answered:
-                self._call(stream)
+        try:
+            if not nghttp2_session_want_read(self.session):  # it ended: nobody will hear back
+                return
+            for value in self.ready:  # (handlers answer or return a Future: none reads)
+                stream = <Stream>value
+                if self.streams.get(stream.id) is stream and not stream.answered:
+                    self._call(stream)
+        finally:
+            self.ready.clear()
 
     cdef void _call(self, Stream stream) except *:
         message, stream.message = stream.message, None

@@ -81,7 +81,6 @@ class AdminClient:
             raise CliError(f"the gateway at {self.base} answered something that is not JSON") \
                 from None
 
-
     def _send(self, req) -> bytes:
         """The answer's body; a refused connection is tried again for STARTING_GATEWAY_S
         (a gateway started a moment ago, as in `infergate gateway & infergate create`):
